@@ -1,0 +1,155 @@
+//! Types shared by the eBPF programs (`hvprof-ebpf`) and user space: the
+//! event records the programs write into the ring buffer, the probe ids that
+//! index per-probe counters, and the offsets user space resolves from the
+//! running kernel's BTF and hands to the programs as read-only globals.
+//!
+//! Everything here is `#[repr(C)]`, `Copy`, free of pointers and padding
+//! holes that differ between targets, so one byte layout serves the kernel
+//! side (`bpfel-unknown-none`), user space and the on-disk event log.
+#![no_std]
+
+/// Length of a task's `comm`.
+pub const COMM_LEN: usize = 16;
+
+/// Size of the per-probe counter arrays (lost events, hits).
+pub const MAX_PROBES: u32 = 64;
+
+/// Probe ids: index into the per-probe counter maps and tag on every event.
+/// Stable numbers: they are written into run directories.
+pub mod probe {
+    /// `sock:inet_sock_set_state`: TCP state changes of every socket.
+    pub const SOCK_STATE: u16 = 0;
+}
+
+/// Event kinds: what follows the [`EventHeader`].
+pub mod kind {
+    /// [`super::SockStateEvent`]
+    pub const SOCK_STATE: u16 = 1;
+}
+
+/// Common head of every event written to the ring buffer.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct EventHeader {
+    /// `bpf_ktime_get_ns()`: CLOCK_MONOTONIC nanoseconds.
+    pub ts_ns: u64,
+    /// One of [`kind`].
+    pub kind: u16,
+    /// One of [`probe`].
+    pub probe: u16,
+    /// CPU the program ran on.
+    pub cpu: u32,
+    /// Thread-group id (the user-visible pid) of the current task.
+    pub pid: u32,
+    /// Thread id of the current task.
+    pub tid: u32,
+    /// `comm` of the current task, NUL padded.
+    pub comm: [u8; COMM_LEN],
+}
+
+/// A TCP socket changed state (`sock:inet_sock_set_state`).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct SockStateEvent {
+    pub header: EventHeader,
+    /// Kernel address of the `struct sock`: identifies one endpoint for its
+    /// lifetime.
+    pub skaddr: u64,
+    /// `tcp_sock.bytes_received` at the time of the change (0 if the offset
+    /// is unknown on this kernel).
+    pub bytes_received: u64,
+    /// `tcp_sock.bytes_acked` at the time of the change (0 if unknown).
+    pub bytes_acked: u64,
+    /// AF_INET (2) or AF_INET6 (10).
+    pub family: u16,
+    /// Local port, host byte order.
+    pub sport: u16,
+    /// Remote port, host byte order.
+    pub dport: u16,
+    /// TCP states as the kernel numbers them (TCP_ESTABLISHED = 1 ...).
+    pub oldstate: u8,
+    pub newstate: u8,
+    /// Local address: IPv4 in the first 4 bytes, or IPv6.
+    pub saddr: [u8; 16],
+    /// Remote address: IPv4 in the first 4 bytes, or IPv6.
+    pub daddr: [u8; 16],
+}
+
+/// Byte offsets inside the `sock:inet_sock_set_state` tracepoint record, read
+/// by user space from `events/sock/inet_sock_set_state/format`.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct SockStateTpOffsets {
+    pub skaddr: u32,
+    pub oldstate: u32,
+    pub newstate: u32,
+    pub sport: u32,
+    pub dport: u32,
+    pub family: u32,
+    pub protocol: u32,
+    pub saddr: u32,
+    pub daddr: u32,
+    pub saddr_v6: u32,
+    pub daddr_v6: u32,
+}
+
+/// Offsets inside kernel structs, resolved from the running kernel's BTF.
+/// A zero offset with `valid == 0` means "not available on this kernel".
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct KernelOffsets {
+    /// `tcp_sock.bytes_received`
+    pub tcp_bytes_received: u32,
+    /// `tcp_sock.bytes_acked`
+    pub tcp_bytes_acked: u32,
+    /// Non-zero when the fields above were resolved.
+    pub valid: u32,
+    pub _pad: u32,
+}
+
+#[cfg(feature = "user")]
+mod pod {
+    // SAFETY: plain #[repr(C)] integers and byte arrays, no padding holes
+    // that matter, valid for any bit pattern.
+    unsafe impl aya::Pod for super::SockStateTpOffsets {}
+    unsafe impl aya::Pod for super::KernelOffsets {}
+    unsafe impl aya::Pod for super::EventHeader {}
+    unsafe impl aya::Pod for super::SockStateEvent {}
+}
+
+/// Decoding helpers for user space (the ring buffer and the event log hand
+/// out unaligned byte slices).
+impl EventHeader {
+    /// Reads a header from the start of `bytes`, if long enough.
+    pub fn read(bytes: &[u8]) -> Option<Self> {
+        read_unaligned(bytes)
+    }
+}
+
+impl SockStateEvent {
+    pub fn read(bytes: &[u8]) -> Option<Self> {
+        read_unaligned(bytes)
+    }
+}
+
+/// Copies a `T` out of the start of `bytes`; `None` when too short.
+/// Only for the plain-old-data types of this crate.
+fn read_unaligned<T: Copy>(bytes: &[u8]) -> Option<T> {
+    if bytes.len() < core::mem::size_of::<T>() {
+        return None;
+    }
+    // SAFETY: length checked; T is a #[repr(C)] POD type of this crate, valid
+    // for any bit pattern.
+    Some(unsafe { core::ptr::read_unaligned(bytes.as_ptr().cast::<T>()) })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn layout_is_stable() {
+        assert_eq!(core::mem::size_of::<EventHeader>(), 40);
+        assert_eq!(core::mem::size_of::<SockStateEvent>(), 40 + 24 + 8 + 32);
+    }
+}

@@ -1,0 +1,44 @@
+//! Maps shared by every program: the event ring buffer, the per-probe
+//! lost-event counters, and the common event header filler.
+
+use aya_ebpf::{
+    helpers::{bpf_get_current_comm, bpf_get_current_pid_tgid, bpf_get_smp_processor_id, bpf_ktime_get_ns},
+    macros::map,
+    maps::{PerCpuArray, RingBuf},
+};
+use hvprof_common::{EventHeader, MAX_PROBES};
+
+/// All events, in the order the CPUs reserve them. User space resizes it at
+/// load time (`--ringbuf-size`).
+#[map(name = "HVP_EVENTS")]
+pub static EVENTS: RingBuf = RingBuf::with_byte_size(8 * 1024 * 1024, 0);
+
+/// Events dropped because the ring buffer was full, per probe id.
+#[map(name = "HVP_LOST")]
+pub static LOST: PerCpuArray<u64> = PerCpuArray::with_max_entries(MAX_PROBES, 0);
+
+/// Counts one lost event for `probe`.
+#[inline(always)]
+pub fn count_lost(probe: u16) {
+    if let Some(slot) = LOST.get_ptr_mut(u32::from(probe)) {
+        // SAFETY: per-CPU slot, no concurrent writer on this CPU.
+        unsafe { *slot += 1 };
+    }
+}
+
+/// The common header of an event from `probe` of `kind`, for the current
+/// task.
+#[inline(always)]
+pub fn header(kind: u16, probe: u16) -> EventHeader {
+    let pid_tgid = bpf_get_current_pid_tgid();
+    EventHeader {
+        // SAFETY: plain helper calls.
+        ts_ns: unsafe { bpf_ktime_get_ns() },
+        kind,
+        probe,
+        cpu: unsafe { bpf_get_smp_processor_id() },
+        pid: (pid_tgid >> 32) as u32,
+        tid: pid_tgid as u32,
+        comm: bpf_get_current_comm().unwrap_or_default(),
+    }
+}

@@ -1,0 +1,5 @@
+//! `reports`: turns measurements into things people read: charts (SVG),
+//! and later flamegraphs and HTML/JSON/Markdown reports. Knows nothing of
+//! eBPF or of how the numbers were produced.
+
+pub mod chart;

@@ -1,0 +1,103 @@
+//! Shared helpers for the end-to-end tests: locating the real `hvprof`
+//! binary, recording skips (a test that needs what this host lacks says so
+//! and is counted as skipped by `cargo xtask test`), and inspecting the
+//! kernel's loaded BPF programs.
+
+use std::{
+    io::Write as _,
+    path::PathBuf,
+    process::{Command, Output},
+    sync::{Mutex, MutexGuard},
+};
+
+/// The release `hvprof` binary (`HVPROF_BIN`, else `target/release/hvprof`).
+pub fn hvprof_bin() -> PathBuf {
+    if let Some(p) = std::env::var_os("HVPROF_BIN") {
+        return PathBuf::from(p);
+    }
+    workspace_root().join("target/release/hvprof")
+}
+
+/// A helper binary of this crate, built next to the test executable.
+pub fn helper_bin(name: &str) -> PathBuf {
+    if let Some(p) = std::env::var_os(format!("CARGO_BIN_EXE_{name}")) {
+        return PathBuf::from(p);
+    }
+    workspace_root().join("target/release").join(name)
+}
+
+pub fn workspace_root() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .map(PathBuf::from)
+        .unwrap_or_default()
+}
+
+/// `hvprof ARGS`, waited for.
+pub fn hvprof(args: &[&str]) -> Output {
+    Command::new(hvprof_bin())
+        .args(args)
+        .output()
+        .expect("hvprof binary runs (build it with `cargo build --release`)")
+}
+
+/// Records that the calling test is skipped and why; the test then returns.
+pub fn skip(test: &str, reason: &str) {
+    eprintln!("SKIPPED {test}: {reason}");
+    if let Some(path) = std::env::var_os("HVPROF_SKIP_FILE") {
+        if let Ok(mut f) = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(path)
+        {
+            let _ = writeln!(f, "{test}: {reason}");
+        }
+    }
+}
+
+/// `Some(reason)` when BPF tests can't run here (not root).
+pub fn bpf_unavailable() -> Option<String> {
+    // SAFETY: plain getter.
+    if unsafe { libc::geteuid() } != 0 {
+        return Some("needs root to load BPF programs".into());
+    }
+    None
+}
+
+/// Tests that attach probes run one at a time, so that "no program of
+/// ours is left" checks see only their own.
+pub fn bpf_lock() -> MutexGuard<'static, ()> {
+    static LOCK: Mutex<()> = Mutex::new(());
+    LOCK.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+/// Names of the loaded BPF programs that are hvprof's (`hvp_*`), from
+/// `bpftool prog show --json`.
+pub fn our_bpf_programs() -> Vec<String> {
+    let out = Command::new("bpftool")
+        .args(["prog", "show", "--json"])
+        .output()
+        .expect("bpftool runs (installed by cargo xtask setup)");
+    assert!(out.status.success(), "bpftool prog show failed");
+    let v: serde_json::Value =
+        serde_json::from_slice(&out.stdout).expect("bpftool prints JSON");
+    v.as_array()
+        .map(|progs| {
+            progs
+                .iter()
+                .filter_map(|p| p.get("name").and_then(|n| n.as_str()))
+                .filter(|n| n.starts_with("hvp_"))
+                .map(str::to_string)
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
+/// Parses JSON lines.
+pub fn json_lines(bytes: &[u8]) -> Vec<serde_json::Value> {
+    String::from_utf8_lossy(bytes)
+        .lines()
+        .filter(|l| !l.trim().is_empty())
+        .map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("bad JSON line {l:?}: {e}")))
+        .collect()
+}

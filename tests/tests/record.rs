@@ -1,0 +1,220 @@
+//! `hvprof record` / `dump` / `probes list` end to end, on the real kernel:
+//! real probes, real loopback connections, real signals.
+
+use std::{
+    process::{Command, Stdio},
+    time::{Duration, Instant},
+};
+
+use hvprof_tests::{
+    bpf_lock, bpf_unavailable, helper_bin, hvprof, hvprof_bin, json_lines, our_bpf_programs, skip,
+};
+use serde_json::Value;
+
+macro_rules! require_bpf {
+    ($name:expr) => {
+        if let Some(why) = bpf_unavailable() {
+            skip($name, &why);
+            return;
+        }
+    };
+}
+
+#[test]
+fn record_sees_exactly_500_connections_with_monotone_timestamps_and_no_loss() {
+    require_bpf!("record_500_connections");
+    let _g = bpf_lock();
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let run = tmp.path().join("run");
+    let portfile = tmp.path().join("port");
+    let out = Command::new(hvprof_bin())
+        .arg("record")
+        .arg("-o")
+        .arg(&run)
+        .arg("--")
+        .arg(helper_bin("tcp-burst"))
+        .arg("500")
+        .arg(&portfile)
+        .output()
+        .expect("hvprof runs");
+    assert!(
+        out.status.success(),
+        "record failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let port: u64 = std::fs::read_to_string(&portfile)
+        .expect("tcp-burst wrote its port")
+        .trim()
+        .parse()
+        .expect("port number");
+
+    let summary: Value = serde_json::from_slice(
+        &std::fs::read(run.join("summary.json")).expect("summary.json written"),
+    )
+    .expect("summary.json is JSON");
+    let lost = summary["lost"].as_object().expect("lost is an object");
+    assert!(lost.contains_key("tcp:inet_sock_set_state"), "{summary}");
+    assert!(lost.values().all(|v| v.as_u64() == Some(0)), "lost events: {summary}");
+    let probes = summary["probes"].as_array().expect("probes list");
+    let sock = probes
+        .iter()
+        .find(|p| p["name"] == "tcp:inet_sock_set_state")
+        .expect("sock probe stats");
+    let runs = sock["run_count"].as_u64().expect("run_count");
+    assert!(runs >= 500 * 8, "every connection changes state >= 8 times on both ends: {runs}");
+    assert!(sock["run_time_ns"].as_u64().unwrap_or(0) > 0);
+    let events = summary["events"].as_u64().expect("events");
+    assert!(summary["connections"].as_u64().expect("connections") >= 500);
+
+    // The event dump agrees with the summary and every line is an event.
+    let dump = hvprof(&["dump", run.to_str().expect("utf8 path")]);
+    assert!(dump.status.success());
+    let lines = json_lines(&dump.stdout);
+    assert_eq!(lines.len() as u64, events);
+    assert!(lines.iter().all(|e| e["kind"] == "sock_state" && e["ts_ns"].is_u64()));
+
+    // Exactly our 500 connections to the burst's listener, each with both
+    // endpoints and a monotone lifecycle.
+    let conns = hvprof(&["dump", "--connections", run.to_str().expect("utf8 path")]);
+    assert!(conns.status.success());
+    let ours: Vec<Value> = json_lines(&conns.stdout)
+        .into_iter()
+        .filter(|c| c["server"].as_str() == Some(&format!("127.0.0.1:{port}")))
+        .collect();
+    assert_eq!(ours.len(), 500, "connections to port {port}");
+    for c in &ours {
+        let eps = c["endpoints"].as_array().expect("endpoints");
+        assert_eq!(eps.len(), 2, "both ends of {c}");
+        let mut roles: Vec<&str> = eps.iter().filter_map(|e| e["role"].as_str()).collect();
+        roles.sort_unstable();
+        assert_eq!(roles, ["client", "server"]);
+        for ep in eps {
+            let ts: Vec<u64> = ep["transitions"]
+                .as_array()
+                .expect("transitions")
+                .iter()
+                .filter_map(|t| t["ts_ns"].as_u64())
+                .collect();
+            assert!(ts.len() >= 3, "{ep}");
+            assert!(ts.windows(2).all(|w| w[0] <= w[1]), "non-monotone {ts:?}");
+        }
+        let step = |k: &str| c[k].as_u64().unwrap_or_else(|| panic!("{k} missing in {c}"));
+        assert!(step("syn_ns") <= step("established_ns"));
+        assert!(step("established_ns") <= step("fin_ns"));
+        assert!(step("fin_ns") <= step("close_ns"));
+    }
+    assert!(our_bpf_programs().is_empty(), "programs left attached");
+}
+
+#[test]
+fn probes_are_attached_while_recording_and_gone_after_sigint_and_sigterm() {
+    require_bpf!("record_signals");
+    let _g = bpf_lock();
+    for (sig, code) in [(libc::SIGINT, 130), (libc::SIGTERM, 143)] {
+        let tmp = tempfile::tempdir().expect("tempdir");
+        let run = tmp.path().join("run");
+        let mut child = Command::new(hvprof_bin())
+            .args(["record", "--duration", "60s", "-q", "-o"])
+            .arg(&run)
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("hvprof runs");
+        // Wait until recording started (meta.json is written after attach).
+        let t0 = Instant::now();
+        while !run.join("events.log").exists() {
+            assert!(t0.elapsed() < Duration::from_secs(20), "recording never started");
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        assert!(
+            our_bpf_programs().contains(&"hvp_sock_state".to_string()),
+            "hvp_sock_state attached while recording"
+        );
+        // SAFETY: signalling the child we started.
+        unsafe { libc::kill(child.id() as i32, sig) };
+        let status = child.wait().expect("hvprof exits");
+        assert_eq!(status.code(), Some(code), "exit code after signal {sig}");
+        assert!(run.join("summary.json").exists(), "summary written after signal {sig}");
+        let meta: Value =
+            serde_json::from_slice(&std::fs::read(run.join("meta.json")).expect("meta"))
+                .expect("meta JSON");
+        assert_eq!(meta["status"], "complete");
+        assert!(our_bpf_programs().is_empty(), "programs left after signal {sig}");
+    }
+}
+
+/// Runs `hvprof ARGS`, expecting a one-line error containing `needle`.
+fn assert_one_line_error(args: &[&str], needle: &str) {
+    let out = hvprof(args);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "{args:?} succeeded");
+    let lines: Vec<&str> = stderr.lines().filter(|l| !l.trim().is_empty()).collect();
+    assert!(
+        !lines.is_empty() && lines.iter().any(|l| l.contains(needle)),
+        "{args:?}: expected an error naming {needle:?}, got {stderr:?}"
+    );
+    // clap adds a usage hint line after its one-line error; ours print one.
+    assert!(lines.len() <= 3, "{args:?}: error is not short: {stderr:?}");
+}
+
+#[test]
+fn bad_input_is_a_one_line_error_and_leaves_nothing_attached() {
+    require_bpf!("record_bad_input");
+    let _g = bpf_lock();
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let run = tmp.path().join("run");
+    let run = run.to_str().expect("utf8");
+    assert_one_line_error(
+        &["record", "-o", run, "--probe", "no:such_probe", "--duration", "1s"],
+        "unknown probe \"no:such_probe\"",
+    );
+    // A path below a regular file can never be created.
+    let file = tmp.path().join("file");
+    std::fs::write(&file, b"x").expect("write");
+    let below = file.join("run");
+    assert_one_line_error(
+        &["record", "-o", below.to_str().expect("utf8"), "--duration", "1s"],
+        "writable -o",
+    );
+    assert_one_line_error(&["record", "-o", run, "--duration", "banana"], "banana");
+    assert_one_line_error(&["record", "-o", run, "--duration", "0s"], "greater than zero");
+    assert_one_line_error(&["record", "-o", run, "--"], "command after `--`");
+    assert_one_line_error(&["record", "-o", run], "--duration");
+    assert_one_line_error(&["record", "-o", run, "--", "/nonexistent/cmd"], "/nonexistent/cmd");
+    assert_one_line_error(&["dump", "/nonexistent/run"], "run directory");
+    assert!(our_bpf_programs().is_empty(), "programs left attached");
+}
+
+#[test]
+fn probes_list_json_covers_every_layer_and_says_why() {
+    require_bpf!("probes_list");
+    let _g = bpf_lock();
+    let out = hvprof(&["probes", "list", "--json"]);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let rows: Vec<Value> = serde_json::from_slice(&out.stdout).expect("JSON list");
+    assert!(rows.len() > 20);
+    for r in &rows {
+        for k in ["name", "layer", "path", "wanted", "reason"] {
+            assert!(r[k].is_string(), "{k} in {r}");
+        }
+        assert!(r.get("obtained").is_some(), "obtained key in {r}");
+        if r["obtained"].is_null() {
+            assert!(!r["reason"].as_str().unwrap_or("").is_empty(), "unavailable without reason: {r}");
+        }
+    }
+    let layers: std::collections::BTreeSet<&str> =
+        rows.iter().filter_map(|r| r["layer"].as_str()).collect();
+    for l in ["socket", "netfilter", "switch", "vnic", "irq", "vmexit", "backend", "sched"] {
+        assert!(layers.contains(l), "layer {l} missing from the catalog");
+    }
+    let paths: std::collections::BTreeSet<&str> =
+        rows.iter().filter_map(|r| r["path"].as_str()).collect();
+    for p in ["virtio", "vmxnet3", "e1000", "netvsc", "netfront", "netback", "tap", "bridge"] {
+        assert!(paths.contains(p), "path {p} missing from the catalog");
+    }
+    let sock = rows
+        .iter()
+        .find(|r| r["name"] == "tcp:inet_sock_set_state")
+        .expect("sock probe listed");
+    assert_eq!(sock["obtained"], "tracepoint");
+    assert!(our_bpf_programs().is_empty(), "probes list left programs loaded");
+}

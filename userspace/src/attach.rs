@@ -1,0 +1,369 @@
+//! Loading the eBPF object and attaching catalog probes: decides each
+//! probe's method from what this kernel offers (fentry → kprobe →
+//! tracepoint → sampling), hands the programs this kernel's offsets as
+//! read-only globals, attaches, and detaches everything when dropped (all
+//! attachments are fd-based, so even a killed hvprof leaves nothing).
+
+use std::{collections::BTreeMap, os::fd::OwnedFd};
+
+use anyhow::{Context as _, Result, anyhow, bail};
+use aya::{
+    Btf, Ebpf, EbpfLoader,
+    maps::{MapData, PerCpuArray, RingBuf},
+    programs::{FEntry, TracePoint},
+};
+use hvprof_common::MAX_PROBES;
+
+use crate::{
+    catalog::{self, Hook, Method, ProbeSpec},
+    kernel::{btf as kbtf, features::Features, tracefs},
+    paths::tcp,
+    rundir::meta::ProbeStatus,
+};
+
+/// The eBPF object, built by build.rs from `ebpf/hvprof-ebpf`.
+static OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/hvprof-ebpf"));
+
+pub const EVENTS_MAP: &str = "HVP_EVENTS";
+pub const LOST_MAP: &str = "HVP_LOST";
+/// Prefix of every program hvprof loads (visible in `bpftool prog`).
+pub const PROGRAM_PREFIX: &str = "hvp_";
+
+/// A catalog row with the method it gets here.
+#[derive(Debug, Clone)]
+pub struct Resolution {
+    pub spec: &'static ProbeSpec,
+    pub obtained: Option<Method>,
+    /// One entry per better method that failed, `method: why`.
+    pub reasons: Vec<String>,
+}
+
+impl Resolution {
+    pub fn status(&self) -> ProbeStatus {
+        ProbeStatus {
+            name: self.spec.name.into(),
+            layer: self.spec.layer.name().into(),
+            path: self.spec.path.into(),
+            point: self.spec.point(),
+            wanted: self.spec.wanted().name().into(),
+            obtained: self.obtained.map(|m| m.name().to_string()),
+            reason: self.reasons.join("; "),
+            fields: self.spec.fields.iter().map(|f| f.to_string()).collect(),
+        }
+    }
+}
+
+/// What the kernel offers, probed once.
+pub struct Probe {
+    pub features: Features,
+    pub btf: Option<btf_rs::Btf>,
+    /// `Err(why)` when fentry programs can't be loaded here.
+    pub fentry: Result<(), String>,
+}
+
+impl Probe {
+    /// Detects features; `ebpf` is used to test-load the fentry probe.
+    pub fn detect(ebpf: &mut Ebpf) -> Self {
+        let btf = kbtf::running().map_err(|e| log::warn!("{e:#}")).ok();
+        let fentry = test_fentry(ebpf, btf.as_ref());
+        Self {
+            features: Features::detect(),
+            btf,
+            fentry,
+        }
+    }
+
+    /// Resolves every row of `specs`.
+    pub fn resolve(&self, specs: &[&'static ProbeSpec]) -> Vec<Resolution> {
+        specs.iter().map(|s| self.resolve_one(s)).collect()
+    }
+
+    fn resolve_one(&self, spec: &'static ProbeSpec) -> Resolution {
+        let mut reasons = Vec::new();
+        let obtained = self.method_for(spec, &mut reasons);
+        Resolution {
+            spec,
+            obtained,
+            reasons,
+        }
+    }
+
+    /// The best method `spec` gets here; pushes why each better one failed.
+    fn method_for(&self, spec: &ProbeSpec, reasons: &mut Vec<String>) -> Option<Method> {
+        match spec.hook {
+            Hook::Function {
+                func,
+                module,
+                tracepoint,
+            } => {
+                let present = self.features.symbol(func);
+                let absent = || match module {
+                    Some(m) => format!("{func} is not in this kernel (module {m} not loaded)"),
+                    None => format!("{func} is not in this kernel"),
+                };
+                // fentry
+                let why = if let Err(e) = &self.fentry {
+                    Some(e.clone())
+                } else if spec.programs.fentry.is_none() {
+                    Some("no hvprof fentry program for it yet".to_string())
+                } else if present.is_none() {
+                    Some(absent())
+                } else {
+                    None
+                };
+                match why {
+                    None => return Some(Method::Fentry),
+                    Some(w) => reasons.push(format!("fentry: {w}")),
+                }
+                // kprobe
+                let why = if let Err(e) = &self.features.kprobe {
+                    Some(e.clone())
+                } else if spec.programs.kprobe.is_none() {
+                    Some("no hvprof kprobe program for it yet".to_string())
+                } else if present.is_none() {
+                    Some(absent())
+                } else {
+                    None
+                };
+                match why {
+                    None => return Some(Method::Kprobe),
+                    Some(w) => reasons.push(format!("kprobe: {w}")),
+                }
+                // tracepoint carrying the same event
+                match tracepoint {
+                    Some((c, n)) if spec.programs.tracepoint.is_some() => {
+                        if tracefs::tracepoint_exists(c, n) {
+                            return Some(Method::Tracepoint);
+                        }
+                        reasons.push(format!("tracepoint: {c}:{n} not in this kernel"));
+                    }
+                    _ => reasons.push("tracepoint: none carries this event".into()),
+                }
+                // sampling only
+                let why = match (&self.features.sampling, present) {
+                    (Err(e), _) => e.clone(),
+                    (Ok(()), None) => absent(),
+                    (Ok(()), Some(_)) => "no CPU sampler in this build yet".into(),
+                };
+                reasons.push(format!("sampling: {why}"));
+                None
+            }
+            Hook::Tracepoint { category, name } => {
+                if spec.programs.tracepoint.is_none() {
+                    reasons.push("tracepoint: no hvprof program for it yet".into());
+                    None
+                } else if !tracefs::tracepoint_exists(category, name) {
+                    reasons.push(format!("tracepoint: {category}:{name} not in this kernel"));
+                    None
+                } else {
+                    Some(Method::Tracepoint)
+                }
+            }
+        }
+    }
+}
+
+/// Loads the fentry test program against a function this kernel has, then
+/// unloads it.
+fn test_fentry(ebpf: &mut Ebpf, btf: Option<&btf_rs::Btf>) -> Result<(), String> {
+    let func = ["tcp_sendmsg", "tcp_v4_connect", "inet_sendmsg"]
+        .into_iter()
+        .find(|f| btf.is_some_and(|b| kbtf::has_function(b, f)))
+        .ok_or("no BTF function to test fentry against (kernel without BTF?)")?;
+    let abtf = Btf::from_sys_fs().map_err(|e| format!("kernel BTF unreadable: {e}"))?;
+    let prog: &mut FEntry = ebpf
+        .program_mut("hvp_fentry_test")
+        .ok_or("fentry test program missing from the object")?
+        .try_into()
+        .map_err(|e| format!("{e}"))?;
+    let r = prog.load(func, &abtf);
+    let _ = prog.unload();
+    r.map_err(|e| format!("loading an fentry program failed here ({})", one_error(&e)))
+}
+
+fn one_error(e: &dyn std::error::Error) -> String {
+    let mut s = e.to_string();
+    let mut src = e.source();
+    while let Some(c) = src {
+        let t = c.to_string();
+        if !s.contains(&t) {
+            s.push_str(": ");
+            s.push_str(&t);
+        }
+        src = c.source();
+    }
+    let s = s.lines().next().unwrap_or_default();
+    s.trim_end().trim_end_matches(". Verifier output:").to_string()
+}
+
+/// Options for loading.
+pub struct LoadOptions {
+    pub ringbuf_bytes: u32,
+}
+
+/// Loads the object with this kernel's offsets as globals. Nothing is
+/// attached yet.
+pub fn load(opts: &LoadOptions) -> Result<Ebpf> {
+    let tp = tcp::tp_offsets()?;
+    let btf = kbtf::running().ok();
+    let koff = tcp::kernel_offsets(btf.as_ref());
+    EbpfLoader::new()
+        .override_global(tcp::TP_GLOBAL, &tp, true)
+        .override_global(tcp::KERNEL_GLOBAL, &koff, true)
+        .map_max_entries(EVENTS_MAP, opts.ringbuf_bytes)
+        .load(OBJECT)
+        .context("loading hvprof's eBPF object")
+}
+
+/// Attached probes. Dropping it detaches them.
+pub struct Session {
+    pub ebpf: Ebpf,
+    /// Status of every probe considered (attached or not).
+    pub statuses: Vec<ProbeStatus>,
+    /// Names of the attached probes' programs, by probe name.
+    pub programs: BTreeMap<&'static str, &'static str>,
+    /// Kernel BPF run-time statistics stay on while this fd is open.
+    _stats: Option<OwnedFd>,
+}
+
+/// Attaches the resolved probes that obtained a method. `required` probes
+/// (asked for by name) must attach; others are skipped with their reason.
+pub fn attach(mut ebpf: Ebpf, resolved: Vec<Resolution>, required: bool) -> Result<Session> {
+    let stats = aya::sys::enable_stats(aya::sys::Stats::RunTime)
+        .map_err(|e| log::warn!("BPF run-time stats unavailable: {e}"))
+        .ok();
+    let mut statuses = Vec::new();
+    let mut programs = BTreeMap::new();
+    for mut r in resolved {
+        if let Some(method) = r.obtained {
+            if let Err(e) = attach_one(&mut ebpf, r.spec, method) {
+                let why = format!("{}: attach failed: {e:#}", method.name());
+                if required {
+                    bail!("probe {} could not be attached: {why}", r.spec.name);
+                }
+                r.reasons.push(why);
+                r.obtained = None;
+            } else if let Some(p) = program_for(r.spec, method) {
+                programs.insert(r.spec.name, p);
+            }
+        } else if required {
+            bail!(
+                "probe {} is unavailable on this kernel: {}",
+                r.spec.name,
+                r.reasons.join("; ")
+            );
+        }
+        statuses.push(r.status());
+    }
+    if programs.is_empty() {
+        bail!("no probe could be attached on this kernel; see `hvprof probes list`");
+    }
+    Ok(Session {
+        ebpf,
+        statuses,
+        programs,
+        _stats: stats,
+    })
+}
+
+fn program_for(spec: &ProbeSpec, method: Method) -> Option<&'static str> {
+    match method {
+        Method::Fentry => spec.programs.fentry,
+        Method::Kprobe => spec.programs.kprobe,
+        Method::Tracepoint => spec.programs.tracepoint,
+        Method::Sampling => None,
+    }
+}
+
+fn attach_one(ebpf: &mut Ebpf, spec: &ProbeSpec, method: Method) -> Result<()> {
+    let name = program_for(spec, method).ok_or_else(|| anyhow!("no program"))?;
+    match (method, spec.hook) {
+        (Method::Tracepoint, Hook::Tracepoint { category, name: tp })
+        | (
+            Method::Tracepoint,
+            Hook::Function {
+                tracepoint: Some((category, tp)),
+                ..
+            },
+        ) => {
+            let prog: &mut TracePoint = ebpf
+                .program_mut(name)
+                .ok_or_else(|| anyhow!("program {name} missing from the object"))?
+                .try_into()?;
+            if prog.fd().is_err() {
+                prog.load().with_context(|| format!("loading {name}"))?;
+            }
+            prog.attach(category, tp)
+                .with_context(|| format!("attaching {name} to {category}:{tp}"))?;
+            Ok(())
+        }
+        (m, _) => bail!("{} attachment is not implemented for {}", m.name(), spec.name),
+    }
+}
+
+/// Per-program kernel statistics.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct ProgramStats {
+    pub name: String,
+    pub program: String,
+    pub run_time_ns: u64,
+    pub run_count: u64,
+}
+
+impl Session {
+    /// Run time and count of each attached program since attach.
+    pub fn program_stats(&self) -> Vec<ProgramStats> {
+        self.programs
+            .iter()
+            .filter_map(|(probe, prog)| {
+                let info = self.ebpf.program(prog)?.info().ok()?;
+                Some(ProgramStats {
+                    name: (*probe).to_string(),
+                    program: (*prog).to_string(),
+                    run_time_ns: u64::try_from(info.run_time().as_nanos()).unwrap_or(u64::MAX),
+                    run_count: info.run_count(),
+                })
+            })
+            .collect()
+    }
+
+    /// Lost events per attached probe (summed over CPUs).
+    pub fn lost(&self) -> Result<BTreeMap<String, u64>> {
+        let map = self
+            .ebpf
+            .map(LOST_MAP)
+            .ok_or_else(|| anyhow!("map {LOST_MAP} missing"))?;
+        let arr: PerCpuArray<&MapData, u64> = PerCpuArray::try_from(map)?;
+        let mut out = BTreeMap::new();
+        for spec in catalog::all() {
+            let Some(id) = spec.id else { continue };
+            if !self.programs.contains_key(spec.name) || u32::from(id) >= MAX_PROBES {
+                continue;
+            }
+            let per_cpu = arr.get(&u32::from(id), 0)?;
+            out.insert(spec.name.to_string(), per_cpu.iter().sum());
+        }
+        Ok(out)
+    }
+
+    /// Takes the event ring buffer out of the object.
+    pub fn take_events(&mut self) -> Result<RingBuf<MapData>> {
+        let map = self
+            .ebpf
+            .take_map(EVENTS_MAP)
+            .ok_or_else(|| anyhow!("map {EVENTS_MAP} missing"))?;
+        Ok(RingBuf::try_from(map)?)
+    }
+
+    /// Detaches and unloads every program; maps stay readable.
+    pub fn detach(&mut self) {
+        let names: Vec<&str> = self.programs.values().copied().collect();
+        for name in names {
+            if let Some(p) = self.ebpf.program_mut(name) {
+                if let Ok(tp) = <&mut TracePoint>::try_from(p) {
+                    let _ = tp.unload();
+                }
+            }
+        }
+    }
+}

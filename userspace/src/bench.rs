@@ -1,0 +1,206 @@
+//! `hvprof bench`: the seed's benchmark without probes. For each object
+//! size, starts the origin and HAProxy where the topology says, drives
+//! close-mode load through the proxy (loadgen), and writes
+//! `DIR/bench.json` (one result per size), `DIR/bench.md` (a table) and SVG
+//! charts like the seed's figures (reports::chart). `--serve` only starts
+//! the stand and keeps it up, for other load generators.
+
+use std::fmt::Write as _;
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+use std::time::Duration;
+
+use anyhow::Context as _;
+use clap::Args;
+use loadgen::size::{self, SizeLabel};
+use loadgen::stats::fmt_us;
+use loadgen::sweep::{self, PointResult, SweepConfig};
+use reports::chart::{Chart, Series, line_chart_svg};
+
+/// Object sizes as given on the command line.
+#[derive(Debug, Clone)]
+pub struct Sizes(pub Vec<u64>);
+
+fn parse_sizes(s: &str) -> Result<Sizes, String> {
+    size::parse_size_list(s).map(Sizes).map_err(|e| e.to_string())
+}
+
+/// Arguments of `hvprof bench`.
+#[derive(Args, Debug, Clone)]
+pub struct BenchArgs {
+    /// Where the proxy runs (available: native).
+    #[arg(long, value_name = "NAME", default_value = "native")]
+    pub topology: String,
+    /// Object sizes: comma-separated (0,1k,64k) or `all` for the seed's
+    /// 0,1k,2k,4k,8k,16k,32k,48k,64k.
+    #[arg(long, value_name = "LIST", default_value = "all", value_parser = parse_sizes)]
+    pub sizes: Sizes,
+    /// Load duration per size.
+    #[arg(short, long, value_name = "DUR", default_value = "5s", value_parser = loadgen::cli::parse_duration)]
+    pub duration: Duration,
+    /// Connections in flight.
+    #[arg(short, long, value_name = "CONC", default_value = "64", value_parser = loadgen::cli::parse_concurrency, allow_hyphen_values = true)]
+    pub concurrency: usize,
+    /// Output directory.
+    #[arg(short, long, value_name = "DIR", default_value = "runs/bench")]
+    pub output: PathBuf,
+    /// Load generator threads.
+    #[arg(short = 't', long, value_name = "N", default_value = "1", value_parser = loadgen::cli::parse_threads)]
+    pub client_threads: usize,
+    /// HAProxy `nbthread`.
+    #[arg(long, value_name = "N", default_value = "1", value_parser = loadgen::cli::parse_threads)]
+    pub haproxy_threads: usize,
+    /// Origin listener threads.
+    #[arg(long, value_name = "N", default_value = "1", value_parser = loadgen::cli::parse_threads)]
+    pub origin_threads: usize,
+    /// Only start origin + HAProxy, print the proxy's address, and keep
+    /// them up until SIGINT/SIGTERM (to point another load generator at).
+    #[arg(long)]
+    pub serve: bool,
+}
+
+impl BenchArgs {
+    fn sweep_config(&self) -> SweepConfig {
+        SweepConfig {
+            duration: self.duration,
+            concurrency: self.concurrency,
+            client_threads: self.client_threads,
+            haproxy_threads: self.haproxy_threads,
+            origin_threads: self.origin_threads,
+            ..SweepConfig::default()
+        }
+    }
+
+    pub fn run(self) -> anyhow::Result<ExitCode> {
+        let topology = sweep::topology(&self.topology)?;
+        let config = self.sweep_config();
+        if self.serve {
+            return serve(topology.as_ref(), &config);
+        }
+        std::fs::create_dir_all(&self.output)
+            .with_context(|| format!("cannot create output directory {}", self.output.display()))?;
+        let results = sweep::run_sweep(topology.as_ref(), &config, &self.sizes.0, true)?;
+        write_outputs(&self.output, &results)?;
+        print!("{}", markdown_table(&results));
+        eprintln!(
+            "hvprof bench: wrote {}",
+            ["bench.json", "bench.md", "bench.svg", "conn_per_s.svg", "bandwidth.svg"]
+                .map(|f| self.output.join(f).display().to_string())
+                .join(", ")
+        );
+        Ok(ExitCode::SUCCESS)
+    }
+}
+
+fn serve(topology: &dyn sweep::Topology, config: &SweepConfig) -> anyhow::Result<ExitCode> {
+    let stand = sweep::Stand::start(topology, config)?;
+    println!("proxy http://{}/  (GET /?s=SIZE)", stand.proxy);
+    println!("origin http://{}/", stand.origin.local_addr());
+    println!("haproxy pid {}", stand.haproxy.pid());
+    use std::io::Write as _;
+    std::io::stdout().flush()?;
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .context("cannot build signal runtime")?;
+    rt.block_on(async {
+        use tokio::signal::unix::{SignalKind, signal};
+        let mut term = signal(SignalKind::terminate()).context("cannot catch SIGTERM")?;
+        tokio::select! {
+            _ = term.recv() => {},
+            r = tokio::signal::ctrl_c() => r.context("cannot catch SIGINT")?,
+        }
+        anyhow::Ok(())
+    })?;
+    drop(stand);
+    Ok(ExitCode::SUCCESS)
+}
+
+/// Writes bench.json, bench.md and the SVG charts into `dir`.
+pub fn write_outputs(dir: &Path, results: &[PointResult]) -> anyhow::Result<()> {
+    let write = |name: &str, text: String| {
+        let p = dir.join(name);
+        std::fs::write(&p, text).with_context(|| format!("cannot write {}", p.display()))
+    };
+    write("bench.json", serde_json::to_string_pretty(results)? + "\n")?;
+    write("bench.md", markdown_table(results))?;
+    let (both, conn, bw) = charts(results);
+    write("bench.svg", both)?;
+    write("conn_per_s.svg", conn)?;
+    write("bandwidth.svg", bw)?;
+    Ok(())
+}
+
+/// The results as a Markdown table.
+pub fn markdown_table(results: &[PointResult]) -> String {
+    let mut o = String::new();
+    let _ = writeln!(
+        o,
+        "| topology | size | conn/s | Mbit/s | connect p50 | ttlb p50 | ttlb p99 | ttlb p99.9 | HAProxy CPU s | HAProxy CPU % | HAProxy µs/conn | errors |"
+    );
+    let _ = writeln!(o, "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|");
+    for r in results {
+        let _ = writeln!(
+            o,
+            "| {} | {} | {:.0} | {:.1} | {} | {} | {} | {} | {:.2} | {:.0} | {:.1} | {} |",
+            r.topology,
+            r.size_label,
+            r.conn_per_s,
+            r.body_mbps,
+            fmt_us(r.latency_us.connect.p50),
+            fmt_us(r.latency_us.ttlb.p50),
+            fmt_us(r.latency_us.ttlb.p99),
+            fmt_us(r.latency_us.ttlb.p999),
+            r.haproxy_cpu_s,
+            r.haproxy_cpu_util * 100.0,
+            r.haproxy_cpu_us_per_conn,
+            r.errors.total()
+        );
+    }
+    o
+}
+
+/// (conn/s and bandwidth on two axes, conn/s per topology, bandwidth per
+/// topology).
+fn charts(results: &[PointResult]) -> (String, String, String) {
+    let mut topologies: Vec<&str> = Vec::new();
+    for r in results {
+        if !topologies.contains(&r.topology.as_str()) {
+            topologies.push(&r.topology);
+        }
+    }
+    let mut sizes: Vec<u64> = results.iter().map(|r| r.size).collect();
+    sizes.sort_unstable();
+    sizes.dedup();
+    let x_ticks: Vec<(f64, String)> = sizes.iter().map(|&s| (s as f64, SizeLabel(s).to_string())).collect();
+    let points = |t: &str, f: fn(&PointResult) -> f64| -> Vec<(f64, f64)> {
+        let mut p: Vec<(f64, f64)> = results.iter().filter(|r| r.topology == t).map(|r| (r.size as f64, f(r))).collect();
+        p.sort_by(|a, b| a.0.total_cmp(&b.0));
+        p
+    };
+    let conn = |r: &PointResult| r.conn_per_s;
+    let mbps = |r: &PointResult| r.body_mbps;
+
+    let mut both = Chart::new("HTTP connections/s and bandwidth by object size", "object size (bytes)", "connections/s");
+    both.y2_label = "bandwidth (Mbit/s)".into();
+    both.x_ticks = Some(x_ticks.clone());
+    let mut both_series = Vec::new();
+    for t in &topologies {
+        both_series.push(Series::new(format!("{t} conn/s"), points(t, conn)));
+        both_series.push(Series::new(format!("{t} Mbit/s"), points(t, mbps)).on_right_axis().dashed());
+    }
+
+    let mut c = Chart::new("HTTP connections per second", "object size (bytes)", "connections/s");
+    c.x_ticks = Some(x_ticks.clone());
+    let conn_series: Vec<Series> = topologies.iter().map(|t| Series::new(*t, points(t, conn))).collect();
+
+    let mut b = Chart::new("Bandwidth", "object size (bytes)", "bandwidth (Mbit/s)");
+    b.x_ticks = Some(x_ticks);
+    let bw_series: Vec<Series> = topologies.iter().map(|t| Series::new(*t, points(t, mbps))).collect();
+
+    (
+        line_chart_svg(&both, &both_series),
+        line_chart_svg(&c, &conn_series),
+        line_chart_svg(&b, &bw_series),
+    )
+}

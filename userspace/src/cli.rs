@@ -1,0 +1,61 @@
+//! The command line: one subcommand per user task, each handing its
+//! arguments to the module that owns the work.
+
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand};
+
+/// eBPF network profiler for virtualized network paths: explains, layer by
+/// layer, where a proxy's throughput goes when it moves into a VM.
+#[derive(Parser, Debug)]
+#[command(name = "hvprof", version, about, long_about = None, propagate_version = true)]
+pub struct Cli {
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Subcommand, Debug)]
+pub enum Command {
+    /// Record probes on a live system into a run directory.
+    Record(crate::record::RecordArgs),
+    /// Print a run's events (or connections) as JSON lines.
+    Dump(crate::dump::DumpArgs),
+    /// The probe catalog and what this kernel offers for it.
+    Probes(crate::probes::ProbesArgs),
+    /// httpterm-style origin server: GET /?s=SIZE returns SIZE bytes.
+    Origin(loadgen::cli::OriginArgs),
+    /// HTTP load generator (close mode by default: one request per connection).
+    Load(loadgen::cli::LoadArgs),
+    /// The seed's benchmark: origin + HAProxy + close-mode load per object size.
+    Bench(crate::bench::BenchArgs),
+}
+
+impl Cli {
+    pub fn run(self) -> anyhow::Result<ExitCode> {
+        match self.command {
+            Command::Record(args) => args.run(),
+            Command::Dump(args) => args.run(),
+            Command::Probes(args) => args.run(),
+            Command::Origin(args) => args.run(),
+            Command::Load(args) => args.run(),
+            Command::Bench(args) => args.run(),
+        }
+    }
+}
+
+/// Formats an error chain on one line: `outer: cause: root cause`.
+pub fn one_line(err: &anyhow::Error) -> String {
+    let mut out = String::new();
+    for (i, cause) in err.chain().enumerate() {
+        let text = cause.to_string();
+        if i > 0 {
+            // Skip causes whose text the outer message already carries.
+            if out.contains(&text) {
+                continue;
+            }
+            out.push_str(": ");
+        }
+        out.push_str(text.trim());
+    }
+    out.replace('\n', " ")
+}

@@ -1,0 +1,19 @@
+//! Switching: Linux bridge, veth, macvlan and Open vSwitch.
+
+use super::{Path, func};
+use crate::catalog::Layer::{Backend, Switch};
+
+const SKB: &[&str] = &["skb", "len", "dev"];
+
+pub const PATH: Path = Path {
+    name: "bridge",
+    rows: &[
+        func("bridge:br_handle_frame", Switch, "bridge", "br_handle_frame", None, SKB),
+        func("bridge:br_forward", Switch, "bridge", "br_forward", None, SKB),
+        func("bridge:br_dev_xmit", Switch, "bridge", "br_dev_xmit", None, SKB),
+        func("veth:veth_xmit", Switch, "veth", "veth_xmit", None, SKB),
+        func("ovs:ovs_vport_receive", Switch, "ovs", "ovs_vport_receive", Some("openvswitch"), SKB),
+        func("ovs:ovs_dp_process_packet", Switch, "ovs", "ovs_dp_process_packet", Some("openvswitch"), SKB),
+        func("ovs:ovs_dp_upcall", Backend, "ovs", "ovs_dp_upcall", Some("openvswitch"), SKB),
+    ],
+};

@@ -1,0 +1,96 @@
+//! Layers and NIC paths, one module each: its catalog rows, its event
+//! decoder and its program set-up live together, so adding a path is adding
+//! one module here (and its hooks in `ebpf/hvprof-ebpf`).
+
+use crate::catalog::ProbeSpec;
+
+pub mod bridge;
+pub mod e1000;
+pub mod netfilter;
+pub mod netvsc;
+pub mod rtl8139;
+pub mod sched;
+pub mod tap;
+pub mod tcp;
+pub mod virtio;
+pub mod vmexit;
+pub mod vmxnet3;
+pub mod xen;
+
+/// A path: its name and catalog rows.
+pub struct Path {
+    pub name: &'static str,
+    pub rows: &'static [ProbeSpec],
+}
+
+/// Every path, in the order `probes list` shows them.
+pub const ALL: &[Path] = &[
+    tcp::PATH,
+    netfilter::PATH,
+    bridge::PATH,
+    tap::PATH,
+    virtio::PATH,
+    vmxnet3::PATH,
+    e1000::PATH,
+    rtl8139::PATH,
+    netvsc::PATH,
+    xen::PATH,
+    vmexit::PATH,
+    sched::PATH,
+];
+
+/// Shorthand for a catalog row on a kernel function that has no hvprof
+/// program yet (its events come with the per-layer probes).
+pub(crate) const fn func(
+    name: &'static str,
+    layer: crate::catalog::Layer,
+    path: &'static str,
+    func: &'static str,
+    module: Option<&'static str>,
+    fields: &'static [&'static str],
+) -> ProbeSpec {
+    ProbeSpec {
+        name,
+        layer,
+        path,
+        hook: crate::catalog::Hook::Function {
+            func,
+            module,
+            tracepoint: None,
+        },
+        fields,
+        programs: crate::catalog::Programs {
+            fentry: None,
+            kprobe: None,
+            tracepoint: None,
+        },
+        id: None,
+    }
+}
+
+/// Shorthand for a tracepoint row with no hvprof program yet.
+pub(crate) const fn tp(
+    name: &'static str,
+    layer: crate::catalog::Layer,
+    path: &'static str,
+    category: &'static str,
+    tp_name: &'static str,
+    fields: &'static [&'static str],
+) -> ProbeSpec {
+    ProbeSpec {
+        name,
+        layer,
+        path,
+        hook: crate::catalog::Hook::Tracepoint {
+            category,
+            name: tp_name,
+        },
+        fields,
+        programs: crate::catalog::Programs {
+            fentry: None,
+            kprobe: None,
+            tracepoint: None,
+        },
+        id: None,
+    }
+}

@@ -1,0 +1,18 @@
+//! tap/tun and vhost: the host side of a virtual NIC (backend layer), plus
+//! the generic device tracepoints that fire on the TAP.
+
+use super::{Path, func, tp};
+use crate::catalog::Layer::Backend;
+
+pub const PATH: Path = Path {
+    name: "tap",
+    rows: &[
+        func("tap:tun_net_xmit", Backend, "tap", "tun_net_xmit", None, &["skb", "len", "dev"]),
+        func("tap:tun_get_user", Backend, "tap", "tun_get_user", None, &["len"]),
+        func("tap:tun_do_read", Backend, "tap", "tun_do_read", None, &["len"]),
+        func("vhost:handle_tx", Backend, "vhost", "handle_tx", Some("vhost_net"), &[]),
+        func("vhost:handle_rx", Backend, "vhost", "handle_rx", Some("vhost_net"), &[]),
+        tp("dev:net_dev_xmit", Backend, "tap", "net", "net_dev_xmit", &["skb", "len", "dev", "rc"]),
+        tp("dev:netif_receive_skb", Backend, "tap", "net", "netif_receive_skb", &["skb", "len", "dev"]),
+    ],
+};

@@ -1,0 +1,151 @@
+//! TCP/IP stack (socket layer): connection lifecycle from
+//! `sock:inet_sock_set_state` — its catalog row, the offsets its program
+//! needs from this kernel, and its event decoder.
+
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
+
+use anyhow::{Context as _, Result};
+use hvprof_common::{KernelOffsets, SockStateEvent, SockStateTpOffsets, probe};
+use serde::Serialize;
+
+use super::Path;
+use crate::{
+    catalog::{Hook, Layer, ProbeSpec, Programs},
+    kernel::{btf, tracefs},
+};
+
+pub const PATH: Path = Path {
+    name: "tcp",
+    rows: &[ProbeSpec {
+        name: "tcp:inet_sock_set_state",
+        layer: Layer::Socket,
+        path: "tcp",
+        hook: Hook::Tracepoint {
+            category: "sock",
+            name: "inet_sock_set_state",
+        },
+        fields: &[
+            "sk", "family", "saddr", "sport", "daddr", "dport", "old", "new", "bytes_received",
+            "bytes_acked",
+        ],
+        programs: Programs {
+            fentry: None,
+            kprobe: None,
+            tracepoint: Some("hvp_sock_state"),
+        },
+        id: Some(probe::SOCK_STATE),
+    }],
+};
+
+/// Global names in the eBPF object.
+pub const TP_GLOBAL: &str = "HVP_SOCK_STATE_TP";
+pub const KERNEL_GLOBAL: &str = "HVP_KERNEL_OFFSETS";
+
+/// Tracepoint record offsets for this kernel.
+pub fn tp_offsets() -> Result<SockStateTpOffsets> {
+    let f = tracefs::format("sock", "inet_sock_set_state")?;
+    let o = |name, size| tracefs::offset_of(&f, name, size);
+    (|| -> Result<SockStateTpOffsets> {
+        Ok(SockStateTpOffsets {
+            skaddr: o("skaddr", 8)?,
+            oldstate: o("oldstate", 4)?,
+            newstate: o("newstate", 4)?,
+            sport: o("sport", 2)?,
+            dport: o("dport", 2)?,
+            family: o("family", 2)?,
+            protocol: o("protocol", 2)?,
+            saddr: o("saddr", 4)?,
+            daddr: o("daddr", 4)?,
+            saddr_v6: o("saddr_v6", 16)?,
+            daddr_v6: o("daddr_v6", 16)?,
+        })
+    })()
+    .context("sock:inet_sock_set_state has an unexpected format on this kernel")
+}
+
+/// `tcp_sock` byte counters, when this kernel's BTF has them; otherwise
+/// the events carry zero bytes (the offsets stay `valid == 0`).
+pub fn kernel_offsets(btf: Option<&btf_rs::Btf>) -> KernelOffsets {
+    let Some(btf) = btf else {
+        return KernelOffsets::default();
+    };
+    match (
+        btf::member_offset(btf, "tcp_sock", "bytes_received"),
+        btf::member_offset(btf, "tcp_sock", "bytes_acked"),
+    ) {
+        (Ok(rx), Ok(acked)) => KernelOffsets {
+            tcp_bytes_received: rx,
+            tcp_bytes_acked: acked,
+            valid: 1,
+            _pad: 0,
+        },
+        (rx, acked) => {
+            log::warn!(
+                "tcp_sock byte counters unavailable ({:?} / {:?}); bytes will read 0",
+                rx.err(),
+                acked.err()
+            );
+            KernelOffsets::default()
+        }
+    }
+}
+
+/// A decoded TCP state change.
+#[derive(Debug, Clone, Serialize, PartialEq, Eq)]
+pub struct SockState {
+    /// Kernel address of the socket, hex: one endpoint for its lifetime.
+    pub sk: String,
+    pub family: &'static str,
+    pub saddr: IpAddr,
+    pub sport: u16,
+    pub daddr: IpAddr,
+    pub dport: u16,
+    pub old: &'static str,
+    pub new: &'static str,
+    pub bytes_received: u64,
+    pub bytes_acked: u64,
+}
+
+/// TCP state number to its kernel name (without the `TCP_` prefix).
+pub fn state_name(s: u8) -> &'static str {
+    match s {
+        1 => "ESTABLISHED",
+        2 => "SYN_SENT",
+        3 => "SYN_RECV",
+        4 => "FIN_WAIT1",
+        5 => "FIN_WAIT2",
+        6 => "TIME_WAIT",
+        7 => "CLOSE",
+        8 => "CLOSE_WAIT",
+        9 => "LAST_ACK",
+        10 => "LISTEN",
+        11 => "CLOSING",
+        12 => "NEW_SYN_RECV",
+        _ => "UNKNOWN",
+    }
+}
+
+pub fn decode(ev: &SockStateEvent) -> SockState {
+    let (family, saddr, daddr) = if ev.family == 10 {
+        (
+            "inet6",
+            IpAddr::V6(Ipv6Addr::from(ev.saddr)),
+            IpAddr::V6(Ipv6Addr::from(ev.daddr)),
+        )
+    } else {
+        let v4 = |a: &[u8; 16]| IpAddr::V4(Ipv4Addr::new(a[0], a[1], a[2], a[3]));
+        ("inet", v4(&ev.saddr), v4(&ev.daddr))
+    };
+    SockState {
+        sk: format!("{:#x}", ev.skaddr),
+        family,
+        saddr,
+        sport: ev.sport,
+        daddr,
+        dport: ev.dport,
+        old: state_name(ev.oldstate),
+        new: state_name(ev.newstate),
+        bytes_received: ev.bytes_received,
+        bytes_acked: ev.bytes_acked,
+    }
+}

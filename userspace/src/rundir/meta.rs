@@ -1,0 +1,88 @@
+//! `meta.json`: the versioned description of a run — kernel, topology,
+//! command, probes and how each was attached, lost events, clock offsets.
+
+use std::{collections::BTreeMap, path::Path};
+
+use anyhow::{Context as _, Result, bail};
+use serde::{Deserialize, Serialize};
+
+pub const FORMAT: &str = "hvprof-run";
+pub const VERSION: u32 = 1;
+/// meta.json larger than this is refused (it is a few KiB in practice).
+const MAX_META_BYTES: u64 = 16 * 1024 * 1024;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Status {
+    /// Still recording, or the recorder died (the log holds what was done).
+    Recording,
+    Complete,
+}
+
+/// One probe's status: also the row of `hvprof probes list --json`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ProbeStatus {
+    pub name: String,
+    pub layer: String,
+    pub path: String,
+    /// `func [module]` or `category:name`.
+    pub point: String,
+    pub wanted: String,
+    /// Method obtained on this kernel; `None` when unavailable.
+    pub obtained: Option<String>,
+    /// Why better methods (or all methods) failed; empty when `wanted` was
+    /// obtained.
+    pub reason: String,
+    pub fields: Vec<String>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct Meta {
+    pub format: String,
+    pub version: u32,
+    pub hvprof_version: String,
+    pub kernel: String,
+    pub topology: String,
+    /// The command recorded (`-- CMD`), empty for `--duration`.
+    pub command: Vec<String>,
+    pub status: Status,
+    /// Wall clock at start, ns since the Unix epoch.
+    pub started_unix_ns: u64,
+    /// CLOCK_MONOTONIC at the same instant: event timestamps are on it.
+    pub monotonic_start_ns: u64,
+    pub ended_unix_ns: Option<u64>,
+    pub duration_s: Option<f64>,
+    pub ringbuf_bytes: u64,
+    /// Every probe considered, attached or not.
+    pub probes: Vec<ProbeStatus>,
+    /// Events dropped in the kernel, per probe name.
+    pub lost: BTreeMap<String, u64>,
+    /// Offsets of other clocks (guests) against this one; empty for a
+    /// host-only run.
+    pub clock_offsets: Vec<serde_json::Value>,
+}
+
+impl Meta {
+    pub fn read(path: &Path) -> Result<Self> {
+        let len = std::fs::metadata(path)
+            .with_context(|| format!("{} is missing; is this a run directory?", path.display()))?
+            .len();
+        if len > MAX_META_BYTES {
+            bail!("{} is {len} bytes, larger than any meta.json hvprof writes", path.display());
+        }
+        let text = std::fs::read(path).with_context(|| format!("reading {}", path.display()))?;
+        let meta: Meta = serde_json::from_slice(&text)
+            .with_context(|| format!("{} is not a valid hvprof meta.json", path.display()))?;
+        if meta.format != FORMAT {
+            bail!("{}: format {:?} is not {FORMAT:?}", path.display(), meta.format);
+        }
+        if meta.version != VERSION {
+            bail!(
+                "{}: run format version {} is not supported (this hvprof reads {VERSION})",
+                path.display(),
+                meta.version
+            );
+        }
+        Ok(meta)
+    }
+}

@@ -1,0 +1,55 @@
+//! The run directory: what `record` writes and every later step reads.
+//! Layout (documented in docs/run-format.md):
+//!
+//! - `meta.json`   — versioned description of the run ([`meta::Meta`])
+//! - `events.log`  — append-only framed event records ([`log`])
+//! - `summary.json` — counts, lost events and per-program BPF stats
+
+pub mod log;
+pub mod meta;
+
+use std::path::{Path, PathBuf};
+
+use anyhow::{Context as _, Result, bail};
+
+pub const META: &str = "meta.json";
+pub const EVENTS: &str = "events.log";
+pub const SUMMARY: &str = "summary.json";
+
+/// Creates (or reuses, if empty of runs) `dir` and checks it is writable,
+/// before anything is attached.
+pub fn create(dir: &Path) -> Result<PathBuf> {
+    std::fs::create_dir_all(dir).with_context(|| {
+        format!("cannot create output directory {}; pick a writable -o", dir.display())
+    })?;
+    if dir.join(EVENTS).exists() {
+        bail!(
+            "{} already holds a recording; pick another -o or remove it",
+            dir.display()
+        );
+    }
+    let probe = dir.join(".hvprof-write-test");
+    std::fs::write(&probe, b"").with_context(|| {
+        format!("output directory {} is not writable; pick a writable -o", dir.display())
+    })?;
+    let _ = std::fs::remove_file(&probe);
+    Ok(dir.to_path_buf())
+}
+
+/// Writes `value` as pretty JSON to `path` atomically (temp file + rename),
+/// so a crash leaves either the old or the new file.
+pub fn write_json<T: serde::Serialize>(path: &Path, value: &T) -> Result<()> {
+    let tmp = path.with_extension("json.tmp");
+    let text = serde_json::to_vec_pretty(value)?;
+    std::fs::write(&tmp, &text).with_context(|| format!("writing {}", tmp.display()))?;
+    std::fs::rename(&tmp, path).with_context(|| format!("writing {}", path.display()))?;
+    Ok(())
+}
+
+/// Checks `dir` looks like a run directory.
+pub fn open(dir: &Path) -> Result<meta::Meta> {
+    if !dir.is_dir() {
+        bail!("{} is not a directory; give a run directory written by `hvprof record -o`", dir.display());
+    }
+    meta::Meta::read(&dir.join(META))
+}

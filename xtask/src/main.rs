@@ -1,0 +1,103 @@
+//! `cargo xtask`: developer and CI tasks — installing what a fresh machine
+//! lacks (`setup`), running the whole test suite (`test`), the main job
+//! (`run`) and benchmarks (`bench`).
+
+mod setup;
+mod test;
+
+use std::{path::PathBuf, process::Command};
+
+use anyhow::{Context as _, Result, bail};
+use clap::{Parser, Subcommand};
+
+#[derive(Parser)]
+#[command(name = "cargo xtask", about = "hvprof developer tasks")]
+struct Cli {
+    #[command(subcommand)]
+    cmd: Cmd,
+}
+
+#[derive(Subcommand)]
+enum Cmd {
+    /// Install what is missing (Debian packages, bpf-linker, the `debian`
+    /// rustup toolchain for the eBPF target). Idempotent.
+    Setup,
+    /// Setup, then fmt check, clippy, release build and every test.
+    Test {
+        /// Extra arguments for `cargo test` (e.g. a test name filter).
+        #[arg(last = true)]
+        args: Vec<String>,
+    },
+    /// Setup, build, then the main job: record a short loopback workload
+    /// with hvprof and print its summary.
+    Run {
+        /// Where the run directory goes.
+        #[arg(short, long, default_value = "runs")]
+        output: PathBuf,
+    },
+}
+
+fn main() {
+    let cli = Cli::parse();
+    let res = match cli.cmd {
+        Cmd::Setup => setup::run(),
+        Cmd::Test { args } => setup::run().and_then(|()| test::run(&args)),
+        Cmd::Run { output } => setup::run().and_then(|()| run_main_job(&output)),
+    };
+    if let Err(e) = res {
+        eprintln!("xtask: error: {e:#}");
+        std::process::exit(1);
+    }
+}
+
+/// The workspace root (xtask lives one level below it).
+pub fn root() -> PathBuf {
+    let here = PathBuf::from(env!("CARGO_MANIFEST_DIR"));
+    here.parent().map(PathBuf::from).unwrap_or(here)
+}
+
+/// Runs a command, inheriting stdio; fails on a non-zero exit.
+pub fn run_cmd(cmd: &mut Command) -> Result<()> {
+    let status = cmd
+        .status()
+        .with_context(|| format!("cannot start {:?}", cmd.get_program()))?;
+    if !status.success() {
+        bail!("{cmd:?} failed: {status}");
+    }
+    Ok(())
+}
+
+/// Builds the release binary.
+pub fn build_release() -> Result<()> {
+    run_cmd(
+        Command::new("cargo")
+            .args(["build", "--release", "--bins"])
+            .current_dir(root()),
+    )
+}
+
+fn run_main_job(output: &std::path::Path) -> Result<()> {
+    build_release()?;
+    let bin = root().join("target/release/hvprof");
+    let stamp = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0);
+    let dir = output.join(format!("record-{stamp}"));
+    // A built-in loopback workload: the origin plus a bounded close-mode load.
+    let workload = format!(
+        "{bin} origin --listen 127.0.0.1:18480 & o=$!; sleep 0.3; \
+         {bin} load 'http://127.0.0.1:18480/?s=1k' -c 16 -n 20000 -q; rc=$?; kill $o; wait $o 2>/dev/null; exit $rc",
+        bin = bin.display()
+    );
+    run_cmd(
+        Command::new(&bin)
+            .arg("record")
+            .arg("-o")
+            .arg(&dir)
+            .args(["--", "sh", "-c", &workload])
+            .current_dir(root()),
+    )?;
+    println!("run directory: {}  (try `hvprof dump {} | head`)", dir.display(), dir.display());
+    Ok(())
+}
