@@ -3,6 +3,8 @@
 //! and is counted as skipped by `cargo xtask test`), and inspecting the
 //! kernel's loaded BPF programs.
 
+pub mod loadgen_support;
+
 use std::{
     io::Write as _,
     path::PathBuf,
@@ -44,14 +46,13 @@ pub fn hvprof(args: &[&str]) -> Output {
 /// Records that the calling test is skipped and why; the test then returns.
 pub fn skip(test: &str, reason: &str) {
     eprintln!("SKIPPED {test}: {reason}");
-    if let Some(path) = std::env::var_os("HVPROF_SKIP_FILE") {
-        if let Ok(mut f) = std::fs::OpenOptions::new()
+    if let Some(path) = std::env::var_os("HVPROF_SKIP_FILE")
+        && let Ok(mut f) = std::fs::OpenOptions::new()
             .create(true)
             .append(true)
             .open(path)
-        {
-            let _ = writeln!(f, "{test}: {reason}");
-        }
+    {
+        let _ = writeln!(f, "{test}: {reason}");
     }
 }
 
@@ -79,8 +80,7 @@ pub fn our_bpf_programs() -> Vec<String> {
         .output()
         .expect("bpftool runs (installed by cargo xtask setup)");
     assert!(out.status.success(), "bpftool prog show failed");
-    let v: serde_json::Value =
-        serde_json::from_slice(&out.stdout).expect("bpftool prints JSON");
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).expect("bpftool prints JSON");
     v.as_array()
         .map(|progs| {
             progs

@@ -54,14 +54,20 @@ fn record_sees_exactly_500_connections_with_monotone_timestamps_and_no_loss() {
     .expect("summary.json is JSON");
     let lost = summary["lost"].as_object().expect("lost is an object");
     assert!(lost.contains_key("tcp:inet_sock_set_state"), "{summary}");
-    assert!(lost.values().all(|v| v.as_u64() == Some(0)), "lost events: {summary}");
+    assert!(
+        lost.values().all(|v| v.as_u64() == Some(0)),
+        "lost events: {summary}"
+    );
     let probes = summary["probes"].as_array().expect("probes list");
     let sock = probes
         .iter()
         .find(|p| p["name"] == "tcp:inet_sock_set_state")
         .expect("sock probe stats");
     let runs = sock["run_count"].as_u64().expect("run_count");
-    assert!(runs >= 500 * 8, "every connection changes state >= 8 times on both ends: {runs}");
+    assert!(
+        runs >= 500 * 8,
+        "every connection changes state >= 8 times on both ends: {runs}"
+    );
     assert!(sock["run_time_ns"].as_u64().unwrap_or(0) > 0);
     let events = summary["events"].as_u64().expect("events");
     assert!(summary["connections"].as_u64().expect("connections") >= 500);
@@ -71,7 +77,11 @@ fn record_sees_exactly_500_connections_with_monotone_timestamps_and_no_loss() {
     assert!(dump.status.success());
     let lines = json_lines(&dump.stdout);
     assert_eq!(lines.len() as u64, events);
-    assert!(lines.iter().all(|e| e["kind"] == "sock_state" && e["ts_ns"].is_u64()));
+    assert!(
+        lines
+            .iter()
+            .all(|e| e["kind"] == "sock_state" && e["ts_ns"].is_u64())
+    );
 
     // Exactly our 500 connections to the burst's listener, each with both
     // endpoints and a monotone lifecycle.
@@ -98,7 +108,10 @@ fn record_sees_exactly_500_connections_with_monotone_timestamps_and_no_loss() {
             assert!(ts.len() >= 3, "{ep}");
             assert!(ts.windows(2).all(|w| w[0] <= w[1]), "non-monotone {ts:?}");
         }
-        let step = |k: &str| c[k].as_u64().unwrap_or_else(|| panic!("{k} missing in {c}"));
+        let step = |k: &str| {
+            c[k].as_u64()
+                .unwrap_or_else(|| panic!("{k} missing in {c}"))
+        };
         assert!(step("syn_ns") <= step("established_ns"));
         assert!(step("established_ns") <= step("fin_ns"));
         assert!(step("fin_ns") <= step("close_ns"));
@@ -122,7 +135,10 @@ fn probes_are_attached_while_recording_and_gone_after_sigint_and_sigterm() {
         // Wait until recording started (meta.json is written after attach).
         let t0 = Instant::now();
         while !run.join("events.log").exists() {
-            assert!(t0.elapsed() < Duration::from_secs(20), "recording never started");
+            assert!(
+                t0.elapsed() < Duration::from_secs(20),
+                "recording never started"
+            );
             std::thread::sleep(Duration::from_millis(50));
         }
         assert!(
@@ -133,12 +149,18 @@ fn probes_are_attached_while_recording_and_gone_after_sigint_and_sigterm() {
         unsafe { libc::kill(child.id() as i32, sig) };
         let status = child.wait().expect("hvprof exits");
         assert_eq!(status.code(), Some(code), "exit code after signal {sig}");
-        assert!(run.join("summary.json").exists(), "summary written after signal {sig}");
+        assert!(
+            run.join("summary.json").exists(),
+            "summary written after signal {sig}"
+        );
         let meta: Value =
             serde_json::from_slice(&std::fs::read(run.join("meta.json")).expect("meta"))
                 .expect("meta JSON");
         assert_eq!(meta["status"], "complete");
-        assert!(our_bpf_programs().is_empty(), "programs left after signal {sig}");
+        assert!(
+            our_bpf_programs().is_empty(),
+            "programs left after signal {sig}"
+        );
     }
 }
 
@@ -164,7 +186,15 @@ fn bad_input_is_a_one_line_error_and_leaves_nothing_attached() {
     let run = tmp.path().join("run");
     let run = run.to_str().expect("utf8");
     assert_one_line_error(
-        &["record", "-o", run, "--probe", "no:such_probe", "--duration", "1s"],
+        &[
+            "record",
+            "-o",
+            run,
+            "--probe",
+            "no:such_probe",
+            "--duration",
+            "1s",
+        ],
         "unknown probe \"no:such_probe\"",
     );
     // A path below a regular file can never be created.
@@ -172,14 +202,26 @@ fn bad_input_is_a_one_line_error_and_leaves_nothing_attached() {
     std::fs::write(&file, b"x").expect("write");
     let below = file.join("run");
     assert_one_line_error(
-        &["record", "-o", below.to_str().expect("utf8"), "--duration", "1s"],
+        &[
+            "record",
+            "-o",
+            below.to_str().expect("utf8"),
+            "--duration",
+            "1s",
+        ],
         "writable -o",
     );
     assert_one_line_error(&["record", "-o", run, "--duration", "banana"], "banana");
-    assert_one_line_error(&["record", "-o", run, "--duration", "0s"], "greater than zero");
+    assert_one_line_error(
+        &["record", "-o", run, "--duration", "0s"],
+        "greater than zero",
+    );
     assert_one_line_error(&["record", "-o", run, "--"], "command after `--`");
     assert_one_line_error(&["record", "-o", run], "--duration");
-    assert_one_line_error(&["record", "-o", run, "--", "/nonexistent/cmd"], "/nonexistent/cmd");
+    assert_one_line_error(
+        &["record", "-o", run, "--", "/nonexistent/cmd"],
+        "/nonexistent/cmd",
+    );
     assert_one_line_error(&["dump", "/nonexistent/run"], "run directory");
     assert!(our_bpf_programs().is_empty(), "programs left attached");
 }
@@ -189,7 +231,11 @@ fn probes_list_json_covers_every_layer_and_says_why() {
     require_bpf!("probes_list");
     let _g = bpf_lock();
     let out = hvprof(&["probes", "list", "--json"]);
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     let rows: Vec<Value> = serde_json::from_slice(&out.stdout).expect("JSON list");
     assert!(rows.len() > 20);
     for r in &rows {
@@ -198,17 +244,31 @@ fn probes_list_json_covers_every_layer_and_says_why() {
         }
         assert!(r.get("obtained").is_some(), "obtained key in {r}");
         if r["obtained"].is_null() {
-            assert!(!r["reason"].as_str().unwrap_or("").is_empty(), "unavailable without reason: {r}");
+            assert!(
+                !r["reason"].as_str().unwrap_or("").is_empty(),
+                "unavailable without reason: {r}"
+            );
         }
     }
     let layers: std::collections::BTreeSet<&str> =
         rows.iter().filter_map(|r| r["layer"].as_str()).collect();
-    for l in ["socket", "netfilter", "switch", "vnic", "irq", "vmexit", "backend", "sched"] {
+    for l in [
+        "socket",
+        "netfilter",
+        "switch",
+        "vnic",
+        "irq",
+        "vmexit",
+        "backend",
+        "sched",
+    ] {
         assert!(layers.contains(l), "layer {l} missing from the catalog");
     }
     let paths: std::collections::BTreeSet<&str> =
         rows.iter().filter_map(|r| r["path"].as_str()).collect();
-    for p in ["virtio", "vmxnet3", "e1000", "netvsc", "netfront", "netback", "tap", "bridge"] {
+    for p in [
+        "virtio", "vmxnet3", "e1000", "netvsc", "netfront", "netback", "tap", "bridge",
+    ] {
         assert!(paths.contains(p), "path {p} missing from the catalog");
     }
     let sock = rows
@@ -216,5 +276,8 @@ fn probes_list_json_covers_every_layer_and_says_why() {
         .find(|r| r["name"] == "tcp:inet_sock_set_state")
         .expect("sock probe listed");
     assert_eq!(sock["obtained"], "tracepoint");
-    assert!(our_bpf_programs().is_empty(), "probes list left programs loaded");
+    assert!(
+        our_bpf_programs().is_empty(),
+        "probes list left programs loaded"
+    );
 }

@@ -10,14 +10,17 @@ use anyhow::{Context as _, Result, anyhow, bail};
 use aya::{
     Btf, Ebpf, EbpfLoader,
     maps::{MapData, PerCpuArray, RingBuf},
-    programs::{FEntry, TracePoint},
+    programs::{
+        FEntry, PerfEvent, TracePoint,
+        perf_event::{PerfEventConfig, PerfEventScope, SamplePolicy, SoftwareEvent},
+    },
 };
 use hvprof_common::MAX_PROBES;
 
 use crate::{
     catalog::{self, Hook, Method, ProbeSpec},
     kernel::{btf as kbtf, features::Features, tracefs},
-    paths::tcp,
+    paths::{sched, tcp},
     rundir::meta::ProbeStatus,
 };
 
@@ -26,8 +29,6 @@ static OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/hv
 
 pub const EVENTS_MAP: &str = "HVP_EVENTS";
 pub const LOST_MAP: &str = "HVP_LOST";
-/// Prefix of every program hvprof loads (visible in `bpftool prog`).
-pub const PROGRAM_PREFIX: &str = "hvp_";
 
 /// A catalog row with the method it gets here.
 #[derive(Debug, Clone)]
@@ -139,15 +140,30 @@ impl Probe {
                     }
                     _ => reasons.push("tracepoint: none carries this event".into()),
                 }
-                // sampling only
-                let why = match (&self.features.sampling, present) {
-                    (Err(e), _) => e.clone(),
-                    (Ok(()), None) => absent(),
-                    (Ok(()), Some(_)) => "no CPU sampler in this build yet".into(),
-                };
-                reasons.push(format!("sampling: {why}"));
-                None
+                // sampling only: its frames are attributed from CPU samples
+                match (&self.features.sampling, present) {
+                    (Ok(()), Some(_)) => Some(Method::Sampling),
+                    (Err(e), _) => {
+                        reasons.push(format!("sampling: {e}"));
+                        None
+                    }
+                    (Ok(()), None) => {
+                        reasons.push(format!("sampling: {}", absent()));
+                        None
+                    }
+                }
             }
+            Hook::PerfEvent => match &self.features.sampling {
+                Ok(()) if spec.programs.perf_event.is_some() => Some(Method::Sampling),
+                Ok(()) => {
+                    reasons.push("sampling: no hvprof program for it yet".into());
+                    None
+                }
+                Err(e) => {
+                    reasons.push(format!("sampling: {e}"));
+                    None
+                }
+            },
             Hook::Tracepoint { category, name } => {
                 if spec.programs.tracepoint.is_none() {
                     reasons.push("tracepoint: no hvprof program for it yet".into());
@@ -193,7 +209,9 @@ fn one_error(e: &dyn std::error::Error) -> String {
         src = c.source();
     }
     let s = s.lines().next().unwrap_or_default();
-    s.trim_end().trim_end_matches(". Verifier output:").to_string()
+    s.trim_end()
+        .trim_end_matches(". Verifier output:")
+        .to_string()
 }
 
 /// Options for loading.
@@ -207,9 +225,11 @@ pub fn load(opts: &LoadOptions) -> Result<Ebpf> {
     let tp = tcp::tp_offsets()?;
     let btf = kbtf::running().ok();
     let koff = tcp::kernel_offsets(btf.as_ref());
+    let sched_tp = sched::tp_offsets()?;
     EbpfLoader::new()
         .override_global(tcp::TP_GLOBAL, &tp, true)
         .override_global(tcp::KERNEL_GLOBAL, &koff, true)
+        .override_global(sched::TP_GLOBAL, &sched_tp, true)
         .map_max_entries(EVENTS_MAP, opts.ringbuf_bytes)
         .load(OBJECT)
         .context("loading hvprof's eBPF object")
@@ -228,7 +248,12 @@ pub struct Session {
 
 /// Attaches the resolved probes that obtained a method. `required` probes
 /// (asked for by name) must attach; others are skipped with their reason.
-pub fn attach(mut ebpf: Ebpf, resolved: Vec<Resolution>, required: bool) -> Result<Session> {
+pub fn attach(
+    mut ebpf: Ebpf,
+    resolved: Vec<Resolution>,
+    required: bool,
+    sample_hz: u64,
+) -> Result<Session> {
     let stats = aya::sys::enable_stats(aya::sys::Stats::RunTime)
         .map_err(|e| log::warn!("BPF run-time stats unavailable: {e}"))
         .ok();
@@ -236,7 +261,7 @@ pub fn attach(mut ebpf: Ebpf, resolved: Vec<Resolution>, required: bool) -> Resu
     let mut programs = BTreeMap::new();
     for mut r in resolved {
         if let Some(method) = r.obtained {
-            if let Err(e) = attach_one(&mut ebpf, r.spec, method) {
+            if let Err(e) = attach_one(&mut ebpf, r.spec, method, sample_hz) {
                 let why = format!("{}: attach failed: {e:#}", method.name());
                 if required {
                     bail!("probe {} could not be attached: {why}", r.spec.name);
@@ -271,12 +296,19 @@ fn program_for(spec: &ProbeSpec, method: Method) -> Option<&'static str> {
         Method::Fentry => spec.programs.fentry,
         Method::Kprobe => spec.programs.kprobe,
         Method::Tracepoint => spec.programs.tracepoint,
-        Method::Sampling => None,
+        Method::Sampling => spec.programs.perf_event,
     }
 }
 
-fn attach_one(ebpf: &mut Ebpf, spec: &ProbeSpec, method: Method) -> Result<()> {
+fn attach_one(ebpf: &mut Ebpf, spec: &ProbeSpec, method: Method, sample_hz: u64) -> Result<()> {
+    // A function sampled only: the CPU sampler carries it.
+    if let (Method::Sampling, Hook::Function { .. }) = (method, spec.hook) {
+        return Ok(());
+    }
     let name = program_for(spec, method).ok_or_else(|| anyhow!("no program"))?;
+    let prog = ebpf
+        .program_mut(name)
+        .ok_or_else(|| anyhow!("program {name} missing from the object"))?;
     match (method, spec.hook) {
         (Method::Tracepoint, Hook::Tracepoint { category, name: tp })
         | (
@@ -286,18 +318,43 @@ fn attach_one(ebpf: &mut Ebpf, spec: &ProbeSpec, method: Method) -> Result<()> {
                 ..
             },
         ) => {
-            let prog: &mut TracePoint = ebpf
-                .program_mut(name)
-                .ok_or_else(|| anyhow!("program {name} missing from the object"))?
-                .try_into()?;
+            let prog: &mut TracePoint = prog.try_into()?;
             if prog.fd().is_err() {
                 prog.load().with_context(|| format!("loading {name}"))?;
             }
             prog.attach(category, tp)
                 .with_context(|| format!("attaching {name} to {category}:{tp}"))?;
+            if spec.name == "sched:sched_wakeup" {
+                for (c, t) in sched::WAKEUP_ALSO {
+                    prog.attach(c, t)
+                        .with_context(|| format!("attaching {name} to {c}:{t}"))?;
+                }
+            }
             Ok(())
         }
-        (m, _) => bail!("{} attachment is not implemented for {}", m.name(), spec.name),
+        (Method::Sampling, Hook::PerfEvent) => {
+            let prog: &mut PerfEvent = prog.try_into()?;
+            if prog.fd().is_err() {
+                prog.load().with_context(|| format!("loading {name}"))?;
+            }
+            let cpus =
+                aya::util::online_cpus().map_err(|(what, e)| anyhow!("reading {what}: {e}"))?;
+            for cpu in cpus {
+                prog.attach(
+                    PerfEventConfig::Software(SoftwareEvent::CpuClock),
+                    PerfEventScope::AllProcessesOneCpu { cpu },
+                    SamplePolicy::Frequency(sample_hz),
+                    false,
+                )
+                .with_context(|| format!("sampling CPU {cpu} at {sample_hz} Hz"))?;
+            }
+            Ok(())
+        }
+        (m, _) => bail!(
+            "{} attachment is not implemented for {}",
+            m.name(),
+            spec.name
+        ),
     }
 }
 
@@ -359,10 +416,18 @@ impl Session {
     pub fn detach(&mut self) {
         let names: Vec<&str> = self.programs.values().copied().collect();
         for name in names {
-            if let Some(p) = self.ebpf.program_mut(name) {
-                if let Ok(tp) = <&mut TracePoint>::try_from(p) {
-                    let _ = tp.unload();
-                }
+            let Some(p) = self.ebpf.program_mut(name) else {
+                continue;
+            };
+            let res = match p {
+                aya::programs::Program::TracePoint(p) => p.unload(),
+                aya::programs::Program::PerfEvent(p) => p.unload(),
+                aya::programs::Program::FEntry(p) => p.unload(),
+                aya::programs::Program::KProbe(p) => p.unload(),
+                _ => Ok(()),
+            };
+            if let Err(e) = res {
+                log::warn!("detaching {name}: {e}");
             }
         }
     }

@@ -22,7 +22,9 @@ use reports::chart::{Chart, Series, line_chart_svg};
 pub struct Sizes(pub Vec<u64>);
 
 fn parse_sizes(s: &str) -> Result<Sizes, String> {
-    size::parse_size_list(s).map(Sizes).map_err(|e| e.to_string())
+    size::parse_size_list(s)
+        .map(Sizes)
+        .map_err(|e| e.to_string())
 }
 
 /// Arguments of `hvprof bench`.
@@ -84,9 +86,15 @@ impl BenchArgs {
         print!("{}", markdown_table(&results));
         eprintln!(
             "hvprof bench: wrote {}",
-            ["bench.json", "bench.md", "bench.svg", "conn_per_s.svg", "bandwidth.svg"]
-                .map(|f| self.output.join(f).display().to_string())
-                .join(", ")
+            [
+                "bench.json",
+                "bench.md",
+                "bench.svg",
+                "conn_per_s.svg",
+                "bandwidth.svg"
+            ]
+            .map(|f| self.output.join(f).display().to_string())
+            .join(", ")
         );
         Ok(ExitCode::SUCCESS)
     }
@@ -138,7 +146,10 @@ pub fn markdown_table(results: &[PointResult]) -> String {
         o,
         "| topology | size | conn/s | Mbit/s | connect p50 | ttlb p50 | ttlb p99 | ttlb p99.9 | HAProxy CPU s | HAProxy CPU % | HAProxy µs/conn | errors |"
     );
-    let _ = writeln!(o, "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|");
+    let _ = writeln!(
+        o,
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"
+    );
     for r in results {
         let _ = writeln!(
             o,
@@ -172,31 +183,56 @@ fn charts(results: &[PointResult]) -> (String, String, String) {
     let mut sizes: Vec<u64> = results.iter().map(|r| r.size).collect();
     sizes.sort_unstable();
     sizes.dedup();
-    let x_ticks: Vec<(f64, String)> = sizes.iter().map(|&s| (s as f64, SizeLabel(s).to_string())).collect();
+    let x_ticks: Vec<(f64, String)> = sizes
+        .iter()
+        .map(|&s| (s as f64, SizeLabel(s).to_string()))
+        .collect();
     let points = |t: &str, f: fn(&PointResult) -> f64| -> Vec<(f64, f64)> {
-        let mut p: Vec<(f64, f64)> = results.iter().filter(|r| r.topology == t).map(|r| (r.size as f64, f(r))).collect();
+        let mut p: Vec<(f64, f64)> = results
+            .iter()
+            .filter(|r| r.topology == t)
+            .map(|r| (r.size as f64, f(r)))
+            .collect();
         p.sort_by(|a, b| a.0.total_cmp(&b.0));
         p
     };
     let conn = |r: &PointResult| r.conn_per_s;
     let mbps = |r: &PointResult| r.body_mbps;
 
-    let mut both = Chart::new("HTTP connections/s and bandwidth by object size", "object size (bytes)", "connections/s");
+    let mut both = Chart::new(
+        "HTTP connections/s and bandwidth by object size",
+        "object size (bytes)",
+        "connections/s",
+    );
     both.y2_label = "bandwidth (Mbit/s)".into();
     both.x_ticks = Some(x_ticks.clone());
     let mut both_series = Vec::new();
     for t in &topologies {
         both_series.push(Series::new(format!("{t} conn/s"), points(t, conn)));
-        both_series.push(Series::new(format!("{t} Mbit/s"), points(t, mbps)).on_right_axis().dashed());
+        both_series.push(
+            Series::new(format!("{t} Mbit/s"), points(t, mbps))
+                .on_right_axis()
+                .dashed(),
+        );
     }
 
-    let mut c = Chart::new("HTTP connections per second", "object size (bytes)", "connections/s");
+    let mut c = Chart::new(
+        "HTTP connections per second",
+        "object size (bytes)",
+        "connections/s",
+    );
     c.x_ticks = Some(x_ticks.clone());
-    let conn_series: Vec<Series> = topologies.iter().map(|t| Series::new(*t, points(t, conn))).collect();
+    let conn_series: Vec<Series> = topologies
+        .iter()
+        .map(|t| Series::new(*t, points(t, conn)))
+        .collect();
 
     let mut b = Chart::new("Bandwidth", "object size (bytes)", "bandwidth (Mbit/s)");
     b.x_ticks = Some(x_ticks);
-    let bw_series: Vec<Series> = topologies.iter().map(|t| Series::new(*t, points(t, mbps))).collect();
+    let bw_series: Vec<Series> = topologies
+        .iter()
+        .map(|t| Series::new(*t, points(t, mbps)))
+        .collect();
 
     (
         line_chart_svg(&both, &both_series),

@@ -50,12 +50,16 @@ impl DumpArgs {
         let mut n = 0u64;
         while let Some(rec) = reader.next_record()? {
             n += 1;
-            let ev = event::decode(rec).with_context(|| format!("{}: record {n}", path.display()))?;
+            let ev =
+                event::decode(rec).with_context(|| format!("{}: record {n}", path.display()))?;
             serde_json::to_writer(&mut *out, &ev)?;
             out.write_all(b"\n")?;
         }
         if reader.truncated_tail {
-            eprintln!("hvprof: {} ends inside a record (recorder stopped abruptly); showed the {n} complete ones", path.display());
+            eprintln!(
+                "hvprof: {} ends inside a record (recorder stopped abruptly); showed the {n} complete ones",
+                path.display()
+            );
         }
         Ok(())
     }

@@ -1,10 +1,10 @@
 //! Decoded events: the raw `#[repr(C)]` records of `hvprof-common`, turned
 //! into typed values by the path that owns each kind.
 
-use hvprof_common::{EventHeader, SockStateEvent, kind};
+use hvprof_common::{EventHeader, SampleEvent, SockStateEvent, kind};
 use serde::Serialize;
 
-use crate::paths::tcp;
+use crate::paths::{cpu, tcp};
 
 /// Why a record could not be decoded.
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
@@ -34,6 +34,7 @@ pub struct Event {
 #[serde(tag = "kind", rename_all = "snake_case")]
 pub enum Body {
     SockState(tcp::SockState),
+    CpuSample(cpu::CpuSample),
 }
 
 /// Decodes one record.
@@ -46,6 +47,13 @@ pub fn decode(bytes: &[u8]) -> Result<Event, DecodeError> {
                 len: bytes.len(),
             })?;
             Body::SockState(tcp::decode(&ev))
+        }
+        kind::CPU_SAMPLE => {
+            let ev = SampleEvent::read(bytes).ok_or(DecodeError::Truncated {
+                kind: "cpu_sample",
+                len: bytes.len(),
+            })?;
+            Body::CpuSample(cpu::decode(&ev))
         }
         other => return Err(DecodeError::UnknownKind(other)),
     };
@@ -62,14 +70,22 @@ pub fn decode(bytes: &[u8]) -> Result<Event, DecodeError> {
 
 /// Name of a probe id, from the catalog.
 pub fn probe_name(id: u16) -> &'static str {
-    crate::catalog::all()
-        .into_iter()
-        .find(|s| s.id == Some(id))
-        .map(|s| s.name)
+    static NAMES: std::sync::OnceLock<std::collections::HashMap<u16, &'static str>> =
+        std::sync::OnceLock::new();
+    NAMES
+        .get_or_init(|| {
+            crate::catalog::all()
+                .into_iter()
+                .filter_map(|s| Some((s.id?, s.name)))
+                .collect()
+        })
+        .get(&id)
+        .copied()
         .unwrap_or("unknown")
 }
 
-fn comm(raw: &[u8]) -> String {
+/// A NUL-padded `comm` as text.
+pub fn comm(raw: &[u8]) -> String {
     let end = raw.iter().position(|&b| b == 0).unwrap_or(raw.len());
     String::from_utf8_lossy(&raw[..end]).into_owned()
 }

@@ -13,6 +13,7 @@ mod paths;
 mod probes;
 mod record;
 mod rundir;
+mod stacks;
 mod timeline;
 
 use std::process::ExitCode;

@@ -49,7 +49,9 @@ impl ListArgs {
             Some(f) => {
                 let s = catalog::select(f);
                 if s.is_empty() {
-                    anyhow::bail!("no probe, path or layer named {f:?}; run `hvprof probes list` for the names");
+                    anyhow::bail!(
+                        "no probe, path or layer named {f:?}; run `hvprof probes list` for the names"
+                    );
                 }
                 s
             }
@@ -81,7 +83,10 @@ impl ListArgs {
             );
         }
         let ok = statuses.iter().filter(|s| s.obtained.is_some()).count();
-        println!("\n{ok} of {} probes available on this kernel", statuses.len());
+        println!(
+            "\n{ok} of {} probes available on this kernel",
+            statuses.len()
+        );
         Ok(ExitCode::SUCCESS)
     }
 }

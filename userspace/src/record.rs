@@ -14,20 +14,26 @@ use clap::Args;
 use serde::Serialize;
 use tokio::{io::unix::AsyncFd, signal::unix::SignalKind};
 
+use hvprof_common::{EventHeader, kind};
+
 use crate::{
     attach::{self, LoadOptions, Probe, ProgramStats},
     catalog, kernel,
+    paths::sched,
     rundir::{
         self,
         log::LogWriter,
         meta::{Meta, Status},
     },
+    stacks::Stacks,
     timeline,
 };
 
 /// Record probes on a live system into a run directory.
 #[derive(Args, Debug)]
-#[command(after_help = "Examples:\n  hvprof record -o run/ --duration 30s\n  hvprof record -o run/ -- curl -s http://127.0.0.1:8080/\n  hvprof record -o run/ --probe tcp --duration 10s")]
+#[command(
+    after_help = "Examples:\n  hvprof record -o run/ --duration 30s\n  hvprof record -o run/ -- curl -s http://127.0.0.1:8080/\n  hvprof record -o run/ --probe tcp --duration 10s"
+)]
 pub struct RecordArgs {
     /// Run directory to create (must not hold a recording yet).
     #[arg(short, long, value_name = "DIR")]
@@ -42,6 +48,9 @@ pub struct RecordArgs {
     /// Size of the kernel event ring buffer in MiB (a power of two).
     #[arg(long, value_name = "MIB", default_value_t = 16, value_parser = parse_ringbuf_mib)]
     pub ringbuf_mib: u32,
+    /// CPU sampling frequency per CPU, in Hz.
+    #[arg(short = 'F', long, value_name = "HZ", default_value_t = crate::paths::cpu::DEFAULT_HZ, value_parser = clap::value_parser!(u64).range(1..=10_000))]
+    pub freq: u64,
     /// Do not print the summary table.
     #[arg(short, long)]
     pub quiet: bool,
@@ -78,12 +87,17 @@ pub struct Summary {
     pub probes: Vec<ProgramStats>,
     pub duration_s: f64,
     pub truncated_tail: bool,
+    /// CPU samples taken and distinct stacks in `stacks.folded`.
+    pub samples: u64,
+    pub stacks: usize,
 }
 
 impl RecordArgs {
     pub fn run(self) -> Result<ExitCode> {
         if self.duration.is_none() && self.command.is_empty() {
-            bail!("nothing to record: give --duration D, or a command after `--` (e.g. `hvprof record -o run/ -- sleep 5`)");
+            bail!(
+                "nothing to record: give --duration D, or a command after `--` (e.g. `hvprof record -o run/ -- sleep 5`)"
+            );
         }
         // Validate probe names before touching the kernel.
         let mut required = false;
@@ -95,7 +109,9 @@ impl RecordArgs {
             for name in &self.probes {
                 let found = catalog::select(name);
                 if found.is_empty() {
-                    bail!("unknown probe {name:?}; `hvprof probes list` shows the probe, path and layer names");
+                    bail!(
+                        "unknown probe {name:?}; `hvprof probes list` shows the probe, path and layer names"
+                    );
                 }
                 for s in found {
                     if !out.iter().any(|o: &&catalog::ProbeSpec| o.name == s.name) {
@@ -134,8 +150,16 @@ impl RecordArgs {
             ringbuf_bytes: self.ringbuf_mib * 1024 * 1024,
         })?;
         let probe = Probe::detect(&mut ebpf);
-        let resolved = probe.resolve(&specs);
-        let mut session = attach::attach(ebpf, resolved, required)?;
+        let mut resolved = probe.resolve(&specs);
+        // Functions reachable only by sampling need the CPU sampler.
+        let sampled = resolved.iter().any(|r| {
+            r.obtained == Some(catalog::Method::Sampling)
+                && matches!(r.spec.hook, catalog::Hook::Function { .. })
+        });
+        if sampled && !resolved.iter().any(|r| r.spec.name == "cpu:samples") {
+            resolved.extend(probe.resolve(&catalog::select("cpu:samples")));
+        }
+        let mut session = attach::attach(ebpf, resolved, required, self.freq)?;
         // SAFETY: the ring buffer owns its fd, which stays open for as long
         // as the AsyncFd that owns the ring buffer.
         let mut ring = unsafe { AsyncFd::register(session.take_events()?) }
@@ -189,7 +213,12 @@ impl RecordArgs {
         };
         let deadline = self.duration.map(|d| tokio::time::Instant::now() + d);
         let mut exit = ExitCode::SUCCESS;
+        // The kernel wakes us only when the ring fills up (see
+        // `submit_flags` in the eBPF maps): drain on a timer as well.
+        let mut drain_tick = tokio::time::interval(Duration::from_millis(50));
         let mut flush_tick = tokio::time::interval(Duration::from_millis(200));
+        let mut symbolize_tick = tokio::time::interval(Duration::from_secs(1));
+        let mut stacks = Stacks::new();
 
         // Stream until the duration ends, the command exits or a signal comes.
         let result: Result<()> = async {
@@ -197,10 +226,12 @@ impl RecordArgs {
                 tokio::select! {
                     guard = ring.readable_mut() => {
                         let mut guard = guard?;
-                        drain(guard.get_inner_mut(), &mut log)?;
+                        drain(guard.get_inner_mut(), &mut log, &mut stacks)?;
                         guard.clear_ready();
                     }
+                    _ = drain_tick.tick() => drain(ring.get_mut(), &mut log, &mut stacks)?,
                     _ = flush_tick.tick() => log.flush()?,
+                    _ = symbolize_tick.tick() => stacks.symbolize_pending(),
                     _ = sleep_until(deadline) => break,
                     status = wait_child(&mut child) => {
                         if let Some(st) = status? {
@@ -222,8 +253,12 @@ impl RecordArgs {
         // Stop: stats first (programs still loaded), then detach, then
         // drain what the kernel already wrote.
         let stats = session.program_stats();
+        let sched = session
+            .programs
+            .contains_key("sched:sched_switch")
+            .then(|| sched::snapshot(&session.ebpf));
         session.detach();
-        let drained = drain(ring.get_mut(), &mut log);
+        let drained = drain(ring.get_mut(), &mut log, &mut stacks);
         let lost = session.lost().unwrap_or_default();
         drop(ring);
         drop(session);
@@ -239,6 +274,14 @@ impl RecordArgs {
         meta.lost = lost.clone();
         rundir::write_json(&dir.join(rundir::META), &meta)?;
 
+        let n_stacks = if stacks.samples > 0 {
+            stacks.write_folded(&dir.join(rundir::STACKS))?
+        } else {
+            0
+        };
+        if let Some(sched) = sched {
+            rundir::write_json(&dir.join(rundir::THREADS), &sched?)?;
+        }
         let tl = timeline::Timeline::read(&dir)?;
         let summary = Summary {
             connections: tl.connections.len() as u64,
@@ -247,6 +290,8 @@ impl RecordArgs {
             probes: stats,
             duration_s: elapsed,
             truncated_tail: tl.truncated_tail,
+            samples: stacks.samples,
+            stacks: n_stacks,
         };
         rundir::write_json(&dir.join(rundir::SUMMARY), &summary)?;
         if !self.quiet {
@@ -276,10 +321,18 @@ fn find_program(cmd: &str) -> Result<()> {
     Ok(())
 }
 
-/// Moves every available record from the ring buffer into the log.
-fn drain(ring: &mut aya::maps::RingBuf<aya::maps::MapData>, log: &mut LogWriter) -> Result<()> {
+/// Moves every available record from the ring buffer into the log (and
+/// CPU samples into the stack aggregate).
+fn drain(
+    ring: &mut aya::maps::RingBuf<aya::maps::MapData>,
+    log: &mut LogWriter,
+    stacks: &mut Stacks,
+) -> Result<()> {
     while let Some(item) = ring.next() {
         log.append(&item)?;
+        if EventHeader::read(&item).is_some_and(|h| h.kind == kind::CPU_SAMPLE) {
+            stacks.add(&item);
+        }
     }
     Ok(())
 }
@@ -308,7 +361,10 @@ async fn stop_child(child: &mut Option<tokio::process::Child>, sig: i32) {
         // SAFETY: signalling the child we started, by its pid.
         unsafe { libc::kill(pid as i32, sig) };
     }
-    if tokio::time::timeout(Duration::from_secs(5), c.wait()).await.is_err() {
+    if tokio::time::timeout(Duration::from_secs(5), c.wait())
+        .await
+        .is_err()
+    {
         let _ = c.kill().await;
     }
 }
@@ -319,19 +375,14 @@ fn clocks() -> (u64, u64) {
         .duration_since(UNIX_EPOCH)
         .map(|d| d.as_nanos() as u64)
         .unwrap_or(0);
-    let mut ts = libc::timespec {
-        tv_sec: 0,
-        tv_nsec: 0,
-    };
-    // SAFETY: valid out-pointer.
-    unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut ts) };
-    (wall, ts.tv_sec as u64 * 1_000_000_000 + ts.tv_nsec as u64)
+    (wall, kernel::monotonic_ns())
 }
 
 fn print_summary(dir: &Path, s: &Summary) {
     println!(
-        "recorded {} events, {} connections in {:.2}s -> {}",
+        "recorded {} events ({} CPU samples), {} connections in {:.2}s -> {}",
         s.events,
+        s.samples,
         s.connections,
         s.duration_s,
         dir.display()
@@ -357,6 +408,8 @@ fn print_summary(dir: &Path, s: &Summary) {
     }
     let total_lost: u64 = s.lost.values().sum();
     if total_lost > 0 {
-        println!("WARNING: {total_lost} events lost in the kernel (ring buffer full); raise --ringbuf-mib");
+        println!(
+            "WARNING: {total_lost} events lost in the kernel (ring buffer full); raise --ringbuf-mib"
+        );
     }
 }

@@ -70,9 +70,11 @@ impl Timeline {
         let mut events = 0;
         while let Some(rec) = reader.next_record()? {
             events += 1;
-            let ev = event::decode(rec).with_context(|| format!("{}: record {events}", path.display()))?;
-            let Body::SockState(s) = &ev.body;
-            b.add(ev.ts_ns, ev.pid, &ev.comm, s);
+            let ev = event::decode(rec)
+                .with_context(|| format!("{}: record {events}", path.display()))?;
+            if let Body::SockState(s) = &ev.body {
+                b.add(ev.ts_ns, ev.pid, &ev.comm, s);
+            }
         }
         Ok(Self {
             connections: b.finish(),
@@ -148,7 +150,10 @@ impl Builder {
         let mut eps: Vec<Endpoint> = self
             .done
             .into_iter()
-            .filter(|e| e.remote.1 != 0 && e.role != "unknown" || e.transitions.iter().any(|t| t.new == "ESTABLISHED"))
+            .filter(|e| {
+                e.remote.1 != 0 && e.role != "unknown"
+                    || e.transitions.iter().any(|t| t.new == "ESTABLISHED")
+            })
             .collect();
         eps.sort_by_key(|e| e.transitions.first().map_or(0, |t| t.ts_ns));
         // Pair by mirrored 4-tuple; a tuple reused later starts a new
@@ -187,13 +192,18 @@ impl Builder {
             c.start_ns = all().map(|t| t.ts_ns).min().unwrap_or(0);
             c.end_ns = all().map(|t| t.ts_ns).max().unwrap_or(0);
             c.syn_ns = all().filter(|t| t.new == "SYN_SENT").map(|t| t.ts_ns).min();
-            c.established_ns = all().filter(|t| t.new == "ESTABLISHED").map(|t| t.ts_ns).min();
+            c.established_ns = all()
+                .filter(|t| t.new == "ESTABLISHED")
+                .map(|t| t.ts_ns)
+                .min();
             c.fin_ns = all()
                 .filter(|t| matches!(t.new, "FIN_WAIT1" | "CLOSE_WAIT"))
                 .map(|t| t.ts_ns)
                 .min();
             let closed = c.endpoints.iter().all(|e| e.closed);
-            c.close_ns = closed.then(|| all().filter(|t| t.new == "CLOSE").map(|t| t.ts_ns).max()).flatten();
+            c.close_ns = closed
+                .then(|| all().filter(|t| t.new == "CLOSE").map(|t| t.ts_ns).max())
+                .flatten();
         }
         conns.sort_by_key(|c| c.start_ns);
         conns

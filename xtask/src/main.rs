@@ -98,6 +98,10 @@ fn run_main_job(output: &std::path::Path) -> Result<()> {
             .args(["--", "sh", "-c", &workload])
             .current_dir(root()),
     )?;
-    println!("run directory: {}  (try `hvprof dump {} | head`)", dir.display(), dir.display());
+    println!(
+        "run directory: {}  (try `hvprof dump {} | head`)",
+        dir.display(),
+        dir.display()
+    );
     Ok(())
 }

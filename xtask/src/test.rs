@@ -23,7 +23,14 @@ pub fn run(extra: &[String]) -> Result<()> {
     eprintln!("[test] cargo clippy");
     run_cmd(
         Command::new("cargo")
-            .args(["clippy", "--release", "--all-targets", "--", "-D", "warnings"])
+            .args([
+                "clippy",
+                "--release",
+                "--all-targets",
+                "--",
+                "-D",
+                "warnings",
+            ])
             .current_dir(&root),
     )?;
     eprintln!("[test] cargo build --release");
@@ -81,7 +88,11 @@ pub fn run(extra: &[String]) -> Result<()> {
 fn count(line: &str, what: &str) -> u64 {
     line.split(';')
         .filter_map(|part| {
-            let part = part.trim().trim_start_matches("ok.").trim_start_matches("FAILED.").trim();
+            let part = part
+                .trim()
+                .trim_start_matches("ok.")
+                .trim_start_matches("FAILED.")
+                .trim();
             part.strip_suffix(what)?.trim().parse::<u64>().ok()
         })
         .sum()

@@ -19,12 +19,76 @@ pub const MAX_PROBES: u32 = 64;
 pub mod probe {
     /// `sock:inet_sock_set_state`: TCP state changes of every socket.
     pub const SOCK_STATE: u16 = 0;
+    /// perf-event CPU-clock sampling with kernel and user stacks.
+    pub const CPU_SAMPLE: u16 = 1;
+    /// `sched:sched_switch`: on-CPU time and run-queue delay per thread.
+    pub const SCHED_SWITCH: u16 = 2;
+    /// `sched:sched_wakeup` (and `sched_wakeup_new`): run-queue entry.
+    pub const SCHED_WAKEUP: u16 = 3;
 }
 
 /// Event kinds: what follows the [`EventHeader`].
 pub mod kind {
     /// [`super::SockStateEvent`]
     pub const SOCK_STATE: u16 = 1;
+    /// [`super::SampleEvent`]
+    pub const CPU_SAMPLE: u16 = 2;
+}
+
+/// Frames kept per stack (kernel and user each).
+pub const MAX_FRAMES: usize = 64;
+
+/// One CPU sample: who was running and both stacks (innermost first).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct SampleEvent {
+    pub header: EventHeader,
+    /// Bytes of `kstack` filled (`bpf_get_stack`'s result; negative on
+    /// error, then treated as 0).
+    pub kstack_bytes: i32,
+    pub ustack_bytes: i32,
+    pub kstack: [u64; MAX_FRAMES],
+    pub ustack: [u64; MAX_FRAMES],
+}
+
+/// Per-thread scheduler accounting, aggregated in the kernel (map value).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct ThreadStats {
+    /// Thread-group id, when seen switching out (0 until then).
+    pub tgid: u32,
+    pub _pad: u32,
+    /// Time on CPU.
+    pub oncpu_ns: u64,
+    /// Time runnable but waiting for a CPU.
+    pub runq_ns: u64,
+    /// When the thread last went on CPU (0: not on CPU).
+    pub last_on_ns: u64,
+    /// When the thread last became runnable (0: not waiting).
+    pub last_enq_ns: u64,
+    pub switches: u64,
+    pub wakeups: u64,
+    pub comm: [u8; COMM_LEN],
+}
+
+/// Per-CPU idle time (map value).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct CpuIdle {
+    pub idle_ns: u64,
+    pub idle_since_ns: u64,
+}
+
+/// Offsets in the `sched:sched_switch` and `sched:sched_wakeup` records.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct SchedTpOffsets {
+    pub prev_comm: u32,
+    pub prev_pid: u32,
+    pub prev_state: u32,
+    pub next_comm: u32,
+    pub next_pid: u32,
+    pub wakeup_pid: u32,
 }
 
 /// Common head of every event written to the ring buffer.
@@ -115,6 +179,9 @@ mod pod {
     unsafe impl aya::Pod for super::KernelOffsets {}
     unsafe impl aya::Pod for super::EventHeader {}
     unsafe impl aya::Pod for super::SockStateEvent {}
+    unsafe impl aya::Pod for super::ThreadStats {}
+    unsafe impl aya::Pod for super::CpuIdle {}
+    unsafe impl aya::Pod for super::SchedTpOffsets {}
 }
 
 /// Decoding helpers for user space (the ring buffer and the event log hand
@@ -130,6 +197,27 @@ impl SockStateEvent {
     pub fn read(bytes: &[u8]) -> Option<Self> {
         read_unaligned(bytes)
     }
+}
+
+impl SampleEvent {
+    pub fn read(bytes: &[u8]) -> Option<Self> {
+        read_unaligned(bytes)
+    }
+
+    /// Kernel frames, innermost first.
+    pub fn kernel_frames(&self) -> &[u64] {
+        frames(&self.kstack, self.kstack_bytes)
+    }
+
+    /// User frames, innermost first.
+    pub fn user_frames(&self) -> &[u64] {
+        frames(&self.ustack, self.ustack_bytes)
+    }
+}
+
+fn frames(stack: &[u64; MAX_FRAMES], bytes: i32) -> &[u64] {
+    let n = if bytes > 0 { bytes as usize / 8 } else { 0 };
+    &stack[..n.min(MAX_FRAMES)]
 }
 
 /// Copies a `T` out of the start of `bytes`; `None` when too short.
@@ -151,5 +239,9 @@ mod tests {
     fn layout_is_stable() {
         assert_eq!(core::mem::size_of::<EventHeader>(), 40);
         assert_eq!(core::mem::size_of::<SockStateEvent>(), 40 + 24 + 8 + 32);
+        assert_eq!(
+            core::mem::size_of::<SampleEvent>(),
+            40 + 8 + 2 * 8 * MAX_FRAMES
+        );
     }
 }

@@ -13,6 +13,10 @@ mod features;
 #[cfg(target_arch = "bpf")]
 mod maps;
 #[cfg(target_arch = "bpf")]
+mod sampler;
+#[cfg(target_arch = "bpf")]
+mod sched;
+#[cfg(target_arch = "bpf")]
 mod sock;
 
 /// Dual licence string the kernel reads to allow GPL-only helpers.

@@ -7,7 +7,7 @@ use aya_ebpf::{
 };
 use hvprof_common::{KernelOffsets, SockStateEvent, SockStateTpOffsets, kind, probe};
 
-use crate::maps::{EVENTS, count_lost, header};
+use crate::maps::{EVENTS, count_lost, header, submit_flags};
 
 #[unsafe(no_mangle)]
 static HVP_SOCK_STATE_TP: Global<SockStateTpOffsets> = Global::new(SockStateTpOffsets {
@@ -55,7 +55,7 @@ fn try_sock_state(ctx: &TracePointContext) -> Result<(), i32> {
     };
     let ev = fill(ctx, &off);
     entry.write(ev);
-    entry.submit(0);
+    entry.submit(submit_flags());
     Ok(())
 }
 

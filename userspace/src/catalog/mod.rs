@@ -89,11 +89,14 @@ pub enum Hook {
         module: Option<&'static str>,
         tracepoint: Option<(&'static str, &'static str)>,
     },
-    /// A tracepoint `category:name`.
+    /// A tracepoint `category:name`, and others carrying the same event
+    /// that the same program also attaches to.
     Tracepoint {
         category: &'static str,
         name: &'static str,
     },
+    /// Software CPU-clock sampling on every CPU.
+    PerfEvent,
 }
 
 /// The eBPF programs (by name in the object) that implement a probe, per
@@ -103,6 +106,7 @@ pub struct Programs {
     pub fentry: Option<&'static str>,
     pub kprobe: Option<&'static str>,
     pub tracepoint: Option<&'static str>,
+    pub perf_event: Option<&'static str>,
 }
 
 /// One catalog row.
@@ -127,22 +131,23 @@ impl ProbeSpec {
         match self.hook {
             Hook::Function { .. } => Method::Fentry,
             Hook::Tracepoint { .. } => Method::Tracepoint,
+            Hook::PerfEvent => Method::Sampling,
         }
     }
 
     /// The hooked point as text: `func [module]` or `category:name`.
     pub fn point(&self) -> String {
         match self.hook {
-            Hook::Function { func, module: Some(m), .. } => format!("{func} [{m}]"),
-            Hook::Function { func, module: None, .. } => func.to_string(),
+            Hook::Function {
+                func,
+                module: Some(m),
+                ..
+            } => format!("{func} [{m}]"),
+            Hook::Function {
+                func, module: None, ..
+            } => func.to_string(),
             Hook::Tracepoint { category, name } => format!("{category}:{name}"),
-        }
-    }
-
-    pub fn function(&self) -> Option<&'static str> {
-        match self.hook {
-            Hook::Function { func, .. } => Some(func),
-            Hook::Tracepoint { .. } => None,
+            Hook::PerfEvent => "perf_event:cpu-clock".into(),
         }
     }
 }

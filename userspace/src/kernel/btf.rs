@@ -10,7 +10,12 @@ use btf_rs::{Btf, BtfType, Type};
 /// The running kernel's BTF.
 pub fn running() -> Result<Btf> {
     let path = Path::new("/sys/kernel/btf/vmlinux");
-    Btf::from_file(path).map_err(|e| anyhow!("reading {}: {e}; hvprof needs a kernel with BTF (CONFIG_DEBUG_INFO_BTF)", path.display()))
+    Btf::from_file(path).map_err(|e| {
+        anyhow!(
+            "reading {}: {e}; hvprof needs a kernel with BTF (CONFIG_DEBUG_INFO_BTF)",
+            path.display()
+        )
+    })
 }
 
 /// Byte offset of `member` in `struct name`, looking through anonymous
@@ -43,9 +48,9 @@ fn find_member(btf: &Btf, s: &btf_rs::Struct, member: &str) -> Result<Option<u32
             return Ok(Some(m.bit_offset()));
         }
         if mname.is_empty() {
-            let inner = btf
-                .resolve_chained_type(m)
-                .with_context(|| format!("resolving anonymous member while looking for {member}"))?;
+            let inner = btf.resolve_chained_type(m).with_context(|| {
+                format!("resolving anonymous member while looking for {member}")
+            })?;
             if let Type::Struct(inner) | Type::Union(inner) = inner {
                 if let Some(bits) = find_member(btf, &inner, member)? {
                     return Ok(Some(m.bit_offset() + bits));

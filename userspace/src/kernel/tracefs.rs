@@ -53,7 +53,13 @@ fn nix_mount(source: &str, target: &str, fstype: &str) -> i32 {
 
 /// Whether tracepoint `category:name` exists on this kernel.
 pub fn tracepoint_exists(category: &str, name: &str) -> bool {
-    root().is_ok_and(|r| r.join("events").join(category).join(name).join("id").exists())
+    root().is_ok_and(|r| {
+        r.join("events")
+            .join(category)
+            .join(name)
+            .join("id")
+            .exists()
+    })
 }
 
 /// One field of a tracepoint record.
@@ -65,9 +71,17 @@ pub struct Field {
 
 /// The fields of tracepoint `category:name`, by name, from its `format`.
 pub fn format(category: &str, name: &str) -> Result<HashMap<String, Field>> {
-    let path = root()?.join("events").join(category).join(name).join("format");
-    let text = std::fs::read_to_string(&path)
-        .with_context(|| format!("tracepoint {category}:{name} is not available here ({})", path.display()))?;
+    let path = root()?
+        .join("events")
+        .join(category)
+        .join(name)
+        .join("format");
+    let text = std::fs::read_to_string(&path).with_context(|| {
+        format!(
+            "tracepoint {category}:{name} is not available here ({})",
+            path.display()
+        )
+    })?;
     parse_format(&text).with_context(|| format!("parsing {}", path.display()))
 }
 
@@ -76,7 +90,9 @@ pub fn parse_format(text: &str) -> Result<HashMap<String, Field>> {
     let mut fields = HashMap::new();
     for line in text.lines() {
         let line = line.trim();
-        let Some(rest) = line.strip_prefix("field:") else { continue };
+        let Some(rest) = line.strip_prefix("field:") else {
+            continue;
+        };
         let mut decl = None;
         let mut offset = None;
         let mut size = None;
@@ -130,7 +146,13 @@ mod tests {
             print fmt: \"x\"";
         let f = parse_format(text).expect("parses");
         assert_eq!(f["skaddr"], Field { offset: 8, size: 8 });
-        assert_eq!(f["saddr_v6"], Field { offset: 40, size: 16 });
+        assert_eq!(
+            f["saddr_v6"],
+            Field {
+                offset: 40,
+                size: 16
+            }
+        );
         assert_eq!(offset_of(&f, "skaddr", 8).ok(), Some(8));
         assert!(offset_of(&f, "skaddr", 4).is_err());
     }

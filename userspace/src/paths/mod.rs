@@ -5,6 +5,7 @@
 use crate::catalog::ProbeSpec;
 
 pub mod bridge;
+pub mod cpu;
 pub mod e1000;
 pub mod netfilter;
 pub mod netvsc;
@@ -26,6 +27,7 @@ pub struct Path {
 /// Every path, in the order `probes list` shows them.
 pub const ALL: &[Path] = &[
     tcp::PATH,
+    cpu::PATH,
     netfilter::PATH,
     bridge::PATH,
     tap::PATH,
@@ -63,6 +65,7 @@ pub(crate) const fn func(
             fentry: None,
             kprobe: None,
             tracepoint: None,
+            perf_event: None,
         },
         id: None,
     }
@@ -90,6 +93,7 @@ pub(crate) const fn tp(
             fentry: None,
             kprobe: None,
             tracepoint: None,
+            perf_event: None,
         },
         id: None,
     }

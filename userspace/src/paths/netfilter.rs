@@ -6,9 +6,37 @@ use crate::catalog::Layer::Netfilter;
 pub const PATH: Path = Path {
     name: "netfilter",
     rows: &[
-        func("netfilter:nf_hook_slow", Netfilter, "netfilter", "nf_hook_slow", None, &["skb", "hook", "verdict"]),
-        func("netfilter:nf_conntrack_in", Netfilter, "netfilter", "nf_conntrack_in", None, &["skb"]),
-        func("netfilter:ipt_do_table", Netfilter, "netfilter", "ipt_do_table", None, &["skb", "hook"]),
-        func("netfilter:nft_do_chain", Netfilter, "netfilter", "nft_do_chain", None, &["skb"]),
+        func(
+            "netfilter:nf_hook_slow",
+            Netfilter,
+            "netfilter",
+            "nf_hook_slow",
+            None,
+            &["skb", "hook", "verdict"],
+        ),
+        func(
+            "netfilter:nf_conntrack_in",
+            Netfilter,
+            "netfilter",
+            "nf_conntrack_in",
+            None,
+            &["skb"],
+        ),
+        func(
+            "netfilter:ipt_do_table",
+            Netfilter,
+            "netfilter",
+            "ipt_do_table",
+            None,
+            &["skb", "hook"],
+        ),
+        func(
+            "netfilter:nft_do_chain",
+            Netfilter,
+            "netfilter",
+            "nft_do_chain",
+            None,
+            &["skb"],
+        ),
     ],
 };

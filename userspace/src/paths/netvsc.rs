@@ -7,9 +7,37 @@ use crate::catalog::Layer::Vnic;
 pub const PATH: Path = Path {
     name: "netvsc",
     rows: &[
-        func("netvsc:start_xmit", Vnic, "netvsc", "netvsc_start_xmit", Some("hv_netvsc"), &["skb", "len", "dev"]),
-        func("netvsc:poll", Vnic, "netvsc", "netvsc_poll", Some("hv_netvsc"), &["budget"]),
-        func("netvsc:recv_callback", Vnic, "netvsc", "netvsc_recv_callback", Some("hv_netvsc"), &["len"]),
-        func("netvsc:send_pkt", Vnic, "netvsc", "netvsc_send_pkt", Some("hv_netvsc"), &["len"]),
+        func(
+            "netvsc:start_xmit",
+            Vnic,
+            "netvsc",
+            "netvsc_start_xmit",
+            Some("hv_netvsc"),
+            &["skb", "len", "dev"],
+        ),
+        func(
+            "netvsc:poll",
+            Vnic,
+            "netvsc",
+            "netvsc_poll",
+            Some("hv_netvsc"),
+            &["budget"],
+        ),
+        func(
+            "netvsc:recv_callback",
+            Vnic,
+            "netvsc",
+            "netvsc_recv_callback",
+            Some("hv_netvsc"),
+            &["len"],
+        ),
+        func(
+            "netvsc:send_pkt",
+            Vnic,
+            "netvsc",
+            "netvsc_send_pkt",
+            Some("hv_netvsc"),
+            &["len"],
+        ),
     ],
 };

@@ -1,16 +1,177 @@
-//! Scheduling and interrupts: run-queue delay and on-CPU time of the vCPU,
-//! backend and proxy threads; softirq and NAPI time.
+//! Scheduling and interrupts: run-queue delay and on-CPU time of every
+//! thread (vCPU, backend and proxy threads included), aggregated in the
+//! kernel; softirq and NAPI rows for later per-event probes.
+
+use std::collections::BTreeMap;
+
+use anyhow::{Context as _, Result, anyhow};
+use aya::{
+    Ebpf,
+    maps::{HashMap, MapData, PerCpuArray},
+};
+use hvprof_common::{CpuIdle, SchedTpOffsets, ThreadStats, probe};
+use serde::{Deserialize, Serialize};
 
 use super::{Path, tp};
-use crate::catalog::Layer::{Irq, Sched};
+use crate::{
+    catalog::{
+        Hook,
+        Layer::{Irq, Sched},
+        ProbeSpec, Programs,
+    },
+    kernel::tracefs,
+};
+
+const fn sched_row(
+    name: &'static str,
+    tp_name: &'static str,
+    program: &'static str,
+    id: u16,
+) -> ProbeSpec {
+    ProbeSpec {
+        name,
+        layer: Sched,
+        path: "sched",
+        hook: Hook::Tracepoint {
+            category: "sched",
+            name: tp_name,
+        },
+        fields: &["tid", "tgid", "comm", "oncpu_ns", "runq_ns"],
+        programs: Programs {
+            fentry: None,
+            kprobe: None,
+            tracepoint: Some(program),
+            perf_event: None,
+        },
+        id: Some(id),
+    }
+}
 
 pub const PATH: Path = Path {
     name: "sched",
     rows: &[
-        tp("sched:sched_switch", Sched, "sched", "sched", "sched_switch", &["prev_pid", "prev_state", "next_pid"]),
-        tp("sched:sched_wakeup", Sched, "sched", "sched", "sched_wakeup", &["pid", "target_cpu"]),
-        tp("irq:softirq_entry", Irq, "irq", "irq", "softirq_entry", &["vec"]),
-        tp("irq:softirq_exit", Irq, "irq", "irq", "softirq_exit", &["vec"]),
-        tp("napi:napi_poll", Irq, "irq", "napi", "napi_poll", &["dev", "work", "budget"]),
+        sched_row(
+            "sched:sched_switch",
+            "sched_switch",
+            "hvp_sched_switch",
+            probe::SCHED_SWITCH,
+        ),
+        sched_row(
+            "sched:sched_wakeup",
+            "sched_wakeup",
+            "hvp_sched_wakeup",
+            probe::SCHED_WAKEUP,
+        ),
+        tp(
+            "irq:softirq_entry",
+            Irq,
+            "irq",
+            "irq",
+            "softirq_entry",
+            &["vec"],
+        ),
+        tp(
+            "irq:softirq_exit",
+            Irq,
+            "irq",
+            "irq",
+            "softirq_exit",
+            &["vec"],
+        ),
+        tp(
+            "napi:napi_poll",
+            Irq,
+            "irq",
+            "napi",
+            "napi_poll",
+            &["dev", "work", "budget"],
+        ),
     ],
 };
+
+/// Tracepoints the wakeup program also attaches to.
+pub const WAKEUP_ALSO: &[(&str, &str)] = &[("sched", "sched_wakeup_new")];
+
+pub const TP_GLOBAL: &str = "HVP_SCHED_TP";
+const THREADS_MAP: &str = "HVP_THREADS";
+const IDLE_MAP: &str = "HVP_IDLE";
+
+pub fn tp_offsets() -> Result<SchedTpOffsets> {
+    let sw = tracefs::format("sched", "sched_switch")?;
+    let wk = tracefs::format("sched", "sched_wakeup")?;
+    (|| -> Result<SchedTpOffsets> {
+        Ok(SchedTpOffsets {
+            prev_comm: tracefs::offset_of(&sw, "prev_comm", 16)?,
+            prev_pid: tracefs::offset_of(&sw, "prev_pid", 4)?,
+            prev_state: tracefs::offset_of(&sw, "prev_state", 8)?,
+            next_comm: tracefs::offset_of(&sw, "next_comm", 16)?,
+            next_pid: tracefs::offset_of(&sw, "next_pid", 4)?,
+            wakeup_pid: tracefs::offset_of(&wk, "pid", 4)?,
+        })
+    })()
+    .context("sched tracepoints have an unexpected format on this kernel")
+}
+
+/// One thread's scheduler accounting over the recording.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct ThreadTimes {
+    pub tid: u32,
+    pub pid: u32,
+    pub comm: String,
+    pub oncpu_ns: u64,
+    pub runq_ns: u64,
+    pub switches: u64,
+    pub wakeups: u64,
+}
+
+/// `threads.json`: per-thread times and per-CPU idle time.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+pub struct SchedSnapshot {
+    pub threads: Vec<ThreadTimes>,
+    /// Idle ns per CPU.
+    pub cpu_idle_ns: BTreeMap<u32, u64>,
+}
+
+/// Reads the kernel-side aggregates.
+pub fn snapshot(ebpf: &Ebpf) -> Result<SchedSnapshot> {
+    let map = ebpf
+        .map(THREADS_MAP)
+        .ok_or_else(|| anyhow!("map {THREADS_MAP} missing"))?;
+    let threads: HashMap<&MapData, u32, ThreadStats> = HashMap::try_from(map)?;
+    let now = crate::kernel::monotonic_ns();
+    let mut out = SchedSnapshot::default();
+    for entry in threads.iter() {
+        let Ok((tid, mut st)) = entry else { continue };
+        // Still on CPU: count up to now.
+        if st.last_on_ns != 0 && st.last_on_ns < now {
+            st.oncpu_ns += now - st.last_on_ns;
+        }
+        if st.oncpu_ns == 0 && st.runq_ns == 0 {
+            continue;
+        }
+        out.threads.push(ThreadTimes {
+            tid,
+            pid: st.tgid,
+            comm: crate::event::comm(&st.comm),
+            oncpu_ns: st.oncpu_ns,
+            runq_ns: st.runq_ns,
+            switches: st.switches,
+            wakeups: st.wakeups,
+        });
+    }
+    out.threads.sort_by(|a, b| b.oncpu_ns.cmp(&a.oncpu_ns));
+    let map = ebpf
+        .map(IDLE_MAP)
+        .ok_or_else(|| anyhow!("map {IDLE_MAP} missing"))?;
+    let idle: PerCpuArray<&MapData, CpuIdle> = PerCpuArray::try_from(map)?;
+    let per_cpu = idle.get(&0, 0)?;
+    for (cpu, v) in per_cpu.iter().enumerate() {
+        let open = if v.idle_since_ns != 0 && v.idle_since_ns < now {
+            now - v.idle_since_ns
+        } else {
+            0
+        };
+        out.cpu_idle_ns.insert(cpu as u32, v.idle_ns + open);
+    }
+    Ok(out)
+}

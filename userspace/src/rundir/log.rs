@@ -109,7 +109,10 @@ impl LogReader<BufReader<File>> {
             path: path.display().to_string(),
             source,
         })?;
-        Self::new(BufReader::with_capacity(1 << 20, file), &path.display().to_string())
+        Self::new(
+            BufReader::with_capacity(1 << 20, file),
+            &path.display().to_string(),
+        )
     }
 }
 
@@ -254,7 +257,10 @@ mod tests {
         let mut huge = log_bytes(&[b"x"]);
         huge[8..12].copy_from_slice(&u32::MAX.to_le_bytes());
         assert!(matches!(read_all(&huge), Err(LogError::Corrupt { .. })));
-        assert!(matches!(read_all(b"NOTALOG!"), Err(LogError::BadMagic { .. })));
+        assert!(matches!(
+            read_all(b"NOTALOG!"),
+            Err(LogError::BadMagic { .. })
+        ));
         assert!(matches!(read_all(b"HVP"), Err(LogError::BadMagic { .. })));
     }
 }

@@ -68,13 +68,20 @@ impl Meta {
             .with_context(|| format!("{} is missing; is this a run directory?", path.display()))?
             .len();
         if len > MAX_META_BYTES {
-            bail!("{} is {len} bytes, larger than any meta.json hvprof writes", path.display());
+            bail!(
+                "{} is {len} bytes, larger than any meta.json hvprof writes",
+                path.display()
+            );
         }
         let text = std::fs::read(path).with_context(|| format!("reading {}", path.display()))?;
         let meta: Meta = serde_json::from_slice(&text)
             .with_context(|| format!("{} is not a valid hvprof meta.json", path.display()))?;
         if meta.format != FORMAT {
-            bail!("{}: format {:?} is not {FORMAT:?}", path.display(), meta.format);
+            bail!(
+                "{}: format {:?} is not {FORMAT:?}",
+                path.display(),
+                meta.format
+            );
         }
         if meta.version != VERSION {
             bail!(

@@ -4,6 +4,8 @@
 //! - `meta.json`   — versioned description of the run ([`meta::Meta`])
 //! - `events.log`  — append-only framed event records ([`log`])
 //! - `summary.json` — counts, lost events and per-program BPF stats
+//! - `stacks.folded` — symbolised CPU samples (inferno's folded format)
+//! - `threads.json` — per-thread on-CPU and run-queue time, per-CPU idle
 
 pub mod log;
 pub mod meta;
@@ -15,12 +17,17 @@ use anyhow::{Context as _, Result, bail};
 pub const META: &str = "meta.json";
 pub const EVENTS: &str = "events.log";
 pub const SUMMARY: &str = "summary.json";
+pub const STACKS: &str = "stacks.folded";
+pub const THREADS: &str = "threads.json";
 
 /// Creates (or reuses, if empty of runs) `dir` and checks it is writable,
 /// before anything is attached.
 pub fn create(dir: &Path) -> Result<PathBuf> {
     std::fs::create_dir_all(dir).with_context(|| {
-        format!("cannot create output directory {}; pick a writable -o", dir.display())
+        format!(
+            "cannot create output directory {}; pick a writable -o",
+            dir.display()
+        )
     })?;
     if dir.join(EVENTS).exists() {
         bail!(
@@ -30,7 +37,10 @@ pub fn create(dir: &Path) -> Result<PathBuf> {
     }
     let probe = dir.join(".hvprof-write-test");
     std::fs::write(&probe, b"").with_context(|| {
-        format!("output directory {} is not writable; pick a writable -o", dir.display())
+        format!(
+            "output directory {} is not writable; pick a writable -o",
+            dir.display()
+        )
     })?;
     let _ = std::fs::remove_file(&probe);
     Ok(dir.to_path_buf())
@@ -49,7 +59,10 @@ pub fn write_json<T: serde::Serialize>(path: &Path, value: &T) -> Result<()> {
 /// Checks `dir` looks like a run directory.
 pub fn open(dir: &Path) -> Result<meta::Meta> {
     if !dir.is_dir() {
-        bail!("{} is not a directory; give a run directory written by `hvprof record -o`", dir.display());
+        bail!(
+            "{} is not a directory; give a run directory written by `hvprof record -o`",
+            dir.display()
+        );
     }
     meta::Meta::read(&dir.join(META))
 }

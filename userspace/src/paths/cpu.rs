@@ -1,0 +1,45 @@
+//! CPU sampling: the catalog row of the perf-event sampler and the decoder
+//! of its samples. Symbolisation and folding live in `crate::stacks`.
+
+use hvprof_common::{SampleEvent, probe};
+use serde::Serialize;
+
+use super::Path;
+use crate::catalog::{Hook, Layer, ProbeSpec, Programs};
+
+pub const PATH: Path = Path {
+    name: "cpu",
+    rows: &[ProbeSpec {
+        name: "cpu:samples",
+        layer: Layer::Other,
+        path: "cpu",
+        hook: Hook::PerfEvent,
+        fields: &["kernel_stack", "user_stack"],
+        programs: Programs {
+            fentry: None,
+            kprobe: None,
+            tracepoint: None,
+            perf_event: Some("hvp_cpu_sample"),
+        },
+        id: Some(probe::CPU_SAMPLE),
+    }],
+};
+
+/// Default sampling frequency per CPU.
+pub const DEFAULT_HZ: u64 = 99;
+
+/// A decoded sample: raw addresses, innermost first (symbolised stacks are
+/// in the run's `stacks.folded`).
+#[derive(Debug, Clone, Serialize)]
+pub struct CpuSample {
+    pub kernel_stack: Vec<String>,
+    pub user_stack: Vec<String>,
+}
+
+pub fn decode(ev: &SampleEvent) -> CpuSample {
+    let hex = |a: &u64| format!("{a:#x}");
+    CpuSample {
+        kernel_stack: ev.kernel_frames().iter().map(hex).collect(),
+        user_stack: ev.user_frames().iter().map(hex).collect(),
+    }
+}
