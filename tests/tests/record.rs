@@ -80,7 +80,15 @@ fn record_sees_exactly_500_connections_with_monotone_timestamps_and_no_loss() {
     assert!(
         lines
             .iter()
-            .all(|e| e["kind"] == "sock_state" && e["ts_ns"].is_u64())
+            .all(|e| e["ts_ns"].is_u64() && e["probe"].is_string())
+    );
+    let sock_events = lines.iter().filter(|e| e["kind"] == "sock_state").count() as u64;
+    assert_eq!(sock_events, runs, "one event per program run");
+    assert!(
+        lines
+            .iter()
+            .all(|e| e["kind"] == "sock_state" || e["kind"] == "cpu_sample"),
+        "only known kinds"
     );
 
     // Exactly our 500 connections to the burst's listener, each with both
@@ -280,4 +288,76 @@ fn probes_list_json_covers_every_layer_and_says_why() {
         our_bpf_programs().is_empty(),
         "probes list left programs loaded"
     );
+}
+
+#[test]
+fn report_from_a_recording_has_layers_threads_latency_and_a_layer_coloured_flamegraph() {
+    require_bpf!("report_from_recording");
+    let _g = bpf_lock();
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let run = tmp.path().join("run");
+    let out = Command::new(hvprof_bin())
+        .args(["record", "-q", "-F", "999", "-o"])
+        .arg(&run)
+        .arg("--")
+        .arg(helper_bin("tcp-burst"))
+        .arg("2000")
+        .arg(tmp.path().join("port"))
+        .output()
+        .expect("hvprof runs");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let rep = tmp.path().join("rep");
+    let out = hvprof(&[
+        "report",
+        run.to_str().expect("utf8"),
+        "-o",
+        rep.to_str().expect("utf8"),
+    ]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let report: Value =
+        serde_json::from_slice(&std::fs::read(rep.join("report.json")).expect("report.json"))
+            .expect("JSON");
+    let r = &report["runs"][0];
+    assert!(r["connections"].as_u64().unwrap_or(0) >= 2000, "{r}");
+    assert!(
+        r["samples"].as_u64().unwrap_or(0) > 0,
+        "CPU samples recorded"
+    );
+    let layers = r["layers"].as_array().expect("layers");
+    let total: f64 = layers.iter().filter_map(|l| l["share_pct"].as_f64()).sum();
+    assert!(
+        (total - 100.0).abs() < 0.5,
+        "layer shares add up to 100: {total}"
+    );
+    let burst = r["threads"]
+        .as_array()
+        .expect("threads")
+        .iter()
+        .find(|t| t["comm"] == "tcp-burst")
+        .expect("the workload's thread is accounted");
+    assert!(burst["busy_pct"].as_f64().unwrap_or(0.0) > 0.0);
+    assert_eq!(burst["layer"], "loadgen");
+    assert!(r["latency_us"]["connect"]["count"].as_u64().unwrap_or(0) >= 2000);
+    let svg = std::fs::read_to_string(rep.join(r["flamegraph"].as_str().expect("svg name")))
+        .expect("flamegraph written");
+    assert!(svg.contains("<svg") && svg.contains("tcp-burst"));
+    for f in ["index.html", "summary.md"] {
+        assert!(rep.join(f).exists(), "{f}");
+    }
+    let bad = hvprof(&[
+        "report",
+        tmp.path().to_str().expect("utf8"),
+        "-o",
+        rep.to_str().expect("utf8"),
+    ]);
+    assert!(!bad.status.success());
+    assert!(String::from_utf8_lossy(&bad.stderr).contains("not a run directory"));
 }

@@ -20,6 +20,8 @@ pub enum Command {
     Record(crate::record::RecordArgs),
     /// Print a run's events (or connections) as JSON lines.
     Dump(crate::dump::DumpArgs),
+    /// Flamegraphs and per-layer breakdowns from run directories.
+    Report(crate::report::ReportArgs),
     /// The probe catalog and what this kernel offers for it.
     Probes(crate::probes::ProbesArgs),
     /// httpterm-style origin server: GET /?s=SIZE returns SIZE bytes.
@@ -28,6 +30,13 @@ pub enum Command {
     Load(loadgen::cli::LoadArgs),
     /// The seed's benchmark: origin + HAProxy + close-mode load per object size.
     Bench(crate::bench::BenchArgs),
+    /// The topologies `--topology` accepts and whether each can run here.
+    Topologies(crate::topology::TopologiesArgs),
+    /// Remove namespaces, links, guests and proxies a killed hvprof left.
+    Cleanup(crate::topology::cleanup::CleanupArgs),
+    /// Internal: stands in for HAProxy while it runs in a guest.
+    #[command(hide = true)]
+    GuestHaproxy(crate::topology::vm::GuestHaproxyArgs),
 }
 
 impl Cli {
@@ -36,9 +45,13 @@ impl Cli {
             Command::Record(args) => args.run(),
             Command::Dump(args) => args.run(),
             Command::Probes(args) => args.run(),
+            Command::Report(args) => args.run(),
             Command::Origin(args) => args.run(),
             Command::Load(args) => args.run(),
             Command::Bench(args) => args.run(),
+            Command::Topologies(args) => args.run(),
+            Command::Cleanup(args) => args.run(),
+            Command::GuestHaproxy(args) => args.run(),
         }
     }
 }

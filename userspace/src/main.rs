@@ -5,6 +5,7 @@
 mod attach;
 mod bench;
 mod catalog;
+mod classify;
 mod cli;
 mod dump;
 mod event;
@@ -12,9 +13,11 @@ mod kernel;
 mod paths;
 mod probes;
 mod record;
+mod report;
 mod rundir;
 mod stacks;
 mod timeline;
+mod topology;
 
 use std::process::ExitCode;
 

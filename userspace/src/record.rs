@@ -179,6 +179,10 @@ impl RecordArgs {
             ended_unix_ns: None,
             duration_s: None,
             ringbuf_bytes: u64::from(self.ringbuf_mib) * 1024 * 1024,
+            sample_hz: session
+                .programs
+                .contains_key("cpu:samples")
+                .then_some(self.freq),
             probes: session.statuses.clone(),
             lost: BTreeMap::new(),
             clock_offsets: Vec::new(),

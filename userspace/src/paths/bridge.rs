@@ -7,6 +7,15 @@ const SKB: &[&str] = &["skb", "len", "dev"];
 
 pub const PATH: Path = Path {
     name: "bridge",
+    frames: &[
+        ("br_", Switch),
+        ("__br_", Switch),
+        ("veth_", Switch),
+        ("macvlan_", Switch),
+        ("ovs_", Switch),
+        ("__ovs_", Switch),
+        ("nbp_", Switch),
+    ],
     rows: &[
         func(
             "bridge:br_handle_frame",

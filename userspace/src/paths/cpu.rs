@@ -9,6 +9,7 @@ use crate::catalog::{Hook, Layer, ProbeSpec, Programs};
 
 pub const PATH: Path = Path {
     name: "cpu",
+    frames: &[],
     rows: &[ProbeSpec {
         name: "cpu:samples",
         layer: Layer::Other,

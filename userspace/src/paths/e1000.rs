@@ -7,6 +7,7 @@ const SKB: &[&str] = &["skb", "len", "dev"];
 
 pub const PATH: Path = Path {
     name: "e1000",
+    frames: &[("e1000_", Vnic), ("e1000e_", Vnic), ("__e1000", Vnic)],
     rows: &[
         func(
             "e1000:xmit_frame",

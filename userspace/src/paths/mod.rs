@@ -18,9 +18,11 @@ pub mod vmexit;
 pub mod vmxnet3;
 pub mod xen;
 
-/// A path: its name and catalog rows.
+/// A path: its name, catalog rows, and the kernel-function name prefixes
+/// whose stack frames are charged to a layer (innermost match wins).
 pub struct Path {
     pub name: &'static str,
+    pub frames: &'static [(&'static str, crate::catalog::Layer)],
     pub rows: &'static [ProbeSpec],
 }
 

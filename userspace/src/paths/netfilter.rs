@@ -5,6 +5,21 @@ use crate::catalog::Layer::Netfilter;
 
 pub const PATH: Path = Path {
     name: "netfilter",
+    frames: &[
+        ("nf_", Netfilter),
+        ("__nf_", Netfilter),
+        ("ipt_", Netfilter),
+        ("ip6t_", Netfilter),
+        ("nft_", Netfilter),
+        ("__nft_", Netfilter),
+        ("iptable_", Netfilter),
+        ("xt_", Netfilter),
+        ("ipv4_conntrack", Netfilter),
+        ("ipv4_confirm", Netfilter),
+        ("nf_conntrack", Netfilter),
+        ("hash_conntrack", Netfilter),
+        ("____nf_conntrack", Netfilter),
+    ],
     rows: &[
         func(
             "netfilter:nf_hook_slow",

@@ -6,6 +6,7 @@ use crate::catalog::Layer::Vnic;
 
 pub const PATH: Path = Path {
     name: "netvsc",
+    frames: &[("netvsc_", Vnic), ("rndis_", Vnic), ("vmbus_", Vnic)],
     rows: &[
         func(
             "netvsc:start_xmit",

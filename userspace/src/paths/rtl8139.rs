@@ -5,6 +5,7 @@ use crate::catalog::Layer::{Irq, Vnic};
 
 pub const PATH: Path = Path {
     name: "rtl8139",
+    frames: &[("cp_", Vnic), ("rtl8139_", Vnic)],
     rows: &[
         func(
             "rtl8139:cp_start_xmit",

@@ -49,6 +49,23 @@ const fn sched_row(
 
 pub const PATH: Path = Path {
     name: "sched",
+    frames: &[
+        ("__do_softirq", Irq),
+        ("do_softirq", Irq),
+        ("handle_softirqs", Irq),
+        ("net_rx_action", Irq),
+        ("net_tx_action", Irq),
+        ("napi_", Irq),
+        ("__napi_poll", Irq),
+        ("irq_", Irq),
+        ("__irq", Irq),
+        ("handle_irq", Irq),
+        ("common_interrupt", Irq),
+        ("asm_common_interrupt", Irq),
+        ("asm_sysvec", Irq),
+        ("sysvec_", Irq),
+        ("ksoftirqd", Irq),
+    ],
     rows: &[
         sched_row(
             "sched:sched_switch",

@@ -6,6 +6,14 @@ use crate::catalog::Layer::Backend;
 
 pub const PATH: Path = Path {
     name: "tap",
+    frames: &[
+        ("tun_", Backend),
+        ("__tun_", Backend),
+        ("tap_", Backend),
+        ("vhost_", Backend),
+        ("handle_tx", Backend),
+        ("handle_rx", Backend),
+    ],
     rows: &[
         func(
             "tap:tun_net_xmit",

@@ -7,6 +7,17 @@ const SKB: &[&str] = &["skb", "len", "dev"];
 
 pub const PATH: Path = Path {
     name: "virtio",
+    frames: &[
+        ("virtnet_", Vnic),
+        ("virtqueue_", Vnic),
+        ("vring_", Vnic),
+        ("virtio_", Vnic),
+        ("start_xmit", Vnic),
+        ("receive_buf", Vnic),
+        ("skb_recv_done", Vnic),
+        ("free_old_xmit", Vnic),
+        ("xmit_skb", Vnic),
+    ],
     rows: &[
         func(
             "virtio:start_xmit",

@@ -6,6 +6,15 @@ use crate::catalog::Layer::Vmexit;
 
 pub const PATH: Path = Path {
     name: "kvm",
+    frames: &[
+        ("kvm_", Vmexit),
+        ("vmx_", Vmexit),
+        ("svm_", Vmexit),
+        ("vcpu_", Vmexit),
+        ("handle_exit", Vmexit),
+        ("__vmx", Vmexit),
+        ("vmx_vmexit", Vmexit),
+    ],
     rows: &[
         tp(
             "kvm:kvm_exit",

@@ -5,6 +5,7 @@ use crate::catalog::Layer::{Irq, Vnic};
 
 pub const PATH: Path = Path {
     name: "vmxnet3",
+    frames: &[("vmxnet3_", Vnic)],
     rows: &[
         func(
             "vmxnet3:xmit_frame",

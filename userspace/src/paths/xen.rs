@@ -5,6 +5,11 @@ use crate::catalog::Layer::{Backend, Vnic};
 
 pub const PATH: Path = Path {
     name: "xen",
+    frames: &[
+        ("xennet_", Vnic),
+        ("xenvif_", Backend),
+        ("xen_netbk", Backend),
+    ],
     rows: &[
         func(
             "netfront:start_xmit",

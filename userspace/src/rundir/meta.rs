@@ -53,6 +53,9 @@ pub struct Meta {
     pub ended_unix_ns: Option<u64>,
     pub duration_s: Option<f64>,
     pub ringbuf_bytes: u64,
+    /// CPU sampling frequency per CPU, when the sampler ran.
+    #[serde(default)]
+    pub sample_hz: Option<u64>,
     /// Every probe considered, attached or not.
     pub probes: Vec<ProbeStatus>,
     /// Events dropped in the kernel, per probe name.
