@@ -164,7 +164,7 @@ impl Probe {
                     None
                 }
             },
-            Hook::Tracepoint { category, name } => {
+            Hook::Tracepoint { category, name, .. } => {
                 if spec.programs.tracepoint.is_none() {
                     reasons.push("tracepoint: no hvprof program for it yet".into());
                     None
@@ -310,7 +310,12 @@ fn attach_one(ebpf: &mut Ebpf, spec: &ProbeSpec, method: Method, sample_hz: u64)
         .program_mut(name)
         .ok_or_else(|| anyhow!("program {name} missing from the object"))?;
     match (method, spec.hook) {
-        (Method::Tracepoint, Hook::Tracepoint { category, name: tp })
+        (
+            Method::Tracepoint,
+            Hook::Tracepoint {
+                category, name: tp, ..
+            },
+        )
         | (
             Method::Tracepoint,
             Hook::Function {

@@ -17,6 +17,8 @@ use loadgen::stats::fmt_us;
 use loadgen::sweep::{self, PointResult, SweepConfig};
 use reports::chart::{Chart, Series, line_chart_svg};
 
+use crate::topology::{Environment, Spec, Up};
+
 /// Object sizes as given on the command line.
 #[derive(Debug, Clone)]
 pub struct Sizes(pub Vec<u64>);
@@ -30,9 +32,9 @@ fn parse_sizes(s: &str) -> Result<Sizes, String> {
 /// Arguments of `hvprof bench`.
 #[derive(Args, Debug, Clone)]
 pub struct BenchArgs {
-    /// Where the proxy runs (available: native).
-    #[arg(long, value_name = "NAME", default_value = "native")]
-    pub topology: String,
+    /// Where the proxy runs: `--topology`, repeatable, and its options.
+    #[command(flatten)]
+    pub topo: crate::topology::TopologyArgs,
     /// Object sizes: comma-separated (0,1k,64k) or `all` for the seed's
     /// 0,1k,2k,4k,8k,16k,32k,48k,64k.
     #[arg(long, value_name = "LIST", default_value = "all", value_parser = parse_sizes)]
@@ -74,15 +76,50 @@ impl BenchArgs {
     }
 
     pub fn run(self) -> anyhow::Result<ExitCode> {
-        let topology = sweep::topology(&self.topology)?;
+        // Every topology is checked (name, options, availability) before
+        // any is created.
+        let specs = self.topo.specs()?;
         let config = self.sweep_config();
         if self.serve {
-            return serve(topology.as_ref(), &config);
+            let [spec] = specs.as_slice() else {
+                anyhow::bail!("--serve takes exactly one --topology");
+            };
+            let up =
+                Up::start(spec).with_context(|| format!("bringing up topology {}", spec.name()))?;
+            if let Some(ns) = up.client_netns() {
+                println!("client namespace {ns}  (ip netns exec {ns} ...)");
+            }
+            return up.run_inside(|| serve(&up, &config))?;
         }
         std::fs::create_dir_all(&self.output)
             .with_context(|| format!("cannot create output directory {}", self.output.display()))?;
-        let results = sweep::run_sweep(topology.as_ref(), &config, &self.sizes.0, true)?;
-        write_outputs(&self.output, &results)?;
+        let mut results = Vec::new();
+        let mut envs = Vec::new();
+        let mut failed = Vec::new();
+        for spec in &specs {
+            match run_topology(spec, &config, &self.sizes.0) {
+                Ok((r, env)) => {
+                    results.extend(r);
+                    envs.push(env);
+                }
+                Err(e) => {
+                    eprintln!(
+                        "hvprof bench: {}: {}",
+                        spec.name(),
+                        crate::cli::one_line(&e)
+                    );
+                    failed.push(spec.name());
+                }
+            }
+        }
+        if results.is_empty() {
+            anyhow::bail!("no topology completed ({} failed)", failed.join(", "));
+        }
+        write_outputs(&self.output, &results, &envs)?;
+        if envs.len() > 1 {
+            print!("{}", comparison_table(&results));
+            println!();
+        }
         print!("{}", markdown_table(&results));
         eprintln!(
             "hvprof bench: wrote {}",
@@ -96,8 +133,48 @@ impl BenchArgs {
             .map(|f| self.output.join(f).display().to_string())
             .join(", ")
         );
+        if !failed.is_empty() {
+            eprintln!("hvprof bench: failed: {}", failed.join(", "));
+            return Ok(ExitCode::FAILURE);
+        }
         Ok(ExitCode::SUCCESS)
     }
+}
+
+/// Brings `spec` up, sweeps the sizes inside it, tears it down (also on
+/// error), and returns the results with the environment they ran in.
+fn run_topology(
+    spec: &Spec,
+    config: &SweepConfig,
+    sizes: &[u64],
+) -> anyhow::Result<(Vec<PointResult>, Environment)> {
+    let t0 = std::time::Instant::now();
+    let up = Up::start(spec).with_context(|| format!("bringing up topology {}", spec.name()))?;
+    let env = up.environment().clone();
+    let vm_note = env
+        .vm
+        .as_ref()
+        .map(|v| {
+            format!(
+                " ({} guest, {}, booted in {:.1}s)",
+                v.guest_driver, v.accel, v.boot_s
+            )
+        })
+        .unwrap_or_default();
+    eprintln!(
+        "hvprof bench: topology {} up in {:.1}s{vm_note}",
+        spec.name(),
+        t0.elapsed().as_secs_f64()
+    );
+    let results = up.run_inside(|| sweep::run_sweep(&up, config, sizes, true))??;
+    let t1 = std::time::Instant::now();
+    up.stop();
+    log::info!(
+        "topology {} down in {:.1}s",
+        spec.name(),
+        t1.elapsed().as_secs_f64()
+    );
+    Ok((results, env))
 }
 
 fn serve(topology: &dyn sweep::Topology, config: &SweepConfig) -> anyhow::Result<ExitCode> {
@@ -124,19 +201,158 @@ fn serve(topology: &dyn sweep::Topology, config: &SweepConfig) -> anyhow::Result
     Ok(ExitCode::SUCCESS)
 }
 
-/// Writes bench.json, bench.md and the SVG charts into `dir`.
-pub fn write_outputs(dir: &Path, results: &[PointResult]) -> anyhow::Result<()> {
+/// One `bench.json` entry: the result and the topology's environment.
+#[derive(serde::Serialize)]
+struct Row<'a> {
+    #[serde(flatten)]
+    point: &'a PointResult,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    environment: Option<&'a Environment>,
+}
+
+/// Writes bench.json (each result with its topology's environment),
+/// bench.md and the SVG charts into `dir`.
+pub fn write_outputs(
+    dir: &Path,
+    results: &[PointResult],
+    envs: &[Environment],
+) -> anyhow::Result<()> {
     let write = |name: &str, text: String| {
         let p = dir.join(name);
         std::fs::write(&p, text).with_context(|| format!("cannot write {}", p.display()))
     };
-    write("bench.json", serde_json::to_string_pretty(results)? + "\n")?;
-    write("bench.md", markdown_table(results))?;
+    let rows: Vec<Row> = results
+        .iter()
+        .map(|point| Row {
+            point,
+            environment: envs.iter().find(|e| e.topology == point.topology),
+        })
+        .collect();
+    write("bench.json", serde_json::to_string_pretty(&rows)? + "\n")?;
+    let mut md = String::new();
+    if envs.len() > 1 {
+        md.push_str(&comparison_table(results));
+        md.push('\n');
+    }
+    md.push_str(&markdown_table(results));
+    if !envs.is_empty() {
+        md.push('\n');
+        md.push_str(&environment_list(envs));
+    }
+    write("bench.md", md)?;
     let (both, conn, bw) = charts(results);
     write("bench.svg", both)?;
     write("conn_per_s.svg", conn)?;
     write("bandwidth.svg", bw)?;
     Ok(())
+}
+
+/// Topologies in result order.
+fn topology_names(results: &[PointResult]) -> Vec<&str> {
+    let mut names: Vec<&str> = Vec::new();
+    for r in results {
+        if !names.contains(&r.topology.as_str()) {
+            names.push(&r.topology);
+        }
+    }
+    names
+}
+
+/// The seed's comparison: one row per size, conn/s and Mbit/s per
+/// topology, and each topology's loss against `native` (or the first
+/// topology when native did not run): `1 − X_T / X_base`.
+pub fn comparison_table(results: &[PointResult]) -> String {
+    let names = topology_names(results);
+    let base = if names.contains(&"native") {
+        "native"
+    } else {
+        names.first().copied().unwrap_or("native")
+    };
+    let mut sizes: Vec<u64> = results.iter().map(|r| r.size).collect();
+    sizes.sort_unstable();
+    sizes.dedup();
+    let find = |t: &str, s: u64| results.iter().find(|r| r.topology == t && r.size == s);
+    let mut o = String::new();
+    let _ = write!(o, "| size |");
+    for n in &names {
+        if *n == base {
+            let _ = write!(o, " {n} conn/s | {n} Mbit/s |");
+        } else {
+            let _ = write!(o, " {n} conn/s | {n} Mbit/s | {n} loss |");
+        }
+    }
+    o.push('\n');
+    o.push_str("|---:|");
+    for n in &names {
+        o.push_str(if *n == base {
+            "---:|---:|"
+        } else {
+            "---:|---:|---:|"
+        });
+    }
+    o.push('\n');
+    for &s in &sizes {
+        let _ = write!(o, "| {} |", SizeLabel(s));
+        let b = find(base, s).map(|r| r.conn_per_s);
+        for n in &names {
+            match find(n, s) {
+                Some(r) => {
+                    let _ = write!(o, " {:.0} | {:.1} |", r.conn_per_s, r.body_mbps);
+                    if *n != base {
+                        match b {
+                            Some(b) if b > 0.0 => {
+                                let _ = write!(o, " {:.1}% |", (1.0 - r.conn_per_s / b) * 100.0);
+                            }
+                            _ => o.push_str(" – |"),
+                        }
+                    }
+                }
+                None => o.push_str(if *n == base {
+                    " – | – |"
+                } else {
+                    " – | – | – |"
+                }),
+            }
+        }
+        o.push('\n');
+    }
+    let _ = writeln!(
+        o,
+        "\nloss = 1 − conn/s(topology) / conn/s({base}) at the same size."
+    );
+    o
+}
+
+/// Where each topology ran, as a Markdown list.
+fn environment_list(envs: &[Environment]) -> String {
+    let mut o = String::from("Environment:\n\n");
+    for e in envs {
+        let _ = write!(
+            o,
+            "- **{}**: {}; host kernel {}",
+            e.topology, e.path, e.host_kernel
+        );
+        if let Some(n) = e.nf_rules {
+            let _ = write!(o, "; {n} iptables rules + conntrack");
+        }
+        if let Some(v) = &e.vm {
+            let _ = write!(
+                o,
+                "; QEMU {}, {} ({}), guest kernel {}, {} vCPU, {} MiB, NIC {} → {}, boot {:.1}s",
+                v.qemu_version,
+                v.accel,
+                v.accel_reason,
+                v.guest_kernel,
+                v.vcpus,
+                v.memory_mib,
+                v.nic_model,
+                v.guest_driver,
+                v.boot_s
+            );
+        }
+        o.push('\n');
+    }
+    o
 }
 
 /// The results as a Markdown table.

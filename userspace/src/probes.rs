@@ -2,14 +2,19 @@
 //! layer, path, the method it wants, the method it gets here, and why the
 //! better ones failed.
 
-use std::process::ExitCode;
+use std::{
+    collections::HashMap,
+    path::{Path, PathBuf},
+    process::ExitCode,
+};
 
 use anyhow::Result;
 use clap::{Args, Subcommand};
 
 use crate::{
     attach::{self, LoadOptions, Probe},
-    catalog,
+    catalog::{self, Hook},
+    kernel::btf as kbtf,
 };
 
 /// Inspect the probe catalog.
@@ -23,6 +28,35 @@ pub struct ProbesArgs {
 pub enum ProbesCommand {
     /// Every catalog entry with the attach method it gets on this kernel.
     List(ListArgs),
+    /// Check catalog functions against another kernel's BTF (e.g. a guest's).
+    Check(CheckArgs),
+}
+
+#[derive(Args, Debug)]
+pub struct CheckArgs {
+    /// The other kernel: raw BTF, a vmlinux ELF, or a compressed boot image
+    /// (/boot/vmlinuz-*).
+    #[arg(long, value_name = "FILE")]
+    pub btf: PathBuf,
+    /// Directory holding that kernel's modules (`*.ko`, searched
+    /// recursively), for functions that live in modules.
+    #[arg(long, value_name = "DIR")]
+    pub modules: Option<PathBuf>,
+    /// JSON (a list of objects) instead of a table.
+    #[arg(long)]
+    pub json: bool,
+}
+
+/// One row of `probes check`.
+#[derive(Debug, serde::Serialize)]
+pub struct CheckRow {
+    pub name: &'static str,
+    pub layer: &'static str,
+    pub path: &'static str,
+    pub function: String,
+    pub module: Option<&'static str>,
+    pub found: bool,
+    pub reason: String,
 }
 
 #[derive(Args, Debug)]
@@ -39,6 +73,7 @@ impl ProbesArgs {
     pub fn run(self) -> Result<ExitCode> {
         match self.command {
             ProbesCommand::List(a) => a.run(),
+            ProbesCommand::Check(a) => a.run(),
         }
     }
 }
@@ -89,4 +124,141 @@ impl ListArgs {
         );
         Ok(ExitCode::SUCCESS)
     }
+}
+
+impl CheckArgs {
+    fn run(self) -> Result<ExitCode> {
+        if let Some(dir) = &self.modules
+            && !dir.is_dir()
+        {
+            anyhow::bail!(
+                "--modules {} is not a directory; give the kernel's module tree (lib/modules/VERSION)",
+                dir.display()
+            );
+        }
+        let base = kbtf::load_any(&self.btf)?;
+        let kos = self
+            .modules
+            .as_deref()
+            .map(index_modules)
+            .unwrap_or_default();
+        let mut module_btf: HashMap<&str, std::result::Result<btf_rs::Btf, String>> =
+            HashMap::new();
+        let mut rows = Vec::new();
+        for spec in catalog::all() {
+            let mut in_module = |m: &'static str,
+                                 f: &dyn Fn(&btf_rs::Btf) -> bool|
+             -> (bool, String) {
+                let btf = module_btf
+                    .entry(m)
+                    .or_insert_with(|| match kos.get(&normalize(m)) {
+                        Some(path) => kbtf::load_module(path, &base).map_err(|e| format!("{e:#}")),
+                        None if self.modules.is_none() => {
+                            Err(format!("not built in; module {m}: give --modules DIR"))
+                        }
+                        None => Err(format!(
+                            "not built in, and module {m} is not in the module directory"
+                        )),
+                    });
+                match btf {
+                    Ok(b) => (f(b), String::new()),
+                    Err(e) => (false, e.clone()),
+                }
+            };
+            let (function, module, found, mut reason) = match spec.hook {
+                Hook::Function { func, module, .. } => {
+                    let has = |b: &btf_rs::Btf| kbtf::has_function(b, func);
+                    let (found, reason) = match (has(&base), module) {
+                        (true, _) => (true, String::new()),
+                        (false, Some(m)) => in_module(m, &has),
+                        (false, None) => (false, String::new()),
+                    };
+                    (func.to_string(), module, found, reason)
+                }
+                Hook::Tracepoint {
+                    category,
+                    name,
+                    module,
+                } => {
+                    let typedef = format!("btf_trace_{name}");
+                    let has = |b: &btf_rs::Btf| {
+                        b.resolve_ids_by_name(&typedef).is_ok_and(|v| !v.is_empty())
+                    };
+                    let (found, reason) = match (has(&base), module) {
+                        (true, _) => (true, String::new()),
+                        (false, Some(m)) => in_module(m, &has),
+                        (false, None) => (false, String::new()),
+                    };
+                    (format!("{category}:{name}"), module, found, reason)
+                }
+                Hook::PerfEvent => ("perf_event:cpu-clock".into(), None, true, String::new()),
+            };
+            if !found && reason.is_empty() {
+                reason = format!("{function} is not in this kernel's BTF");
+            }
+            rows.push(CheckRow {
+                name: spec.name,
+                layer: spec.layer.name(),
+                path: spec.path,
+                function,
+                module,
+                found,
+                reason,
+            });
+        }
+        if self.json {
+            println!("{}", serde_json::to_string_pretty(&rows)?);
+            return Ok(ExitCode::SUCCESS);
+        }
+        println!(
+            "{:<30} {:<10} {:<32} {:<6} REASON",
+            "NAME", "PATH", "FUNCTION", "FOUND"
+        );
+        for r in &rows {
+            println!(
+                "{:<30} {:<10} {:<32} {:<6} {}",
+                r.name,
+                r.path,
+                r.function,
+                if r.found { "yes" } else { "no" },
+                r.reason
+            );
+        }
+        let found = rows.iter().filter(|r| r.found).count();
+        println!(
+            "\n{found} of {} catalog entries found in {}",
+            rows.len(),
+            self.btf.display()
+        );
+        Ok(ExitCode::SUCCESS)
+    }
+}
+
+/// Module names use `_` where file names may use `-`.
+fn normalize(name: &str) -> String {
+    name.replace('-', "_")
+}
+
+/// `module name -> path` of every `.ko` below `dir`.
+fn index_modules(dir: &Path) -> HashMap<String, PathBuf> {
+    let mut out = HashMap::new();
+    let mut stack = vec![dir.to_path_buf()];
+    while let Some(d) = stack.pop() {
+        let Ok(entries) = std::fs::read_dir(&d) else {
+            continue;
+        };
+        for e in entries.flatten() {
+            let p = e.path();
+            if p.is_dir() {
+                stack.push(p);
+            } else if let Some(stem) = p
+                .file_name()
+                .and_then(|n| n.to_str())
+                .and_then(|n| n.strip_suffix(".ko"))
+            {
+                out.insert(normalize(stem), p);
+            }
+        }
+    }
+    out
 }

@@ -94,6 +94,8 @@ pub enum Hook {
     Tracepoint {
         category: &'static str,
         name: &'static str,
+        /// Module defining it where it is not built in (e.g. `kvm`).
+        module: Option<&'static str>,
     },
     /// Software CPU-clock sampling on every CPU.
     PerfEvent,
@@ -146,7 +148,7 @@ impl ProbeSpec {
             Hook::Function {
                 func, module: None, ..
             } => func.to_string(),
-            Hook::Tracepoint { category, name } => format!("{category}:{name}"),
+            Hook::Tracepoint { category, name, .. } => format!("{category}:{name}"),
             Hook::PerfEvent => "perf_event:cpu-clock".into(),
         }
     }

@@ -5,7 +5,7 @@
 use std::path::Path;
 
 use anyhow::{Context as _, Result, anyhow, bail};
-use btf_rs::{Btf, BtfType, Type};
+use btf_rs::{Btf, Type};
 
 /// The running kernel's BTF.
 pub fn running() -> Result<Btf> {
@@ -67,8 +67,97 @@ pub fn has_function(btf: &Btf, func: &str) -> bool {
         .is_ok_and(|ts| ts.iter().any(|t| matches!(t, Type::Func(_))))
 }
 
-/// Name of a BTF object, for error messages.
-#[allow(dead_code)]
-pub fn name_of(btf: &Btf, t: &dyn BtfType) -> String {
-    btf.resolve_name(t).unwrap_or_default()
+/// Largest kernel image hvprof will decompress (a vmlinux is ~50–100 MB).
+const MAX_VMLINUX: u64 = 1 << 30;
+
+/// BTF of another kernel, from raw BTF (`/sys/kernel/btf/vmlinux` copied
+/// out), a vmlinux ELF, or a compressed boot image (bzImage with an xz,
+/// gzip or zstd payload, as Debian's `/boot/vmlinuz-*`).
+pub fn load_any(path: &Path) -> Result<Btf> {
+    let bytes = std::fs::read(path).with_context(|| format!("reading {}", path.display()))?;
+    if bytes.starts_with(&[0x9f, 0xeb]) {
+        return Btf::from_bytes(&bytes)
+            .map_err(|e| anyhow!("{}: invalid raw BTF: {e}", path.display()));
+    }
+    let elf = if bytes.starts_with(b"\x7fELF") {
+        bytes
+    } else {
+        decompress_boot_image(&bytes).with_context(|| {
+            format!(
+                "{} is neither BTF, an ELF vmlinux nor a compressed kernel image",
+                path.display()
+            )
+        })?
+    };
+    let btf =
+        elf_btf(&elf).with_context(|| format!("{}: no usable .BTF section", path.display()))?;
+    Btf::from_bytes(&btf).map_err(|e| anyhow!("{}: invalid BTF: {e}", path.display()))
+}
+
+/// BTF of a module `.ko`, resolved against its kernel's `base`.
+pub fn load_module(path: &Path, base: &Btf) -> Result<Btf> {
+    let bytes = std::fs::read(path).with_context(|| format!("reading {}", path.display()))?;
+    let btf = elf_btf(&bytes).with_context(|| format!("{}: no .BTF section", path.display()))?;
+    Btf::from_split_bytes(&btf, base)
+        .map_err(|e| anyhow!("{}: invalid module BTF: {e}", path.display()))
+}
+
+/// The raw `.BTF` section of an ELF image.
+fn elf_btf(bytes: &[u8]) -> Result<Vec<u8>> {
+    use elf::{ElfBytes, endian::AnyEndian};
+    let elf =
+        ElfBytes::<AnyEndian>::minimal_parse(bytes).map_err(|e| anyhow!("not an ELF file: {e}"))?;
+    let hdr = elf
+        .section_header_by_name(".BTF")
+        .map_err(|e| anyhow!("reading ELF sections: {e}"))?
+        .ok_or_else(|| anyhow!("no .BTF section"))?;
+    let (data, compression) = elf
+        .section_data(&hdr)
+        .map_err(|e| anyhow!("reading .BTF: {e}"))?;
+    if compression.is_some() {
+        bail!("compressed .BTF sections are not supported");
+    }
+    Ok(data.to_vec())
+}
+
+/// Finds the compressed vmlinux inside a boot image (as the kernel's
+/// `extract-vmlinux` does: try each compression magic, keep the first
+/// payload that decompresses to an ELF file).
+fn decompress_boot_image(image: &[u8]) -> Result<Vec<u8>> {
+    use std::io::Read as _;
+    const MAGICS: [(&str, &[u8]); 3] = [
+        ("xz", b"\xfd7zXZ\x00"),
+        ("gzip", b"\x1f\x8b\x08"),
+        ("zstd", b"\x28\xb5\x2f\xfd"),
+    ];
+    for (kind, magic) in MAGICS {
+        let mut from = 0;
+        while let Some(pos) = find(&image[from..], magic).map(|p| p + from) {
+            let payload = &image[pos..];
+            let mut out = Vec::new();
+            let ok = match kind {
+                "xz" => liblzma::read::XzDecoder::new(payload)
+                    .take(MAX_VMLINUX)
+                    .read_to_end(&mut out)
+                    .is_ok(),
+                "gzip" => flate2::read::GzDecoder::new(payload)
+                    .take(MAX_VMLINUX)
+                    .read_to_end(&mut out)
+                    .is_ok(),
+                _ => zstd::stream::read::Decoder::new(payload)
+                    .map(|d| d.take(MAX_VMLINUX).read_to_end(&mut out).is_ok())
+                    .unwrap_or(false),
+            };
+            // A payload may decode with trailing garbage: keep what came out.
+            if (ok || !out.is_empty()) && out.starts_with(b"\x7fELF") {
+                return Ok(out);
+            }
+            from = pos + 1;
+        }
+    }
+    bail!("no xz, gzip or zstd compressed vmlinux found inside")
+}
+
+fn find(hay: &[u8], needle: &[u8]) -> Option<usize> {
+    hay.windows(needle.len()).position(|w| w == needle)
 }

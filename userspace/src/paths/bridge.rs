@@ -22,7 +22,7 @@ pub const PATH: Path = Path {
             Switch,
             "bridge",
             "br_handle_frame",
-            None,
+            Some("bridge"),
             SKB,
         ),
         func(
@@ -30,7 +30,7 @@ pub const PATH: Path = Path {
             Switch,
             "bridge",
             "br_forward",
-            None,
+            Some("bridge"),
             SKB,
         ),
         func(
@@ -38,10 +38,17 @@ pub const PATH: Path = Path {
             Switch,
             "bridge",
             "br_dev_xmit",
-            None,
+            Some("bridge"),
             SKB,
         ),
-        func("veth:veth_xmit", Switch, "veth", "veth_xmit", None, SKB),
+        func(
+            "veth:veth_xmit",
+            Switch,
+            "veth",
+            "veth_xmit",
+            Some("veth"),
+            SKB,
+        ),
         func(
             "ovs:ovs_vport_receive",
             Switch,

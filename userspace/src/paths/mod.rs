@@ -82,6 +82,20 @@ pub(crate) const fn tp(
     tp_name: &'static str,
     fields: &'static [&'static str],
 ) -> ProbeSpec {
+    tp_in(name, layer, path, category, tp_name, None, fields)
+}
+
+/// A tracepoint row whose tracepoint is defined by `module` when not built
+/// in.
+pub(crate) const fn tp_in(
+    name: &'static str,
+    layer: crate::catalog::Layer,
+    path: &'static str,
+    category: &'static str,
+    tp_name: &'static str,
+    module: Option<&'static str>,
+    fields: &'static [&'static str],
+) -> ProbeSpec {
     ProbeSpec {
         name,
         layer,
@@ -89,6 +103,7 @@ pub(crate) const fn tp(
         hook: crate::catalog::Hook::Tracepoint {
             category,
             name: tp_name,
+            module,
         },
         fields,
         programs: crate::catalog::Programs {

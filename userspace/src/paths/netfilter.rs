@@ -34,7 +34,7 @@ pub const PATH: Path = Path {
             Netfilter,
             "netfilter",
             "nf_conntrack_in",
-            None,
+            Some("nf_conntrack"),
             &["skb"],
         ),
         func(
@@ -42,7 +42,7 @@ pub const PATH: Path = Path {
             Netfilter,
             "netfilter",
             "ipt_do_table",
-            None,
+            Some("ip_tables"),
             &["skb", "hook"],
         ),
         func(
@@ -50,7 +50,7 @@ pub const PATH: Path = Path {
             Netfilter,
             "netfilter",
             "nft_do_chain",
-            None,
+            Some("nf_tables"),
             &["skb"],
         ),
     ],

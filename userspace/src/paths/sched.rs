@@ -35,6 +35,7 @@ const fn sched_row(
         hook: Hook::Tracepoint {
             category: "sched",
             name: tp_name,
+            module: None,
         },
         fields: &["tid", "tgid", "comm", "oncpu_ns", "runq_ns"],
         programs: Programs {

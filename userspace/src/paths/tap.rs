@@ -20,7 +20,7 @@ pub const PATH: Path = Path {
             Backend,
             "tap",
             "tun_net_xmit",
-            None,
+            Some("tun"),
             &["skb", "len", "dev"],
         ),
         func(
@@ -28,7 +28,7 @@ pub const PATH: Path = Path {
             Backend,
             "tap",
             "tun_get_user",
-            None,
+            Some("tun"),
             &["len"],
         ),
         func(
@@ -36,7 +36,7 @@ pub const PATH: Path = Path {
             Backend,
             "tap",
             "tun_do_read",
-            None,
+            Some("tun"),
             &["len"],
         ),
         func(

@@ -73,6 +73,7 @@ pub const PATH: Path = Path {
         hook: Hook::Tracepoint {
             category: "sock",
             name: "inet_sock_set_state",
+            module: None,
         },
         fields: &[
             "sk",

@@ -1,7 +1,7 @@
 //! VM exits and emulation: KVM's exit/entry tracepoints.
 
 use super::Path;
-use super::tp;
+use super::tp_in;
 use crate::catalog::Layer::Vmexit;
 
 pub const PATH: Path = Path {
@@ -16,36 +16,40 @@ pub const PATH: Path = Path {
         ("vmx_vmexit", Vmexit),
     ],
     rows: &[
-        tp(
+        tp_in(
             "kvm:kvm_exit",
             Vmexit,
             "kvm",
             "kvm",
             "kvm_exit",
+            Some("kvm"),
             &["exit_reason", "vcpu_id"],
         ),
-        tp(
+        tp_in(
             "kvm:kvm_entry",
             Vmexit,
             "kvm",
             "kvm",
             "kvm_entry",
+            Some("kvm"),
             &["vcpu_id"],
         ),
-        tp(
+        tp_in(
             "kvm:kvm_mmio",
             Vmexit,
             "kvm",
             "kvm",
             "kvm_mmio",
+            Some("kvm"),
             &["type", "len", "gpa"],
         ),
-        tp(
+        tp_in(
             "kvm:kvm_pio",
             Vmexit,
             "kvm",
             "kvm",
             "kvm_pio",
+            Some("kvm"),
             &["rw", "port", "size"],
         ),
     ],

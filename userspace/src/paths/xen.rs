@@ -52,10 +52,10 @@ pub const PATH: Path = Path {
             &["budget"],
         ),
         func(
-            "netback:rx_action",
+            "netback:kthread_guest_rx",
             Backend,
             "netback",
-            "xenvif_rx_action",
+            "xenvif_kthread_guest_rx",
             Some("xen_netback"),
             &[],
         ),

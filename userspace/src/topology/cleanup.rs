@@ -69,7 +69,10 @@ fn update(f: impl FnOnce(&mut State)) {
         match serde_json::to_vec_pretty(state) {
             Ok(bytes) => {
                 let tmp = path.with_extension("tmp");
-                if std::fs::write(&tmp, bytes).and_then(|()| std::fs::rename(&tmp, &path)).is_err() {
+                if std::fs::write(&tmp, bytes)
+                    .and_then(|()| std::fs::rename(&tmp, &path))
+                    .is_err()
+                {
                     log::warn!("cannot write state file {}", path.display());
                 }
             }
@@ -221,7 +224,11 @@ fn install_signal_teardown() {
 
 /// Whether `pid` is a live hvprof process.
 fn hvprof_alive(pid: u32) -> bool {
-    cmdline(pid).is_some_and(|c| c.split(' ').next().is_some_and(|argv0| argv0.contains("hvprof")))
+    cmdline(pid).is_some_and(|c| {
+        c.split(' ')
+            .next()
+            .is_some_and(|argv0| argv0.contains("hvprof"))
+    })
 }
 
 /// `hvprof cleanup`: removes what killed runs left.
@@ -236,7 +243,14 @@ impl CleanupArgs {
     pub fn run(self) -> anyhow::Result<ExitCode> {
         let report = cleanup_stale(self.dry_run);
         for line in &report.removed {
-            println!("{}{line}", if self.dry_run { "would remove " } else { "removed " });
+            println!(
+                "{}{line}",
+                if self.dry_run {
+                    "would remove "
+                } else {
+                    "removed "
+                }
+            );
         }
         for line in &report.kept {
             println!("kept {line}");
@@ -271,21 +285,35 @@ pub fn cleanup_stale(dry_run: bool) -> CleanupReport {
                 .and_then(|b| serde_json::from_slice::<State>(&b).ok())
             {
                 Some(s) => states.push((path, s)),
-                None => report.kept.push(format!("{} (unreadable state file)", path.display())),
+                None => report
+                    .kept
+                    .push(format!("{} (unreadable state file)", path.display())),
             }
         }
     }
     for (path, state) in states {
         if state.pid == me || hvprof_alive(state.pid) {
-            report.kept.push(format!("objects of running hvprof pid {}", state.pid));
+            report
+                .kept
+                .push(format!("objects of running hvprof pid {}", state.pid));
             continue;
         }
         if dry_run {
-            report.removed.extend(state.namespaces.iter().map(|n| format!("namespace {n}")));
             report
                 .removed
-                .extend(state.processes.iter().map(|p| format!("process {} ({})", p.pid, p.marker)));
-            report.removed.extend(state.dirs.iter().map(|d| format!("directory {}", d.display())));
+                .extend(state.namespaces.iter().map(|n| format!("namespace {n}")));
+            report.removed.extend(
+                state
+                    .processes
+                    .iter()
+                    .map(|p| format!("process {} ({})", p.pid, p.marker)),
+            );
+            report.removed.extend(
+                state
+                    .dirs
+                    .iter()
+                    .map(|d| format!("directory {}", d.display())),
+            );
         } else {
             report.removed.extend(remove_all(&state));
             let _ = std::fs::remove_file(&path);

@@ -35,7 +35,9 @@ use serde::Serialize;
 pub enum TopologyError {
     #[error("unknown topology '{0}' (available: {list})", list = NAMES.join(", "))]
     Unknown(String),
-    #[error("--nf-rules applies only to bridge-nf, not to {0}: add --topology bridge-nf or drop --nf-rules")]
+    #[error(
+        "--nf-rules applies only to bridge-nf, not to {0}: add --topology bridge-nf or drop --nf-rules"
+    )]
     NfRulesWithout(String),
     #[error("topology '{name}' is not available here: {why}")]
     Unavailable { name: String, why: String },
@@ -112,8 +114,12 @@ impl Kind {
         match self {
             Self::Native => "client → HAProxy → origin over loopback".into(),
             Self::Veth => "client/origin netns ⇄ veth ⇄ HAProxy netns".into(),
-            Self::Bridge => "client/origin netns ⇄ veth ⇄ Linux bridge ⇄ veth ⇄ HAProxy netns".into(),
-            Self::BridgeNf => "bridge, with iptables FORWARD rules + conntrack on the bridge".into(),
+            Self::Bridge => {
+                "client/origin netns ⇄ veth ⇄ Linux bridge ⇄ veth ⇄ HAProxy netns".into()
+            }
+            Self::BridgeNf => {
+                "bridge, with iptables FORWARD rules + conntrack on the bridge".into()
+            }
             Self::Vm(nic) => format!(
                 "client/origin netns ⇄ TAP ⇄ QEMU {} ⇄ guest {} ⇄ HAProxy in the guest",
                 nic.qemu_model(),
@@ -474,7 +480,10 @@ mod tests {
             assert_eq!(Kind::parse(n).unwrap().name(), *n);
         }
         assert!(matches!(Kind::parse("kvm"), Err(TopologyError::Unknown(_))));
-        assert!(matches!(Kind::parse("vm-foo"), Err(TopologyError::Unknown(_))));
+        assert!(matches!(
+            Kind::parse("vm-foo"),
+            Err(TopologyError::Unknown(_))
+        ));
     }
 
     #[test]
@@ -495,6 +504,9 @@ mod tests {
             ..TopologyArgs::default()
         };
         let e = args.specs().unwrap_err().to_string();
-        assert!(e.contains("unknown topology 'kvm'") && e.contains("vm-virtio"), "{e}");
+        assert!(
+            e.contains("unknown topology 'kvm'") && e.contains("vm-virtio"),
+            "{e}"
+        );
     }
 }

@@ -23,14 +23,17 @@ use super::{TopologyError, cleanup};
 
 /// Runs a command to completion; a failure carries its stderr.
 pub(crate) fn sh(what: &str, cmd: &mut Command) -> Result<(), TopologyError> {
-    let out = cmd
-        .stdin(Stdio::null())
-        .output()
-        .map_err(|e| TopologyError::setup(what, format!("cannot run {:?}: {e}", cmd.get_program())))?;
+    let out = cmd.stdin(Stdio::null()).output().map_err(|e| {
+        TopologyError::setup(what, format!("cannot run {:?}: {e}", cmd.get_program()))
+    })?;
     if !out.status.success() {
         return Err(TopologyError::setup(
             what,
-            format!("{} ({})", String::from_utf8_lossy(&out.stderr).trim(), out.status),
+            format!(
+                "{} ({})",
+                String::from_utf8_lossy(&out.stderr).trim(),
+                out.status
+            ),
         ));
     }
     Ok(())
@@ -74,12 +77,18 @@ impl Netns {
     /// loopback up.
     pub fn create(name: &str) -> Result<Self, TopologyError> {
         cleanup::record_netns(name);
-        if let Err(e) = sh(&format!("creating network namespace {name}"), &mut ip(&["netns", "add", name])) {
+        if let Err(e) = sh(
+            &format!("creating network namespace {name}"),
+            &mut ip(&["netns", "add", name]),
+        ) {
             cleanup::forget_netns(name);
             return Err(e);
         }
         let ns = Self { name: name.into() };
-        ns.ip(&format!("bringing up lo in {name}"), &["link", "set", "lo", "up"])?;
+        ns.ip(
+            &format!("bringing up lo in {name}"),
+            &["link", "set", "lo", "up"],
+        )?;
         Ok(ns)
     }
 
@@ -142,7 +151,11 @@ pub struct NetnsSet {
 impl NetnsSet {
     /// Creates the namespaces and links; `bridged` puts a Linux bridge
     /// between them; `nf_rules` adds netfilter on the bridge.
-    pub fn create(topology: &str, bridged: bool, nf_rules: Option<u32>) -> Result<Self, TopologyError> {
+    pub fn create(
+        topology: &str,
+        bridged: bool,
+        nf_rules: Option<u32>,
+    ) -> Result<Self, TopologyError> {
         let (client_ip, proxy_ip) = super::plan(1);
         let client = Netns::create(&ns_name(topology, "c"))?;
         let proxy = Netns::create(&ns_name(topology, "p"))?;
@@ -168,19 +181,55 @@ impl NetnsSet {
             None => {
                 c.ip(
                     "creating veth hvpc0/hvpp0",
-                    &["link", "add", "hvpc0", "type", "veth", "peer", "name", "hvpp0", "netns", p.name()],
+                    &[
+                        "link",
+                        "add",
+                        "hvpc0",
+                        "type",
+                        "veth",
+                        "peer",
+                        "name",
+                        "hvpp0",
+                        "netns",
+                        p.name(),
+                    ],
                 )?;
             }
             Some(b) => {
                 c.ip(
                     "creating veth hvpc0/hvpbc0",
-                    &["link", "add", "hvpc0", "type", "veth", "peer", "name", "hvpbc0", "netns", b.name()],
+                    &[
+                        "link",
+                        "add",
+                        "hvpc0",
+                        "type",
+                        "veth",
+                        "peer",
+                        "name",
+                        "hvpbc0",
+                        "netns",
+                        b.name(),
+                    ],
                 )?;
                 p.ip(
                     "creating veth hvpp0/hvpbp0",
-                    &["link", "add", "hvpp0", "type", "veth", "peer", "name", "hvpbp0", "netns", b.name()],
+                    &[
+                        "link",
+                        "add",
+                        "hvpp0",
+                        "type",
+                        "veth",
+                        "peer",
+                        "name",
+                        "hvpbp0",
+                        "netns",
+                        b.name(),
+                    ],
                 )?;
-                b.ip("creating bridge hvpbr0", &["link", "add", "hvpbr0", "type", "bridge"])?;
+                b.ip(
+                    "creating bridge hvpbr0",
+                    &["link", "add", "hvpbr0", "type", "bridge"],
+                )?;
                 for port in ["hvpbc0", "hvpbp0"] {
                     b.ip(
                         &format!("adding {port} to hvpbr0"),
@@ -197,12 +246,24 @@ impl NetnsSet {
         }
         c.ip(
             "addressing hvpc0",
-            &["addr", "add", &format!("{}/24", self.client_ip), "dev", "hvpc0"],
+            &[
+                "addr",
+                "add",
+                &format!("{}/24", self.client_ip),
+                "dev",
+                "hvpc0",
+            ],
         )?;
         c.ip("bringing up hvpc0", &["link", "set", "hvpc0", "up"])?;
         p.ip(
             "addressing hvpp0",
-            &["addr", "add", &format!("{}/24", self.proxy_ip), "dev", "hvpp0"],
+            &[
+                "addr",
+                "add",
+                &format!("{}/24", self.proxy_ip),
+                "dev",
+                "hvpp0",
+            ],
         )?;
         p.ip("bringing up hvpp0", &["link", "set", "hvpp0", "up"])?;
         Ok(())
@@ -233,7 +294,8 @@ impl NetnsSet {
 /// packet is checked against (sources in 10.78.0.0/16, never matching),
 /// then conntrack: INVALID dropped, NEW/ESTABLISHED/RELATED accepted.
 pub fn rules_text(n: u32) -> String {
-    let mut t = String::from("*filter\n:INPUT ACCEPT [0:0]\n:FORWARD ACCEPT [0:0]\n:OUTPUT ACCEPT [0:0]\n");
+    let mut t =
+        String::from("*filter\n:INPUT ACCEPT [0:0]\n:FORWARD ACCEPT [0:0]\n:OUTPUT ACCEPT [0:0]\n");
     for i in 0..n {
         let _ = writeln!(
             t,
@@ -278,8 +340,9 @@ fn install_rules(ns: &Netns, n: u32) -> Result<(), TopologyError> {
 /// `ns`; the threads and sockets `f` creates live in that namespace.
 pub fn run_in<R: Send>(ns: &str, f: impl FnOnce() -> R + Send) -> Result<R, TopologyError> {
     let path = format!("/run/netns/{ns}");
-    let file = std::fs::File::open(&path)
-        .map_err(|e| TopologyError::setup(format!("entering namespace {ns}"), format!("{path}: {e}")))?;
+    let file = std::fs::File::open(&path).map_err(|e| {
+        TopologyError::setup(format!("entering namespace {ns}"), format!("{path}: {e}"))
+    })?;
     std::thread::scope(|s| {
         let handle = std::thread::Builder::new()
             .name(format!("in-{ns}"))
@@ -293,7 +356,9 @@ pub fn run_in<R: Send>(ns: &str, f: impl FnOnce() -> R + Send) -> Result<R, Topo
             })
             .map_err(|e| TopologyError::setup(format!("entering namespace {ns}"), e))?;
         match handle.join() {
-            Ok(r) => r.map_err(|e| TopologyError::setup(format!("entering namespace {ns}"), format!("setns: {e}"))),
+            Ok(r) => r.map_err(|e| {
+                TopologyError::setup(format!("entering namespace {ns}"), format!("setns: {e}"))
+            }),
             Err(panic) => std::panic::resume_unwind(panic),
         }
     })
@@ -306,11 +371,23 @@ mod tests {
     #[test]
     fn rules_are_commented_and_counted() {
         let t = rules_text(600);
-        assert_eq!(t.lines().filter(|l| l.starts_with("-A FORWARD -s 10.78.")).count(), 600);
-        assert!(t.lines().filter(|l| l.starts_with("-A")).all(|l| l.contains("--comment hvprof")));
+        assert_eq!(
+            t.lines()
+                .filter(|l| l.starts_with("-A FORWARD -s 10.78."))
+                .count(),
+            600
+        );
+        assert!(
+            t.lines()
+                .filter(|l| l.starts_with("-A"))
+                .all(|l| l.contains("--comment hvprof"))
+        );
         assert!(t.contains("--ctstate NEW,RELATED,ESTABLISHED"));
         // Sources stay distinct.
-        let mut srcs: Vec<&str> = t.lines().filter_map(|l| l.split_whitespace().nth(3)).collect();
+        let mut srcs: Vec<&str> = t
+            .lines()
+            .filter_map(|l| l.split_whitespace().nth(3))
+            .collect();
         let n = srcs.len();
         srcs.sort_unstable();
         srcs.dedup();

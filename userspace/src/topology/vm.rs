@@ -30,11 +30,15 @@ use super::netns::Netns;
 /// Why a guest could not be used.
 #[derive(Debug, thiserror::Error)]
 pub enum VmError {
-    #[error("no test bed at {0}: build it with `cargo xtask testbed` (or pass --testbed DIR / set HVPROF_TESTBED)")]
+    #[error(
+        "no test bed at {0}: build it with `cargo xtask testbed` (or pass --testbed DIR / set HVPROF_TESTBED)"
+    )]
     NoTestbed(PathBuf),
     #[error("test bed {dir}: {detail} (rebuild it with `cargo xtask testbed`)")]
     BadTestbed { dir: PathBuf, detail: String },
-    #[error("qemu-system-x86_64 not found: install qemu-system-x86 from bookworm-backports (cargo xtask setup)")]
+    #[error(
+        "qemu-system-x86_64 not found: install qemu-system-x86 from bookworm-backports (cargo xtask setup)"
+    )]
     NoQemu,
     #[error("cannot start QEMU: {0}")]
     Spawn(io::Error),
@@ -45,8 +49,6 @@ pub enum VmError {
         detail: String,
         console: String,
     },
-    #[error("guest control channel {path}: {detail}")]
-    Control { path: PathBuf, detail: String },
     #[error("KVM requested (--accel kvm) but {0}")]
     NoKvm(String),
 }
@@ -135,7 +137,12 @@ fn kvm_unusable() -> Option<String> {
     if Path::new("/sys/module/kvm_pvm").exists() {
         return Some("/dev/kvm is the PVM flavour (kvm_pvm), which hangs normal guests".into());
     }
-    if std::fs::OpenOptions::new().read(true).write(true).open("/dev/kvm").is_err() {
+    if std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open("/dev/kvm")
+        .is_err()
+    {
         return Some("/dev/kvm cannot be opened".into());
     }
     None
@@ -217,7 +224,9 @@ impl Testbed {
         };
         let manifest = std::fs::read(&manifest_path)
             .map_err(|e| bad(format!("cannot read testbed.json: {e}")))
-            .and_then(|b| serde_json::from_slice(&b).map_err(|e| bad(format!("bad testbed.json: {e}"))))?;
+            .and_then(|b| {
+                serde_json::from_slice(&b).map_err(|e| bad(format!("bad testbed.json: {e}")))
+            })?;
         for f in ["vmlinuz", "initramfs.cpio.gz", "share"] {
             if !dir.join(f).exists() {
                 return Err(bad(format!("{f} is missing")));
@@ -226,7 +235,11 @@ impl Testbed {
         Ok(Self { dir, manifest })
     }
     fn field(&self, k: &str) -> String {
-        self.manifest.get(k).and_then(|v| v.as_str()).unwrap_or_default().to_string()
+        self.manifest
+            .get(k)
+            .and_then(|v| v.as_str())
+            .unwrap_or_default()
+            .to_string()
     }
 }
 
@@ -243,7 +256,12 @@ pub fn qemu_version() -> String {
         .arg("--version")
         .output()
         .ok()
-        .and_then(|o| String::from_utf8_lossy(&o.stdout).lines().next().map(str::to_string))
+        .and_then(|o| {
+            String::from_utf8_lossy(&o.stdout)
+                .lines()
+                .next()
+                .map(str::to_string)
+        })
         .map(|l| l.trim_start_matches("QEMU emulator version ").to_string())
         .unwrap_or_default()
 }
@@ -311,13 +329,17 @@ impl Vm {
         }
         let (host_ip, guest_ip) = super::plan(2);
         let netns = Netns::create(&super::netns::ns_name(topology, "h"))?;
-        netns.ip("creating TAP hvptap0", &["tuntap", "add", "dev", "hvptap0", "mode", "tap"])?;
+        netns.ip(
+            "creating TAP hvptap0",
+            &["tuntap", "add", "dev", "hvptap0", "mode", "tap"],
+        )?;
         netns.ip(
             "addressing hvptap0",
             &["addr", "add", &format!("{host_ip}/24"), "dev", "hvptap0"],
         )?;
         netns.ip("bringing up hvptap0", &["link", "set", "hvptap0", "up"])?;
-        let run_dir = Path::new(cleanup::STATE_DIR).join(format!("{}-{topology}", std::process::id()));
+        let run_dir =
+            Path::new(cleanup::STATE_DIR).join(format!("{}-{topology}", std::process::id()));
         cleanup::record_dir(&run_dir);
         let _ = std::fs::remove_dir_all(&run_dir);
         std::fs::create_dir_all(run_dir.join("share"))?;
@@ -358,7 +380,9 @@ impl Vm {
         let booted = vm.boot(&testbed, nic, opts, &choice);
         let booted = match booted {
             Err(e) if choice.accel == "kvm" && opts.accel == Accel::Auto => {
-                log::warn!("{topology}: KVM guest did not boot ({e}); falling back to software emulation");
+                log::warn!(
+                    "{topology}: KVM guest did not boot ({e}); falling back to software emulation"
+                );
                 vm.kill_qemu();
                 choice = AccelChoice {
                     accel: "tcg",
@@ -374,8 +398,14 @@ impl Vm {
         Ok(vm)
     }
 
-    fn boot(&mut self, tb: &Testbed, nic: Nic, opts: &VmOptions, choice: &AccelChoice) -> Result<(), VmError> {
-        let dir = &self.run_dir;
+    fn boot(
+        &mut self,
+        tb: &Testbed,
+        nic: Nic,
+        opts: &VmOptions,
+        choice: &AccelChoice,
+    ) -> Result<(), VmError> {
+        let dir = self.run_dir.clone();
         let _ = std::fs::remove_file(&self.ctl);
         let name = format!("{},debug-threads=on", self.netns.name());
         let append = format!(
@@ -387,8 +417,19 @@ impl Vm {
         cmd.args(["netns", "exec", self.netns.name(), "qemu-system-x86_64"])
             .args(["-name", &name])
             .args(["-accel", choice.accel, "-M", "q35"])
-            .args(["-m", &opts.memory_mib.to_string(), "-smp", &opts.cpus.to_string()])
-            .args(["-nodefaults", "-no-user-config", "-display", "none", "-no-reboot"])
+            .args([
+                "-m",
+                &opts.memory_mib.to_string(),
+                "-smp",
+                &opts.cpus.to_string(),
+            ])
+            .args([
+                "-nodefaults",
+                "-no-user-config",
+                "-display",
+                "none",
+                "-no-reboot",
+            ])
             .arg("-kernel")
             .arg(tb.dir.join("vmlinuz"))
             .arg("-initrd")
@@ -416,7 +457,10 @@ impl Vm {
             ])
             .args([
                 "-virtfs",
-                &format!("local,path={},mount_tag=hvrun,security_model=none", share(&dir.join("share"))),
+                &format!(
+                    "local,path={},mount_tag=hvrun,security_model=none",
+                    share(&dir.join("share"))
+                ),
             ])
             .args(["-device", "virtio-serial-pci"])
             .args([
@@ -468,7 +512,9 @@ impl Vm {
                 Ok(())
             }
             Err(detail) => {
-                let console = tail_file(&dir.join("console.log"), 4) + " | qemu: " + &tail_file(&dir.join("qemu.log"), 2);
+                let console = tail_file(&dir.join("console.log"), 4)
+                    + " | qemu: "
+                    + &tail_file(&dir.join("qemu.log"), 2);
                 self.kill_qemu();
                 Err(VmError::Boot {
                     waited: limit,
@@ -579,8 +625,14 @@ impl Drop for Vm {
 }
 
 fn tail_file(p: &Path, n: usize) -> String {
-    let text = std::fs::read(p).map(|b| String::from_utf8_lossy(&b).to_string()).unwrap_or_default();
-    let lines: Vec<&str> = text.lines().map(str::trim).filter(|l| !l.is_empty()).collect();
+    let text = std::fs::read(p)
+        .map(|b| String::from_utf8_lossy(&b).to_string())
+        .unwrap_or_default();
+    let lines: Vec<&str> = text
+        .lines()
+        .map(str::trim)
+        .filter(|l| !l.is_empty())
+        .collect();
     let t = lines[lines.len().saturating_sub(n)..].join(" | ");
     if t.is_empty() { "(empty)".into() } else { t }
 }
@@ -611,9 +663,19 @@ impl Control {
         self.stream.set_read_timeout(Some(wait))?;
         let mut line = String::new();
         match self.reader.read_line(&mut line) {
-            Ok(0) => Err(io::Error::new(io::ErrorKind::UnexpectedEof, "control channel closed")),
+            Ok(0) => Err(io::Error::new(
+                io::ErrorKind::UnexpectedEof,
+                "control channel closed",
+            )),
             Ok(_) => Ok(Some(line.trim().to_string())),
-            Err(e) if matches!(e.kind(), io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut) => Ok(None),
+            Err(e)
+                if matches!(
+                    e.kind(),
+                    io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut
+                ) =>
+            {
+                Ok(None)
+            }
             Err(e) => Err(e),
         }
     }
@@ -635,7 +697,10 @@ impl Control {
             if t0.elapsed() > limit {
                 return Err(io::Error::new(
                     io::ErrorKind::TimedOut,
-                    format!("no answer to '{cmd}' within {limit:?} on {}", self.path.display()),
+                    format!(
+                        "no answer to '{cmd}' within {limit:?} on {}",
+                        self.path.display()
+                    ),
                 ));
             }
         }
@@ -669,6 +734,9 @@ impl loadgen::haproxy::Launcher for GuestLauncher {
     }
     fn describe(&self) -> String {
         format!("{} guest (QEMU pid {})", self.topology, self.qemu_pid)
+    }
+    fn cpu_pid(&self) -> Option<u32> {
+        Some(self.qemu_pid)
     }
 }
 
@@ -707,7 +775,10 @@ pub fn guest_config(host_cfg: &str, stats: SocketAddr) -> (String, Option<PathBu
         if let Some(rest) = t.strip_prefix("stats socket ") {
             socket = rest.split_whitespace().next().map(PathBuf::from);
             out.push_str(&format!("{indent}stats socket ipv4@{stats} level admin\n"));
-        } else if let Some(n) = t.strip_prefix("maxconn ").and_then(|n| n.trim().parse::<u32>().ok()) {
+        } else if let Some(n) = t
+            .strip_prefix("maxconn ")
+            .and_then(|n| n.trim().parse::<u32>().ok())
+        {
             out.push_str(&format!("{indent}maxconn {}\n", n.min(20_000)));
         } else if t.starts_with("server ") {
             // `server NAME ADDR maxconn N`: clamp the trailing maxconn too.
@@ -715,7 +786,9 @@ pub fn guest_config(host_cfg: &str, stats: SocketAddr) -> (String, Option<PathBu
                 .split_whitespace()
                 .scan(false, |after, w| {
                     let out = if *after {
-                        w.parse::<u32>().map(|n| n.min(20_000).to_string()).unwrap_or_else(|_| w.to_string())
+                        w.parse::<u32>()
+                            .map(|n| n.min(20_000).to_string())
+                            .unwrap_or_else(|_| w.to_string())
                     } else {
                         w.to_string()
                     };
@@ -744,13 +817,23 @@ impl GuestHaproxyArgs {
         let text = std::fs::read_to_string(cfg).with_context(|| format!("cannot read {cfg}"))?;
         let (guest_cfg, socket) = guest_config(&text, self.stats);
         let target = self.share.join("haproxy.cfg");
-        std::fs::write(&target, guest_cfg).with_context(|| format!("cannot write {}", target.display()))?;
+        std::fs::write(&target, guest_cfg)
+            .with_context(|| format!("cannot write {}", target.display()))?;
         for sig in [libc::SIGTERM, libc::SIGINT] {
             // SAFETY: the handler only stores to an atomic.
-            unsafe { libc::signal(sig, on_stop as extern "C" fn(libc::c_int) as libc::sighandler_t) };
+            unsafe {
+                libc::signal(
+                    sig,
+                    on_stop as extern "C" fn(libc::c_int) as libc::sighandler_t,
+                )
+            };
         }
-        let stream = UnixStream::connect(&self.ctl)
-            .with_context(|| format!("cannot reach the guest control socket {}", self.ctl.display()))?;
+        let stream = UnixStream::connect(&self.ctl).with_context(|| {
+            format!(
+                "cannot reach the guest control socket {}",
+                self.ctl.display()
+            )
+        })?;
         let mut ctl = Control::new(stream, &self.ctl)?;
         let pids = ctl
             .request("start", Duration::from_secs(60))
@@ -760,7 +843,8 @@ impl GuestHaproxyArgs {
         let listener = match &socket {
             Some(path) => {
                 let _ = std::fs::remove_file(path);
-                let l = UnixListener::bind(path).with_context(|| format!("cannot listen on {}", path.display()))?;
+                let l = UnixListener::bind(path)
+                    .with_context(|| format!("cannot listen on {}", path.display()))?;
                 l.set_nonblocking(true)?;
                 Some(l)
             }
@@ -822,9 +906,15 @@ mod tests {
         let host = "global\n    nbthread 2\n    maxconn 500000\n    stats socket /tmp/x/stats.sock mode 600 level admin\nbackend be\n    server origin 10.77.2.1:4000 maxconn 500000\n";
         let (g, sock) = guest_config(host, "10.77.2.2:9999".parse().unwrap());
         assert_eq!(sock, Some(PathBuf::from("/tmp/x/stats.sock")));
-        assert!(g.contains("    stats socket ipv4@10.77.2.2:9999 level admin\n"), "{g}");
+        assert!(
+            g.contains("    stats socket ipv4@10.77.2.2:9999 level admin\n"),
+            "{g}"
+        );
         assert!(g.contains("    maxconn 20000\n"), "{g}");
-        assert!(g.contains("server origin 10.77.2.1:4000 maxconn 20000"), "{g}");
+        assert!(
+            g.contains("server origin 10.77.2.1:4000 maxconn 20000"),
+            "{g}"
+        );
         assert!(g.contains("nbthread 2"));
     }
 
