@@ -153,6 +153,16 @@ fn probes_are_attached_while_recording_and_gone_after_sigint_and_sigterm() {
             our_bpf_programs().contains(&"hvp_sock_state".to_string()),
             "hvp_sock_state attached while recording"
         );
+        // `probes list --stats` sees the running recording's programs.
+        let stats = hvprof(&["probes", "list", "--stats", "--json"]);
+        assert!(stats.status.success());
+        let stats: Vec<Value> = serde_json::from_slice(&stats.stdout).expect("stats JSON");
+        assert!(
+            stats
+                .iter()
+                .any(|s| s["probe"] == "tcp:inet_sock_set_state" && s["run_count"].is_u64()),
+            "{stats:?}"
+        );
         // SAFETY: signalling the child we started.
         unsafe { libc::kill(child.id() as i32, sig) };
         let status = child.wait().expect("hvprof exits");

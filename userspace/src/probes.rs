@@ -67,6 +67,62 @@ pub struct ListArgs {
     /// Only probes of this path or layer.
     #[arg(long, value_name = "NAME")]
     pub filter: Option<String>,
+    /// Instead of the catalog: run time and count of each hvprof program
+    /// loaded right now (by a running `hvprof record`), from kernel BPF stats.
+    #[arg(long)]
+    pub stats: bool,
+}
+
+/// Kernel statistics of one loaded hvprof program.
+#[derive(Debug, serde::Serialize)]
+pub struct LiveStats {
+    pub id: u32,
+    /// Catalog probe using the program (kernel names are cut at 15 bytes).
+    pub probe: String,
+    pub program: String,
+    pub run_time_ns: u64,
+    pub run_count: u64,
+    pub ns_per_run: f64,
+}
+
+/// Every loaded program whose name says it is hvprof's.
+pub fn live_stats() -> Result<Vec<LiveStats>> {
+    let mut out = Vec::new();
+    for info in aya::programs::loaded_programs() {
+        let info = info.map_err(|e| anyhow::anyhow!("listing loaded BPF programs: {e}"))?;
+        let Some(name) = info.name_as_str() else {
+            continue;
+        };
+        if !name.starts_with("hvp_") {
+            continue;
+        }
+        let run_time_ns = u64::try_from(info.run_time().as_nanos()).unwrap_or(u64::MAX);
+        let run_count = info.run_count();
+        let spec = catalog::all().into_iter().find(|s| {
+            [
+                s.programs.tracepoint,
+                s.programs.perf_event,
+                s.programs.fentry,
+                s.programs.kprobe,
+            ]
+            .into_iter()
+            .flatten()
+            .any(|p| p.starts_with(name))
+        });
+        out.push(LiveStats {
+            id: info.id(),
+            probe: spec.map_or_else(|| "?".into(), |s| s.name.to_string()),
+            program: name.to_string(),
+            run_time_ns,
+            run_count,
+            ns_per_run: if run_count > 0 {
+                run_time_ns as f64 / run_count as f64
+            } else {
+                0.0
+            },
+        });
+    }
+    Ok(out)
 }
 
 impl ProbesArgs {
@@ -80,6 +136,26 @@ impl ProbesArgs {
 
 impl ListArgs {
     fn run(self) -> Result<ExitCode> {
+        if self.stats {
+            let stats = live_stats()?;
+            if self.json {
+                println!("{}", serde_json::to_string_pretty(&stats)?);
+            } else if stats.is_empty() {
+                println!("no hvprof program is loaded; start `hvprof record` first");
+            } else {
+                println!(
+                    "{:>6} {:<26} {:<16} {:>12} {:>14} {:>9}",
+                    "ID", "PROBE", "PROGRAM", "RUNS", "RUN TIME NS", "NS/RUN"
+                );
+                for s in &stats {
+                    println!(
+                        "{:>6} {:<26} {:<16} {:>12} {:>14} {:>9.0}",
+                        s.id, s.probe, s.program, s.run_count, s.run_time_ns, s.ns_per_run
+                    );
+                }
+            }
+            return Ok(ExitCode::SUCCESS);
+        }
         let specs = match &self.filter {
             Some(f) => {
                 let s = catalog::select(f);

@@ -719,8 +719,8 @@ pub struct GuestLauncher {
 
 impl loadgen::haproxy::Launcher for GuestLauncher {
     fn command(&self, _program: &Path, args: &[String]) -> Command {
-        let exe = std::env::current_exe().unwrap_or_else(|_| PathBuf::from("hvprof"));
-        let mut c = Command::new(exe);
+        // This very binary, even if the file was replaced since it started.
+        let mut c = Command::new("/proc/self/exe");
         c.arg("guest-haproxy")
             .arg("--ctl")
             .arg(&self.ctl)
