@@ -83,7 +83,8 @@ fn record_sees_exactly_500_connections_with_monotone_timestamps_and_no_loss() {
             .all(|e| e["ts_ns"].is_u64() && e["probe"].is_string())
     );
     let sock_events = lines.iter().filter(|e| e["kind"] == "sock_state").count() as u64;
-    assert_eq!(sock_events, runs, "one event per program run");
+    // Stats are read just before detaching: a few more events may follow.
+    assert!(sock_events >= runs, "one event per program run: {sock_events} < {runs}");
     assert!(
         lines
             .iter()
@@ -370,4 +371,100 @@ fn report_from_a_recording_has_layers_threads_latency_and_a_layer_coloured_flame
     ]);
     assert!(!bad.status.success());
     assert!(String::from_utf8_lossy(&bad.stderr).contains("not a run directory"));
+}
+
+/// A network namespace this test creates, deleted on drop.
+struct Netns(String);
+
+impl Netns {
+    fn new(tag: &str) -> Self {
+        let name = format!("hvp-t{}-{tag}", std::process::id());
+        let ok = Command::new("ip").args(["netns", "add", &name]).status();
+        assert!(ok.is_ok_and(|s| s.success()), "ip netns add {name}");
+        let ns = Netns(name);
+        let ok = Command::new("ip")
+            .args(["-n", &ns.0, "link", "set", "lo", "up"])
+            .status();
+        assert!(ok.is_ok_and(|s| s.success()));
+        ns
+    }
+}
+
+impl Drop for Netns {
+    fn drop(&mut self) {
+        let _ = Command::new("ip").args(["netns", "del", &self.0]).status();
+    }
+}
+
+#[test]
+fn device_probes_see_only_the_selected_device_with_tcp_headers() {
+    require_bpf!("device_probes");
+    let _g = bpf_lock();
+    let ns = Netns::new("dev");
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let run = tmp.path().join("run");
+    // 50 connections inside the namespace, and 50 on the host's loopback
+    // that must not show up.
+    let script = format!(
+        "ip netns exec {ns} {burst} 50 {p1} && {burst} 50 {p2}",
+        ns = ns.0,
+        burst = helper_bin("tcp-burst").display(),
+        p1 = tmp.path().join("p1").display(),
+        p2 = tmp.path().join("p2").display(),
+    );
+    let out = Command::new(hvprof_bin())
+        .args(["record", "-q", "--dev", &format!("{}:lo", ns.0), "-o"])
+        .arg(&run)
+        .args(["--", "sh", "-c", &script])
+        .output()
+        .expect("hvprof runs");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let port: u64 = std::fs::read_to_string(tmp.path().join("p1"))
+        .expect("port")
+        .trim()
+        .parse()
+        .expect("port number");
+    let dump = hvprof(&["dump", run.to_str().expect("utf8")]);
+    let packets: Vec<Value> = json_lines(&dump.stdout)
+        .into_iter()
+        .filter(|e| e["kind"] == "dev_packet")
+        .collect();
+    assert!(!packets.is_empty(), "no packet events");
+    let netns: std::collections::BTreeSet<u64> =
+        packets.iter().filter_map(|p| p["netns"].as_u64()).collect();
+    assert_eq!(netns.len(), 1, "only the namespace's device: {netns:?}");
+    assert!(packets.iter().all(|p| p["dev"] == "lo"));
+    // Every packet belongs to a connection to the namespace's listener.
+    assert!(
+        packets
+            .iter()
+            .all(|p| p["sport"] == port || p["dport"] == port)
+    );
+    let syns = packets
+        .iter()
+        .filter(|p| p["flags"] == "S" && p["dir"] == "xmit")
+        .count();
+    assert_eq!(syns, 50, "one SYN per connection");
+    let pings = packets
+        .iter()
+        .filter(|p| p["dport"] == port && p["payload"] == 4 && p["dir"] == "recv")
+        .count();
+    assert_eq!(pings, 50, "each 4-byte ping received once");
+
+    let bad = hvprof(&[
+        "record",
+        "-o",
+        tmp.path().join("run2").to_str().expect("utf8"),
+        "--dev",
+        "nosuchdev0",
+        "-d",
+        "1s",
+    ]);
+    assert!(!bad.status.success());
+    assert!(String::from_utf8_lossy(&bad.stderr).contains("no such network device"));
+    assert!(our_bpf_programs().is_empty(), "programs left attached");
 }

@@ -20,7 +20,7 @@ use hvprof_common::MAX_PROBES;
 use crate::{
     catalog::{self, Hook, Method, ProbeSpec},
     kernel::{btf as kbtf, features::Features, tracefs},
-    paths::{sched, tcp},
+    paths::{dev, sched, tcp},
     rundir::meta::ProbeStatus,
 };
 
@@ -217,6 +217,8 @@ fn one_error(e: &dyn std::error::Error) -> String {
 /// Options for loading.
 pub struct LoadOptions {
     pub ringbuf_bytes: u32,
+    /// Trace only the devices put in the device filter (else every device).
+    pub dev_filter: bool,
 }
 
 /// Loads the object with this kernel's offsets as globals. Nothing is
@@ -226,7 +228,9 @@ pub fn load(opts: &LoadOptions) -> Result<Ebpf> {
     let btf = kbtf::running().ok();
     let koff = tcp::kernel_offsets(btf.as_ref());
     let sched_tp = sched::tp_offsets()?;
+    let dev_off = dev::offsets(btf.as_ref(), opts.dev_filter);
     EbpfLoader::new()
+        .override_global(dev::OFFSETS_GLOBAL, &dev_off, true)
         .override_global(tcp::TP_GLOBAL, &tp, true)
         .override_global(tcp::KERNEL_GLOBAL, &koff, true)
         .override_global(sched::TP_GLOBAL, &sched_tp, true)

@@ -121,17 +121,24 @@ impl BenchArgs {
             println!();
         }
         print!("{}", markdown_table(&results));
+        let mut files = vec![
+            "bench.json",
+            "bench.md",
+            "bench.svg",
+            "conn_per_s.svg",
+            "bandwidth.svg",
+        ];
+        let names = topology_names(&results);
+        if names.contains(&"native") && names.len() > 1 {
+            files.push("loss.svg");
+        }
         eprintln!(
             "hvprof bench: wrote {}",
-            [
-                "bench.json",
-                "bench.md",
-                "bench.svg",
-                "conn_per_s.svg",
-                "bandwidth.svg"
-            ]
-            .map(|f| self.output.join(f).display().to_string())
-            .join(", ")
+            files
+                .iter()
+                .map(|f| self.output.join(f).display().to_string())
+                .collect::<Vec<_>>()
+                .join(", ")
         );
         if !failed.is_empty() {
             eprintln!("hvprof bench: failed: {}", failed.join(", "));
@@ -244,6 +251,9 @@ pub fn write_outputs(
     write("bench.svg", both)?;
     write("conn_per_s.svg", conn)?;
     write("bandwidth.svg", bw)?;
+    if let Some(loss) = loss_chart(results) {
+        write("loss.svg", loss)?;
+    }
     Ok(())
 }
 
@@ -321,6 +331,51 @@ pub fn comparison_table(results: &[PointResult]) -> String {
         "\nloss = 1 − conn/s(topology) / conn/s({base}) at the same size."
     );
     o
+}
+
+/// The seed's "performance loss" figure: loss % against native per
+/// size, one line per topology (`None` without native and another one).
+fn loss_chart(results: &[PointResult]) -> Option<String> {
+    let names = topology_names(results);
+    if !names.contains(&"native") || names.len() < 2 {
+        return None;
+    }
+    let mut sizes: Vec<u64> = results.iter().map(|r| r.size).collect();
+    sizes.sort_unstable();
+    sizes.dedup();
+    let base = |s: u64| {
+        results
+            .iter()
+            .find(|r| r.topology == "native" && r.size == s)
+            .map(|r| r.conn_per_s)
+            .filter(|b| *b > 0.0)
+    };
+    let mut c = Chart::new(
+        "Performance loss against native (connections/s)",
+        "object size (bytes)",
+        "loss (%)",
+    );
+    c.x_ticks = Some(
+        sizes
+            .iter()
+            .map(|&s| (s as f64, SizeLabel(s).to_string()))
+            .collect(),
+    );
+    let series: Vec<Series> = names
+        .iter()
+        .filter(|n| **n != "native")
+        .map(|n| {
+            let pts = results
+                .iter()
+                .filter(|r| r.topology == *n)
+                .filter_map(|r| {
+                    base(r.size).map(|b| (r.size as f64, (1.0 - r.conn_per_s / b) * 100.0))
+                })
+                .collect();
+            Series::new(*n, pts)
+        })
+        .collect();
+    Some(line_chart_svg(&c, &series))
 }
 
 /// Where each topology ran, as a Markdown list.

@@ -1,10 +1,10 @@
 //! Decoded events: the raw `#[repr(C)]` records of `hvprof-common`, turned
 //! into typed values by the path that owns each kind.
 
-use hvprof_common::{EventHeader, SampleEvent, SockStateEvent, kind};
+use hvprof_common::{DevPacketEvent, EventHeader, SampleEvent, SockStateEvent, kind};
 use serde::Serialize;
 
-use crate::paths::{cpu, tcp};
+use crate::paths::{cpu, dev, tcp};
 
 /// Why a record could not be decoded.
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
@@ -35,6 +35,7 @@ pub struct Event {
 pub enum Body {
     SockState(tcp::SockState),
     CpuSample(cpu::CpuSample),
+    DevPacket(dev::DevPacket),
 }
 
 /// Decodes one record.
@@ -54,6 +55,13 @@ pub fn decode(bytes: &[u8]) -> Result<Event, DecodeError> {
                 len: bytes.len(),
             })?;
             Body::CpuSample(cpu::decode(&ev))
+        }
+        kind::DEV_PACKET => {
+            let ev = DevPacketEvent::read(bytes).ok_or(DecodeError::Truncated {
+                kind: "dev_packet",
+                len: bytes.len(),
+            })?;
+            Body::DevPacket(dev::decode(&ev))
         }
         other => return Err(DecodeError::UnknownKind(other)),
     };

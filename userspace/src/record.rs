@@ -19,7 +19,7 @@ use hvprof_common::{EventHeader, kind};
 use crate::{
     attach::{self, LoadOptions, Probe, ProgramStats},
     catalog, kernel,
-    paths::sched,
+    paths::{dev, sched},
     rundir::{
         self,
         log::LogWriter,
@@ -45,6 +45,11 @@ pub struct RecordArgs {
     /// (`socket`); repeatable. Default: every probe available here.
     #[arg(short, long = "probe", value_name = "NAME")]
     pub probes: Vec<String>,
+    /// Trace packets on this device: IFNAME, NETNS:IFNAME (a named `ip
+    /// netns`), or `all` (every device — costly on a busy host); repeatable.
+    /// Without it the device probes stay off.
+    #[arg(long = "dev", value_name = "[NETNS:]IFNAME")]
+    pub devices: Vec<String>,
     /// Size of the kernel event ring buffer in MiB (a power of two).
     #[arg(long, value_name = "MIB", default_value_t = 16, value_parser = parse_ringbuf_mib)]
     pub ringbuf_mib: u32,
@@ -146,11 +151,32 @@ impl RecordArgs {
         let mut sigint = tokio::signal::unix::signal(SignalKind::interrupt())?;
         let mut sigterm = tokio::signal::unix::signal(SignalKind::terminate())?;
 
+        let all_devices = self.devices.iter().any(|d| d == "all");
+        let devices = self
+            .devices
+            .iter()
+            .filter(|d| *d != "all")
+            .map(|d| dev::resolve(d))
+            .collect::<Result<Vec<_>>>()?;
         let mut ebpf = attach::load(&LoadOptions {
             ringbuf_bytes: self.ringbuf_mib * 1024 * 1024,
+            dev_filter: !all_devices,
         })?;
+        dev::install(&mut ebpf, &devices)?;
         let probe = Probe::detect(&mut ebpf);
         let mut resolved = probe.resolve(&specs);
+        // Device probes only run for devices the user named.
+        if devices.is_empty() && !all_devices {
+            for r in resolved.iter_mut().filter(|r| r.spec.path == "dev") {
+                if r.obtained.take().is_some() {
+                    r.reasons
+                        .push("no device selected (give --dev IFNAME)".into());
+                }
+            }
+            if required && resolved.iter().any(|r| r.spec.path == "dev") {
+                bail!("device probes need devices: give --dev [NETNS:]IFNAME (or --dev all)");
+            }
+        }
         // Functions reachable only by sampling need the CPU sampler.
         let sampled = resolved.iter().any(|r| {
             r.obtained == Some(catalog::Method::Sampling)

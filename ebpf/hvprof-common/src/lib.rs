@@ -25,6 +25,10 @@ pub mod probe {
     pub const SCHED_SWITCH: u16 = 2;
     /// `sched:sched_wakeup` (and `sched_wakeup_new`): run-queue entry.
     pub const SCHED_WAKEUP: u16 = 3;
+    /// `net:net_dev_xmit`: a packet left a device.
+    pub const DEV_XMIT: u16 = 4;
+    /// `net:netif_receive_skb`: a packet entered the stack from a device.
+    pub const DEV_RECV: u16 = 5;
 }
 
 /// Event kinds: what follows the [`EventHeader`].
@@ -33,6 +37,59 @@ pub mod kind {
     pub const SOCK_STATE: u16 = 1;
     /// [`super::SampleEvent`]
     pub const CPU_SAMPLE: u16 = 2;
+    /// [`super::DevPacketEvent`]
+    pub const DEV_PACKET: u16 = 3;
+}
+
+/// A TCP/IPv4 packet seen at a device boundary.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct DevPacketEvent {
+    pub header: EventHeader,
+    pub skbaddr: u64,
+    /// Inode number of the device's network namespace (0 if unknown).
+    pub netns: u32,
+    pub ifindex: u32,
+    /// `skb->len`.
+    pub len: u32,
+    /// TCP sequence and acknowledgment numbers, host order.
+    pub seq: u32,
+    pub ack: u32,
+    pub saddr: [u8; 4],
+    pub daddr: [u8; 4],
+    pub sport: u16,
+    pub dport: u16,
+    /// TCP payload bytes (IP total length minus headers).
+    pub payload: u16,
+    /// TCP flags byte (FIN 0x01, SYN 0x02, RST 0x04, PSH 0x08, ACK 0x10).
+    pub flags: u8,
+    /// 0: transmitted by the device, 1: received from it.
+    pub dir: u8,
+    pub ifname: [u8; 16],
+}
+
+/// Offsets for reading packets and devices, from the running kernel's BTF.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct DevOffsets {
+    pub skb_head: u32,
+    pub skb_network_header: u32,
+    pub skb_dev: u32,
+    pub dev_ifindex: u32,
+    pub dev_name: u32,
+    /// `net_device.nd_net` (a `possible_net_t` holding `struct net *`).
+    pub dev_nd_net: u32,
+    /// `net.ns.inum`.
+    pub net_inum: u32,
+    /// `skbaddr` and `len` in the `net_dev_xmit` and `netif_receive_skb`
+    /// records (user space checks both formats agree).
+    pub tp_skbaddr: u32,
+    pub tp_len: u32,
+    /// Non-zero when all of the above were resolved.
+    pub valid: u32,
+    /// Non-zero: only devices in the `HVP_DEVICES` map are traced.
+    pub filter: u32,
+    pub _pad: u32,
 }
 
 /// Frames kept per stack (kernel and user each).
@@ -182,6 +239,8 @@ mod pod {
     unsafe impl aya::Pod for super::ThreadStats {}
     unsafe impl aya::Pod for super::CpuIdle {}
     unsafe impl aya::Pod for super::SchedTpOffsets {}
+    unsafe impl aya::Pod for super::DevOffsets {}
+    unsafe impl aya::Pod for super::DevPacketEvent {}
 }
 
 /// Decoding helpers for user space (the ring buffer and the event log hand
@@ -194,6 +253,12 @@ impl EventHeader {
 }
 
 impl SockStateEvent {
+    pub fn read(bytes: &[u8]) -> Option<Self> {
+        read_unaligned(bytes)
+    }
+}
+
+impl DevPacketEvent {
     pub fn read(bytes: &[u8]) -> Option<Self> {
         read_unaligned(bytes)
     }

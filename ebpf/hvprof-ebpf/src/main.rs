@@ -9,6 +9,8 @@
 #![cfg_attr(target_arch = "bpf", no_main)]
 
 #[cfg(target_arch = "bpf")]
+mod dev;
+#[cfg(target_arch = "bpf")]
 mod features;
 #[cfg(target_arch = "bpf")]
 mod maps;

@@ -6,6 +6,7 @@ use crate::catalog::ProbeSpec;
 
 pub mod bridge;
 pub mod cpu;
+pub mod dev;
 pub mod e1000;
 pub mod netfilter;
 pub mod netvsc;
@@ -30,6 +31,7 @@ pub struct Path {
 pub const ALL: &[Path] = &[
     tcp::PATH,
     cpu::PATH,
+    dev::PATH,
     netfilter::PATH,
     bridge::PATH,
     tap::PATH,

@@ -1,7 +1,6 @@
-//! tap/tun and vhost: the host side of a virtual NIC (backend layer), plus
-//! the generic device tracepoints that fire on the TAP.
+//! tap/tun and vhost: the host side of a virtual NIC (backend layer).
 
-use super::{Path, func, tp};
+use super::{Path, func};
 use crate::catalog::Layer::Backend;
 
 pub const PATH: Path = Path {
@@ -54,22 +53,6 @@ pub const PATH: Path = Path {
             "handle_rx",
             Some("vhost_net"),
             &[],
-        ),
-        tp(
-            "dev:net_dev_xmit",
-            Backend,
-            "tap",
-            "net",
-            "net_dev_xmit",
-            &["skb", "len", "dev", "rc"],
-        ),
-        tp(
-            "dev:netif_receive_skb",
-            Backend,
-            "tap",
-            "net",
-            "netif_receive_skb",
-            &["skb", "len", "dev"],
         ),
     ],
 };

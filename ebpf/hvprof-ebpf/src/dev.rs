@@ -1,0 +1,114 @@
+//! Device boundaries: every TCP/IPv4 packet transmitted by or received
+//! from a traced device (TAP, veth, bridge port, a guest's NIC), with its
+//! 4-tuple and sequence numbers so packets can be matched across layers
+//! and across the host/guest boundary. Devices are filtered in the kernel
+//! (netns inode + ifindex), so untraced traffic costs a map lookup.
+
+use aya_ebpf::{
+    Global,
+    helpers::bpf_probe_read_kernel,
+    macros::{map, tracepoint},
+    maps::HashMap,
+    programs::TracePointContext,
+};
+use hvprof_common::{DevOffsets, DevPacketEvent, kind, probe};
+
+use crate::maps::{EVENTS, count_lost, header, submit_flags};
+
+#[unsafe(no_mangle)]
+static HVP_DEV_OFFSETS: Global<DevOffsets> = Global::new(DevOffsets {
+    skb_head: 0,
+    skb_network_header: 0,
+    skb_dev: 0,
+    dev_ifindex: 0,
+    dev_name: 0,
+    dev_nd_net: 0,
+    net_inum: 0,
+    tp_skbaddr: 0,
+    tp_len: 0,
+    valid: 0,
+    filter: 0,
+    _pad: 0,
+});
+
+/// Devices to trace: key `netns inode << 32 | ifindex`.
+#[map(name = "HVP_DEVICES")]
+static DEVICES: HashMap<u64, u8> = HashMap::with_max_entries(256, 0);
+
+#[tracepoint(category = "net", name = "net_dev_xmit")]
+pub fn hvp_dev_xmit(ctx: TracePointContext) -> u32 {
+    let _ = packet(&ctx, 0, probe::DEV_XMIT);
+    0
+}
+
+#[tracepoint(category = "net", name = "netif_receive_skb")]
+pub fn hvp_dev_recv(ctx: TracePointContext) -> u32 {
+    let _ = packet(&ctx, 1, probe::DEV_RECV);
+    0
+}
+
+#[inline(always)]
+fn read<T>(base: u64, off: u32) -> Result<T, i32> {
+    // SAFETY: kernel pointers; bpf_probe_read_kernel tolerates faults.
+    unsafe { bpf_probe_read_kernel((base + u64::from(off)) as *const T) }
+}
+
+#[inline(always)]
+fn packet(ctx: &TracePointContext, dir: u8, probe_id: u16) -> Result<(), i32> {
+    let o = HVP_DEV_OFFSETS.load();
+    if o.valid == 0 {
+        return Ok(());
+    }
+    // SAFETY: offset from this kernel's formats (the same in both records).
+    let skb: u64 = unsafe { ctx.read_at(o.tp_skbaddr as usize) }?;
+    let dev: u64 = read(skb, o.skb_dev)?;
+    let ifindex: u32 = read(dev, o.dev_ifindex)?;
+    let net: u64 = read(dev, o.dev_nd_net)?;
+    let netns: u32 = if net != 0 {
+        read(net, o.net_inum).unwrap_or(0)
+    } else {
+        0
+    };
+    if o.filter != 0 {
+        let key = (u64::from(netns) << 32) | u64::from(ifindex);
+        // SAFETY: read-only lookup.
+        if unsafe { DEVICES.get(&key) }.is_none() {
+            return Ok(());
+        }
+    }
+    let head: u64 = read(skb, o.skb_head)?;
+    let nh: u16 = read(skb, o.skb_network_header)?;
+    let ip: [u8; 20] = read(head, u32::from(nh))?;
+    if ip[0] >> 4 != 4 || ip[9] != 6 {
+        return Ok(());
+    }
+    let ihl = u32::from(ip[0] & 0x0f) * 4;
+    let tcp: [u8; 20] = read(head, u32::from(nh) + ihl)?;
+    let tot = u16::from_be_bytes([ip[2], ip[3]]);
+    let doff = u16::from(tcp[12] >> 4) * 4;
+    let Some(mut entry) = EVENTS.reserve::<DevPacketEvent>(0) else {
+        count_lost(probe_id);
+        return Ok(());
+    };
+    let ev = DevPacketEvent {
+        header: header(kind::DEV_PACKET, probe_id),
+        skbaddr: skb,
+        netns,
+        ifindex,
+        // SAFETY: as for skbaddr.
+        len: unsafe { ctx.read_at::<u32>(o.tp_len as usize) }.unwrap_or(0),
+        seq: u32::from_be_bytes([tcp[4], tcp[5], tcp[6], tcp[7]]),
+        ack: u32::from_be_bytes([tcp[8], tcp[9], tcp[10], tcp[11]]),
+        saddr: [ip[12], ip[13], ip[14], ip[15]],
+        daddr: [ip[16], ip[17], ip[18], ip[19]],
+        sport: u16::from_be_bytes([tcp[0], tcp[1]]),
+        dport: u16::from_be_bytes([tcp[2], tcp[3]]),
+        payload: tot.saturating_sub(ihl as u16).saturating_sub(doff),
+        flags: tcp[13],
+        dir,
+        ifname: read(dev, o.dev_name).unwrap_or([0; 16]),
+    };
+    entry.write(ev);
+    entry.submit(submit_flags());
+    Ok(())
+}
