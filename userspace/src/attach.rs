@@ -11,7 +11,7 @@ use aya::{
     Btf, Ebpf, EbpfLoader,
     maps::{MapData, PerCpuArray, RingBuf},
     programs::{
-        FEntry, PerfEvent, TracePoint,
+        FEntry, KProbe, PerfEvent, TracePoint,
         perf_event::{PerfEventConfig, PerfEventScope, SamplePolicy, SoftwareEvent},
     },
 };
@@ -28,6 +28,8 @@ use crate::{
 static OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/hvprof-ebpf"));
 
 pub const EVENTS_MAP: &str = "HVP_EVENTS";
+/// Name under which function-entry probes report lost events.
+pub const FUNC_PROBES: &str = "functions";
 pub const LOST_MAP: &str = "HVP_LOST";
 
 /// A catalog row with the method it gets here.
@@ -246,8 +248,18 @@ pub struct Session {
     pub statuses: Vec<ProbeStatus>,
     /// Names of the attached probes' programs, by probe name.
     pub programs: BTreeMap<&'static str, &'static str>,
+    /// Functions probed by the generic function-entry program.
+    pub functions: Vec<FunctionAddr>,
     /// Kernel BPF run-time statistics stay on while this fd is open.
     _stats: Option<OwnedFd>,
+}
+
+/// A probed function's address, to name function-entry events.
+#[derive(Debug, Clone, serde::Serialize, serde::Deserialize, PartialEq, Eq)]
+pub struct FunctionAddr {
+    pub addr: u64,
+    pub function: String,
+    pub probe: String,
 }
 
 /// Attaches the resolved probes that obtained a method. `required` probes
@@ -257,12 +269,14 @@ pub fn attach(
     resolved: Vec<Resolution>,
     required: bool,
     sample_hz: u64,
+    features: &Features,
 ) -> Result<Session> {
     let stats = aya::sys::enable_stats(aya::sys::Stats::RunTime)
         .map_err(|e| log::warn!("BPF run-time stats unavailable: {e}"))
         .ok();
     let mut statuses = Vec::new();
     let mut programs = BTreeMap::new();
+    let mut functions = Vec::new();
     for mut r in resolved {
         if let Some(method) = r.obtained {
             if let Err(e) = attach_one(&mut ebpf, r.spec, method, sample_hz) {
@@ -274,6 +288,13 @@ pub fn attach(
                 r.obtained = None;
             } else if let Some(p) = program_for(r.spec, method) {
                 programs.insert(r.spec.name, p);
+                if let (Method::Kprobe, Hook::Function { func, .. }) = (method, r.spec.hook) {
+                    functions.push(FunctionAddr {
+                        addr: features.address(func).unwrap_or(0),
+                        function: func.to_string(),
+                        probe: r.spec.name.to_string(),
+                    });
+                }
             }
         } else if required {
             bail!(
@@ -291,6 +312,7 @@ pub fn attach(
         ebpf,
         statuses,
         programs,
+        functions,
         _stats: stats,
     })
 }
@@ -339,6 +361,15 @@ fn attach_one(ebpf: &mut Ebpf, spec: &ProbeSpec, method: Method, sample_hz: u64)
                         .with_context(|| format!("attaching {name} to {c}:{t}"))?;
                 }
             }
+            Ok(())
+        }
+        (Method::Kprobe, Hook::Function { func, .. }) => {
+            let prog: &mut KProbe = prog.try_into()?;
+            if prog.fd().is_err() {
+                prog.load().with_context(|| format!("loading {name}"))?;
+            }
+            prog.attach(func, 0)
+                .with_context(|| format!("kprobe on {func}"))?;
             Ok(())
         }
         (Method::Sampling, Hook::PerfEvent) => {
@@ -408,6 +439,10 @@ impl Session {
             }
             let per_cpu = arr.get(&u32::from(id), 0)?;
             out.insert(spec.name.to_string(), per_cpu.iter().sum());
+        }
+        if !self.functions.is_empty() {
+            let per_cpu = arr.get(&u32::from(hvprof_common::probe::FUNC), 0)?;
+            out.insert(FUNC_PROBES.to_string(), per_cpu.iter().sum());
         }
         Ok(out)
     }

@@ -30,13 +30,14 @@ pub struct DumpArgs {
 
 impl DumpArgs {
     pub fn run(self) -> Result<ExitCode> {
-        rundir::open(&self.dir)?;
+        let meta = rundir::open(&self.dir)?;
+        let ctx = event::Context::new(&meta.functions);
         let stdout = std::io::stdout();
         let mut out = BufWriter::new(stdout.lock());
         let res = if self.connections {
             self.connections(&mut out)
         } else {
-            self.events(&mut out)
+            self.events(&mut out, &ctx)
         };
         match res.and_then(|()| out.flush().map_err(Into::into)) {
             Err(e) if is_broken_pipe(&e) => Ok(ExitCode::SUCCESS),
@@ -44,14 +45,14 @@ impl DumpArgs {
         }
     }
 
-    fn events(&self, out: &mut impl Write) -> Result<()> {
+    fn events(&self, out: &mut impl Write, ctx: &event::Context) -> Result<()> {
         let path = self.dir.join(rundir::EVENTS);
         let mut reader = LogReader::open(&path)?;
         let mut n = 0u64;
         while let Some(rec) = reader.next_record()? {
             n += 1;
             let ev =
-                event::decode(rec).with_context(|| format!("{}: record {n}", path.display()))?;
+                event::decode(rec, ctx).with_context(|| format!("{}: record {n}", path.display()))?;
             serde_json::to_writer(&mut *out, &ev)?;
             out.write_all(b"\n")?;
         }

@@ -1,7 +1,9 @@
 //! Decoded events: the raw `#[repr(C)]` records of `hvprof-common`, turned
 //! into typed values by the path that owns each kind.
 
-use hvprof_common::{DevPacketEvent, EventHeader, SampleEvent, SockStateEvent, kind};
+use hvprof_common::{DevPacketEvent, EventHeader, FuncEvent, SampleEvent, SockStateEvent, kind};
+use std::borrow::Cow;
+
 use serde::Serialize;
 
 use crate::paths::{cpu, dev, tcp};
@@ -21,7 +23,7 @@ pub enum DecodeError {
 #[derive(Debug, Clone, Serialize)]
 pub struct Event {
     pub ts_ns: u64,
-    pub probe: &'static str,
+    pub probe: Cow<'static, str>,
     pub cpu: u32,
     pub pid: u32,
     pub tid: u32,
@@ -36,11 +38,46 @@ pub enum Body {
     SockState(tcp::SockState),
     CpuSample(cpu::CpuSample),
     DevPacket(dev::DevPacket),
+    Func(Func),
+}
+
+/// A probed kernel function was entered.
+#[derive(Debug, Clone, Serialize)]
+pub struct Func {
+    pub function: String,
+    pub ip: String,
+    pub arg0: String,
+}
+
+/// What decoding needs from the run: names of probed functions by address.
+#[derive(Debug, Default)]
+pub struct Context {
+    /// (address, function, probe), sorted by address.
+    functions: Vec<(u64, String, String)>,
+}
+
+impl Context {
+    pub fn new(functions: &[crate::attach::FunctionAddr]) -> Self {
+        let mut f: Vec<_> = functions
+            .iter()
+            .map(|f| (f.addr, f.function.clone(), f.probe.clone()))
+            .collect();
+        f.sort();
+        Self { functions: f }
+    }
+
+    /// The probed function at `ip` (the probe may sit a few bytes in, past
+    /// an `endbr64`).
+    fn function(&self, ip: u64) -> Option<&(u64, String, String)> {
+        let i = self.functions.partition_point(|(a, _, _)| *a <= ip);
+        self.functions[..i].last().filter(|(a, _, _)| ip - a < 64)
+    }
 }
 
 /// Decodes one record.
-pub fn decode(bytes: &[u8]) -> Result<Event, DecodeError> {
+pub fn decode(bytes: &[u8], ctx: &Context) -> Result<Event, DecodeError> {
     let h = EventHeader::read(bytes).ok_or(DecodeError::Short(bytes.len()))?;
+    let mut probe = Cow::Borrowed(probe_name(h.probe));
     let body = match h.kind {
         kind::SOCK_STATE => {
             let ev = SockStateEvent::read(bytes).ok_or(DecodeError::Truncated {
@@ -63,11 +100,26 @@ pub fn decode(bytes: &[u8]) -> Result<Event, DecodeError> {
             })?;
             Body::DevPacket(dev::decode(&ev))
         }
+        kind::FUNC => {
+            let ev = FuncEvent::read(bytes).ok_or(DecodeError::Truncated {
+                kind: "func",
+                len: bytes.len(),
+            })?;
+            let f = ctx.function(ev.ip);
+            if let Some((_, _, p)) = f {
+                probe = Cow::Owned(p.clone());
+            }
+            Body::Func(Func {
+                function: f.map_or_else(|| "?".to_string(), |(_, name, _)| name.clone()),
+                ip: format!("{:#x}", ev.ip),
+                arg0: format!("{:#x}", ev.arg0),
+            })
+        }
         other => return Err(DecodeError::UnknownKind(other)),
     };
     Ok(Event {
         ts_ns: h.ts_ns,
-        probe: probe_name(h.probe),
+        probe,
         cpu: h.cpu,
         pid: h.pid,
         tid: h.tid,
@@ -78,6 +130,9 @@ pub fn decode(bytes: &[u8]) -> Result<Event, DecodeError> {
 
 /// Name of a probe id, from the catalog.
 pub fn probe_name(id: u16) -> &'static str {
+    if id == hvprof_common::probe::FUNC {
+        return crate::attach::FUNC_PROBES;
+    }
     static NAMES: std::sync::OnceLock<std::collections::HashMap<u16, &'static str>> =
         std::sync::OnceLock::new();
     NAMES

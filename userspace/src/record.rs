@@ -185,7 +185,7 @@ impl RecordArgs {
         if sampled && !resolved.iter().any(|r| r.spec.name == "cpu:samples") {
             resolved.extend(probe.resolve(&catalog::select("cpu:samples")));
         }
-        let mut session = attach::attach(ebpf, resolved, required, self.freq)?;
+        let mut session = attach::attach(ebpf, resolved, required, self.freq, &probe.features)?;
         // SAFETY: the ring buffer owns its fd, which stays open for as long
         // as the AsyncFd that owns the ring buffer.
         let mut ring = unsafe { AsyncFd::register(session.take_events()?) }
@@ -210,6 +210,7 @@ impl RecordArgs {
                 .contains_key("cpu:samples")
                 .then_some(self.freq),
             probes: session.statuses.clone(),
+            functions: session.functions.clone(),
             lost: BTreeMap::new(),
             clock_offsets: Vec::new(),
         };

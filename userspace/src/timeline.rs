@@ -66,11 +66,13 @@ impl Timeline {
     pub fn read(dir: &Path) -> Result<Self> {
         let path = dir.join(rundir::EVENTS);
         let mut reader = LogReader::open(&path)?;
+        // Connections need no function names.
+        let ctx = event::Context::default();
         let mut b = Builder::default();
         let mut events = 0;
         while let Some(rec) = reader.next_record()? {
             events += 1;
-            let ev = event::decode(rec)
+            let ev = event::decode(rec, &ctx)
                 .with_context(|| format!("{}: record {events}", path.display()))?;
             if let Body::SockState(s) = &ev.body {
                 b.add(ev.ts_ns, ev.pid, &ev.comm, s);

@@ -29,6 +29,9 @@ pub mod probe {
     pub const DEV_XMIT: u16 = 4;
     /// `net:netif_receive_skb`: a packet entered the stack from a device.
     pub const DEV_RECV: u16 = 5;
+    /// Kernel function entries (kprobe or fentry), one program for all;
+    /// the function is told by the event's instruction pointer.
+    pub const FUNC: u16 = 6;
 }
 
 /// Event kinds: what follows the [`EventHeader`].
@@ -39,6 +42,19 @@ pub mod kind {
     pub const CPU_SAMPLE: u16 = 2;
     /// [`super::DevPacketEvent`]
     pub const DEV_PACKET: u16 = 3;
+    /// [`super::FuncEvent`]
+    pub const FUNC: u16 = 4;
+}
+
+/// A probed kernel function was entered.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct FuncEvent {
+    pub header: EventHeader,
+    /// Address of the function (`bpf_get_func_ip`).
+    pub ip: u64,
+    /// First argument (often the `sk_buff` or the NAPI context).
+    pub arg0: u64,
 }
 
 /// A TCP/IPv4 packet seen at a device boundary.
@@ -241,6 +257,7 @@ mod pod {
     unsafe impl aya::Pod for super::SchedTpOffsets {}
     unsafe impl aya::Pod for super::DevOffsets {}
     unsafe impl aya::Pod for super::DevPacketEvent {}
+    unsafe impl aya::Pod for super::FuncEvent {}
 }
 
 /// Decoding helpers for user space (the ring buffer and the event log hand
@@ -253,6 +270,12 @@ impl EventHeader {
 }
 
 impl SockStateEvent {
+    pub fn read(bytes: &[u8]) -> Option<Self> {
+        read_unaligned(bytes)
+    }
+}
+
+impl FuncEvent {
     pub fn read(bytes: &[u8]) -> Option<Self> {
         read_unaligned(bytes)
     }

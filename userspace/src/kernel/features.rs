@@ -12,9 +12,9 @@ pub struct Features {
     pub kprobe: Result<(), String>,
     /// `Err(reason)` when software perf events can't be sampled.
     pub sampling: Result<(), String>,
-    /// Function symbols (`t`/`T`) of the kernel and loaded modules; value is
-    /// the module name, empty for vmlinux.
-    pub symbols: HashMap<String, String>,
+    /// Function symbols (`t`/`T`) of the kernel and loaded modules: the
+    /// module name (empty for vmlinux) and address.
+    pub symbols: HashMap<String, (String, u64)>,
     /// Loaded modules (`/proc/modules`).
     pub modules: Vec<String>,
 }
@@ -41,20 +41,25 @@ impl Features {
 
     /// Where `func` lives (`Some("")` for vmlinux, `Some(module)`), or `None`.
     pub fn symbol(&self, func: &str) -> Option<&str> {
-        self.symbols.get(func).map(String::as_str)
+        self.symbols.get(func).map(|(m, _)| m.as_str())
+    }
+
+    /// Address of `func` (0 when addresses are hidden from this user).
+    pub fn address(&self, func: &str) -> Option<u64> {
+        self.symbols.get(func).map(|(_, a)| *a)
     }
 }
 
 /// Text symbols from `/proc/kallsyms`. Requires root to see addresses but
 /// names are listed regardless.
-fn kallsyms_functions() -> HashMap<String, String> {
+fn kallsyms_functions() -> HashMap<String, (String, u64)> {
     let Ok(text) = std::fs::read_to_string("/proc/kallsyms") else {
         return HashMap::new();
     };
     let mut out = HashMap::with_capacity(200_000);
     for line in text.lines() {
         let mut it = line.split_ascii_whitespace();
-        let (Some(_addr), Some(kind), Some(name)) = (it.next(), it.next(), it.next()) else {
+        let (Some(addr), Some(kind), Some(name)) = (it.next(), it.next(), it.next()) else {
             continue;
         };
         if !matches!(kind, "t" | "T") {
@@ -66,7 +71,8 @@ fn kallsyms_functions() -> HashMap<String, String> {
             .unwrap_or_default();
         // Local symbols may carry a `.cold`/`.isra` suffix; keep the base too.
         let base = name.split('.').next().unwrap_or(name);
-        out.entry(base.to_string()).or_insert(module);
+        let addr = u64::from_str_radix(addr, 16).unwrap_or(0);
+        out.entry(base.to_string()).or_insert((module, addr));
     }
     out
 }

@@ -45,8 +45,9 @@ pub const ALL: &[Path] = &[
     sched::PATH,
 ];
 
-/// Shorthand for a catalog row on a kernel function that has no hvprof
-/// program yet (its events come with the per-layer probes).
+/// Shorthand for a catalog row on a kernel function: probed with the
+/// generic function-entry kprobe where kprobes exist, else seen only in
+/// CPU samples.
 pub(crate) const fn func(
     name: &'static str,
     layer: crate::catalog::Layer,
@@ -67,13 +68,16 @@ pub(crate) const fn func(
         fields,
         programs: crate::catalog::Programs {
             fentry: None,
-            kprobe: None,
+            kprobe: Some(FUNC_PROGRAM),
             tracepoint: None,
             perf_event: None,
         },
         id: None,
     }
 }
+
+/// The one kprobe program behind every function row.
+pub const FUNC_PROGRAM: &str = "hvp_fn_entry";
 
 /// Shorthand for a tracepoint row with no hvprof program yet.
 pub(crate) const fn tp(

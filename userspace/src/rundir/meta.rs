@@ -58,6 +58,9 @@ pub struct Meta {
     pub sample_hz: Option<u64>,
     /// Every probe considered, attached or not.
     pub probes: Vec<ProbeStatus>,
+    /// Addresses of the functions probed on entry, to name their events.
+    #[serde(default)]
+    pub functions: Vec<crate::attach::FunctionAddr>,
     /// Events dropped in the kernel, per probe name.
     pub lost: BTreeMap<String, u64>,
     /// Offsets of other clocks (guests) against this one; empty for a

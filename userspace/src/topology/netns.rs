@@ -386,6 +386,7 @@ mod tests {
         // Sources stay distinct.
         let mut srcs: Vec<&str> = t
             .lines()
+            .filter(|l| l.starts_with("-A FORWARD -s "))
             .filter_map(|l| l.split_whitespace().nth(3))
             .collect();
         let n = srcs.len();

@@ -1,0 +1,28 @@
+//! Kernel function entries: one kprobe program attached to every catalog
+//! function this kernel lets hvprof probe (NIC drivers, bridge, netfilter,
+//! tun…). The event carries the function's address; user space maps it
+//! back to the catalog row.
+
+use aya_ebpf::{
+    EbpfContext, helpers::generated::bpf_get_func_ip, macros::kprobe, programs::ProbeContext,
+};
+use hvprof_common::{FuncEvent, kind, probe};
+
+use crate::maps::{EVENTS, count_lost, header, submit_flags};
+
+#[kprobe]
+pub fn hvp_fn_entry(ctx: ProbeContext) -> u32 {
+    let Some(mut entry) = EVENTS.reserve::<FuncEvent>(0) else {
+        count_lost(probe::FUNC);
+        return 0;
+    };
+    let ev = FuncEvent {
+        header: header(kind::FUNC, probe::FUNC),
+        // SAFETY: kprobe context.
+        ip: unsafe { bpf_get_func_ip(ctx.as_ptr()) },
+        arg0: ctx.arg::<u64>(0).unwrap_or(0),
+    };
+    entry.write(ev);
+    entry.submit(submit_flags());
+    0
+}
