@@ -59,7 +59,6 @@ impl Resolution {
 /// What the kernel offers, probed once.
 pub struct Probe {
     pub features: Features,
-    pub btf: Option<btf_rs::Btf>,
     /// `Err(why)` when fentry programs can't be loaded here.
     pub fentry: Result<(), String>,
 }
@@ -71,7 +70,6 @@ impl Probe {
         let fentry = test_fentry(ebpf, btf.as_ref());
         Self {
             features: Features::detect(),
-            btf,
             fentry,
         }
     }
@@ -267,7 +265,7 @@ pub struct FunctionAddr {
 pub fn attach(
     mut ebpf: Ebpf,
     resolved: Vec<Resolution>,
-    required: bool,
+    required: &[&str],
     sample_hz: u64,
     features: &Features,
 ) -> Result<Session> {
@@ -278,6 +276,7 @@ pub fn attach(
     let mut programs = BTreeMap::new();
     let mut functions = Vec::new();
     for mut r in resolved {
+        let required = required.contains(&r.spec.name);
         if let Some(method) = r.obtained {
             if let Err(e) = attach_one(&mut ebpf, r.spec, method, sample_hz) {
                 let why = format!("{}: attach failed: {e:#}", method.name());

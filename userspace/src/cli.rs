@@ -20,6 +20,8 @@ pub enum Command {
     Record(crate::record::RecordArgs),
     /// Print a run's events (or connections) as JSON lines.
     Dump(crate::dump::DumpArgs),
+    /// In a guest: record and stream to the host's collector.
+    Agent(crate::agent::AgentArgs),
     /// Flamegraphs and per-layer breakdowns from run directories.
     Report(crate::report::ReportArgs),
     /// The probe catalog and what this kernel offers for it.
@@ -46,6 +48,7 @@ impl Cli {
             Command::Dump(args) => args.run(),
             Command::Probes(args) => args.run(),
             Command::Report(args) => args.run(),
+            Command::Agent(args) => args.run(),
             Command::Origin(args) => args.run(),
             Command::Load(args) => args.run(),
             Command::Bench(args) => args.run(),

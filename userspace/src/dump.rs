@@ -51,8 +51,8 @@ impl DumpArgs {
         let mut n = 0u64;
         while let Some(rec) = reader.next_record()? {
             n += 1;
-            let ev =
-                event::decode(rec, ctx).with_context(|| format!("{}: record {n}", path.display()))?;
+            let ev = event::decode(rec, ctx)
+                .with_context(|| format!("{}: record {n}", path.display()))?;
             serde_json::to_writer(&mut *out, &ev)?;
             out.write_all(b"\n")?;
         }

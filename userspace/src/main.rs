@@ -2,6 +2,7 @@
 //! module per command; every error reaches the user as one line on stderr
 //! and a non-zero exit.
 
+mod agent;
 mod attach;
 mod bench;
 mod catalog;
@@ -13,6 +14,7 @@ mod kernel;
 mod paths;
 mod probes;
 mod record;
+mod recorder;
 mod report;
 mod rundir;
 mod stacks;

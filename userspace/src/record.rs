@@ -6,26 +6,19 @@ use std::{
     collections::BTreeMap,
     path::{Path, PathBuf},
     process::ExitCode,
-    time::{Duration, Instant, SystemTime, UNIX_EPOCH},
+    time::Duration,
 };
 
 use anyhow::{Context as _, Result, bail};
 use clap::Args;
 use serde::Serialize;
-use tokio::{io::unix::AsyncFd, signal::unix::SignalKind};
-
-use hvprof_common::{EventHeader, kind};
+use tokio::signal::unix::SignalKind;
 
 use crate::{
-    attach::{self, LoadOptions, Probe, ProgramStats},
-    catalog, kernel,
-    paths::{dev, sched},
-    rundir::{
-        self,
-        log::LogWriter,
-        meta::{Meta, Status},
-    },
-    stacks::Stacks,
+    agent::collector::Collector,
+    attach::ProgramStats,
+    recorder::{self, Recorder},
+    rundir::{self, log::LogWriter},
     timeline,
 };
 
@@ -50,6 +43,13 @@ pub struct RecordArgs {
     /// Without it the device probes stay off.
     #[arg(long = "dev", value_name = "[NETNS:]IFNAME")]
     pub devices: Vec<String>,
+    /// Also collect guest agents (`hvprof agent --collector ADDR`) on this
+    /// address (the test network or loopback) into RUN/guest-N/.
+    #[arg(long, value_name = "ADDR", requires = "token")]
+    pub collect: Option<std::net::SocketAddr>,
+    /// Shared token file agents must prove they hold (with --collect).
+    #[arg(long, value_name = "FILE", requires = "collect")]
+    pub token: Option<PathBuf>,
     /// Size of the kernel event ring buffer in MiB (a power of two).
     #[arg(long, value_name = "MIB", default_value_t = 16, value_parser = parse_ringbuf_mib)]
     pub ringbuf_mib: u32,
@@ -104,28 +104,13 @@ impl RecordArgs {
                 "nothing to record: give --duration D, or a command after `--` (e.g. `hvprof record -o run/ -- sleep 5`)"
             );
         }
-        // Validate probe names before touching the kernel.
-        let mut required = false;
-        let specs: Vec<&'static catalog::ProbeSpec> = if self.probes.is_empty() {
-            catalog::all()
-        } else {
-            required = true;
-            let mut out = Vec::new();
-            for name in &self.probes {
-                let found = catalog::select(name);
-                if found.is_empty() {
-                    bail!(
-                        "unknown probe {name:?}; `hvprof probes list` shows the probe, path and layer names"
-                    );
-                }
-                for s in found {
-                    if !out.iter().any(|o: &&catalog::ProbeSpec| o.name == s.name) {
-                        out.push(s);
-                    }
-                }
-            }
-            out
-        };
+        // Validate probe names and the command before touching the kernel.
+        recorder::select(&self.probes)?;
+        let token = self
+            .token
+            .as_deref()
+            .map(crate::agent::proto::read_token)
+            .transpose()?;
         if let Some(cmd) = self.command.first() {
             find_program(cmd)?;
         }
@@ -134,7 +119,7 @@ impl RecordArgs {
             .enable_all()
             .build()
             .context("starting the async runtime")?;
-        let res = rt.block_on(self.record(dir.clone(), specs, required));
+        let res = rt.block_on(self.record(dir.clone(), token));
         if res.is_err() {
             // Leave no empty run directory behind; a started one is kept.
             let _ = std::fs::remove_dir(&dir);
@@ -142,86 +127,32 @@ impl RecordArgs {
         res
     }
 
-    async fn record(
-        self,
-        dir: PathBuf,
-        specs: Vec<&'static catalog::ProbeSpec>,
-        required: bool,
-    ) -> Result<ExitCode> {
+    async fn record(self, dir: PathBuf, token: Option<Vec<u8>>) -> Result<ExitCode> {
         let mut sigint = tokio::signal::unix::signal(SignalKind::interrupt())?;
         let mut sigterm = tokio::signal::unix::signal(SignalKind::terminate())?;
-
-        let all_devices = self.devices.iter().any(|d| d == "all");
-        let devices = self
-            .devices
-            .iter()
-            .filter(|d| *d != "all")
-            .map(|d| dev::resolve(d))
-            .collect::<Result<Vec<_>>>()?;
-        let mut ebpf = attach::load(&LoadOptions {
-            ringbuf_bytes: self.ringbuf_mib * 1024 * 1024,
-            dev_filter: !all_devices,
-        })?;
-        dev::install(&mut ebpf, &devices)?;
-        let probe = Probe::detect(&mut ebpf);
-        let mut resolved = probe.resolve(&specs);
-        // Device probes only run for devices the user named.
-        if devices.is_empty() && !all_devices {
-            for r in resolved.iter_mut().filter(|r| r.spec.path == "dev") {
-                if r.obtained.take().is_some() {
-                    r.reasons
-                        .push("no device selected (give --dev IFNAME)".into());
+        let collector = match (self.collect, token) {
+            (Some(addr), Some(token)) => {
+                let c = Collector::bind(addr, token, dir.clone()).await?;
+                if !self.quiet {
+                    eprintln!("hvprof: collecting guest agents on {}", c.addr);
                 }
+                Some(c)
             }
-            if required && resolved.iter().any(|r| r.spec.path == "dev") {
-                bail!("device probes need devices: give --dev [NETNS:]IFNAME (or --dev all)");
-            }
-        }
-        // Functions reachable only by sampling need the CPU sampler.
-        let sampled = resolved.iter().any(|r| {
-            r.obtained == Some(catalog::Method::Sampling)
-                && matches!(r.spec.hook, catalog::Hook::Function { .. })
-        });
-        if sampled && !resolved.iter().any(|r| r.spec.name == "cpu:samples") {
-            resolved.extend(probe.resolve(&catalog::select("cpu:samples")));
-        }
-        let mut session = attach::attach(ebpf, resolved, required, self.freq, &probe.features)?;
-        // SAFETY: the ring buffer owns its fd, which stays open for as long
-        // as the AsyncFd that owns the ring buffer.
-        let mut ring = unsafe { AsyncFd::register(session.take_events()?) }
-            .map_err(|e| anyhow::anyhow!("watching the event ring buffer: {e}"))?;
-
-        let (started_unix_ns, monotonic_start_ns) = clocks();
-        let mut meta = Meta {
-            format: rundir::meta::FORMAT.into(),
-            version: rundir::meta::VERSION,
-            hvprof_version: env!("CARGO_PKG_VERSION").into(),
-            kernel: kernel::release(),
-            topology: "host".into(),
-            command: self.command.clone(),
-            status: Status::Recording,
-            started_unix_ns,
-            monotonic_start_ns,
-            ended_unix_ns: None,
-            duration_s: None,
-            ringbuf_bytes: u64::from(self.ringbuf_mib) * 1024 * 1024,
-            sample_hz: session
-                .programs
-                .contains_key("cpu:samples")
-                .then_some(self.freq),
-            probes: session.statuses.clone(),
-            functions: session.functions.clone(),
-            lost: BTreeMap::new(),
-            clock_offsets: Vec::new(),
+            _ => None,
         };
-        rundir::write_json(&dir.join(rundir::META), &meta)?;
+        let opts = recorder::Options {
+            probes: self.probes.clone(),
+            devices: self.devices.clone(),
+            ringbuf_mib: self.ringbuf_mib,
+            freq: self.freq,
+        };
+        let mut rec = Recorder::start(&opts, "host", &self.command)?;
+        rundir::write_json(&dir.join(rundir::META), &rec.meta)?;
         let mut log = LogWriter::create(&dir.join(rundir::EVENTS))?;
-
-        let attached: Vec<&str> = session.programs.keys().copied().collect();
         if !self.quiet {
             eprintln!(
                 "hvprof: recording {} probe(s) into {} ({}); Ctrl-C to stop",
-                attached.len(),
+                rec.attached().len(),
                 dir.display(),
                 match self.duration {
                     Some(d) => format!("for {}", humantime::format_duration(d)),
@@ -229,8 +160,6 @@ impl RecordArgs {
                 }
             );
         }
-
-        let start = Instant::now();
         let mut child = if self.command.is_empty() {
             None
         } else {
@@ -244,25 +173,16 @@ impl RecordArgs {
         };
         let deadline = self.duration.map(|d| tokio::time::Instant::now() + d);
         let mut exit = ExitCode::SUCCESS;
-        // The kernel wakes us only when the ring fills up (see
-        // `submit_flags` in the eBPF maps): drain on a timer as well.
-        let mut drain_tick = tokio::time::interval(Duration::from_millis(50));
-        let mut flush_tick = tokio::time::interval(Duration::from_millis(200));
+        let mut drain_tick = tokio::time::interval(recorder::DRAIN_EVERY);
         let mut symbolize_tick = tokio::time::interval(Duration::from_secs(1));
-        let mut stacks = Stacks::new();
 
         // Stream until the duration ends, the command exits or a signal comes.
         let result: Result<()> = async {
             loop {
                 tokio::select! {
-                    guard = ring.readable_mut() => {
-                        let mut guard = guard?;
-                        drain(guard.get_inner_mut(), &mut log, &mut stacks)?;
-                        guard.clear_ready();
-                    }
-                    _ = drain_tick.tick() => drain(ring.get_mut(), &mut log, &mut stacks)?,
-                    _ = flush_tick.tick() => log.flush()?,
-                    _ = symbolize_tick.tick() => stacks.symbolize_pending(),
+                    r = rec.wait_and_drain(|r| Ok(log.append(r)?)) => { r?; log.flush()? }
+                    _ = drain_tick.tick() => { rec.drain(|r| Ok(log.append(r)?))?; log.flush()? }
+                    _ = symbolize_tick.tick() => rec.stacks.symbolize_pending(),
                     _ = sleep_until(deadline) => break,
                     status = wait_child(&mut child) => {
                         if let Some(st) = status? {
@@ -280,48 +200,48 @@ impl RecordArgs {
             Ok(())
         }
         .await;
-
-        // Stop: stats first (programs still loaded), then detach, then
-        // drain what the kernel already wrote.
-        let stats = session.program_stats();
-        let sched = session
-            .programs
-            .contains_key("sched:sched_switch")
-            .then(|| sched::snapshot(&session.ebpf));
-        session.detach();
-        let drained = drain(ring.get_mut(), &mut log, &mut stacks);
-        let lost = session.lost().unwrap_or_default();
-        drop(ring);
-        drop(session);
+        let finished = rec.finish(|r| Ok(log.append(r)?));
         log.flush()?;
         result?;
-        drained?;
-
-        let elapsed = start.elapsed().as_secs_f64();
-        let (ended, _) = clocks();
-        meta.status = Status::Complete;
-        meta.ended_unix_ns = Some(ended);
-        meta.duration_s = Some(elapsed);
-        meta.lost = lost.clone();
-        rundir::write_json(&dir.join(rundir::META), &meta)?;
-
-        let n_stacks = if stacks.samples > 0 {
-            stacks.write_folded(&dir.join(rundir::STACKS))?
+        let mut fin = finished?;
+        if let Some(c) = collector {
+            for g in c.finish(Duration::from_secs(20)).await {
+                if !self.quiet {
+                    eprintln!(
+                        "hvprof: {} from {}: {} events{}{}",
+                        g.guest,
+                        g.peer,
+                        g.events,
+                        g.clock.as_ref().map_or(String::new(), |c| format!(
+                            ", clock offset {} ns ± {} ns",
+                            c.offset_ns, c.error_ns
+                        )),
+                        if g.complete { "" } else { " (incomplete)" }
+                    );
+                }
+                if let Some(clock) = g.clock {
+                    fin.meta.clock_offsets.push(serde_json::to_value(clock)?);
+                }
+            }
+        }
+        rundir::write_json(&dir.join(rundir::META), &fin.meta)?;
+        let n_stacks = if fin.stacks.samples > 0 {
+            fin.stacks.write_folded(&dir.join(rundir::STACKS))?
         } else {
             0
         };
-        if let Some(sched) = sched {
-            rundir::write_json(&dir.join(rundir::THREADS), &sched?)?;
+        if let Some(sched) = &fin.sched {
+            rundir::write_json(&dir.join(rundir::THREADS), sched)?;
         }
         let tl = timeline::Timeline::read(&dir)?;
         let summary = Summary {
             connections: tl.connections.len() as u64,
             events: log.records,
-            lost,
-            probes: stats,
-            duration_s: elapsed,
+            lost: fin.lost,
+            probes: fin.stats,
+            duration_s: fin.meta.duration_s.unwrap_or(0.0),
             truncated_tail: tl.truncated_tail,
-            samples: stacks.samples,
+            samples: fin.stacks.samples,
             stacks: n_stacks,
         };
         rundir::write_json(&dir.join(rundir::SUMMARY), &summary)?;
@@ -348,22 +268,6 @@ fn find_program(cmd: &str) -> Result<()> {
     };
     if !found {
         bail!("command {cmd:?} not found or not executable; check the command after `--`");
-    }
-    Ok(())
-}
-
-/// Moves every available record from the ring buffer into the log (and
-/// CPU samples into the stack aggregate).
-fn drain(
-    ring: &mut aya::maps::RingBuf<aya::maps::MapData>,
-    log: &mut LogWriter,
-    stacks: &mut Stacks,
-) -> Result<()> {
-    while let Some(item) = ring.next() {
-        log.append(&item)?;
-        if EventHeader::read(&item).is_some_and(|h| h.kind == kind::CPU_SAMPLE) {
-            stacks.add(&item);
-        }
     }
     Ok(())
 }
@@ -398,15 +302,6 @@ async fn stop_child(child: &mut Option<tokio::process::Child>, sig: i32) {
     {
         let _ = c.kill().await;
     }
-}
-
-/// (wall clock ns since epoch, CLOCK_MONOTONIC ns), read back to back.
-fn clocks() -> (u64, u64) {
-    let wall = SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map(|d| d.as_nanos() as u64)
-        .unwrap_or(0);
-    (wall, kernel::monotonic_ns())
 }
 
 fn print_summary(dir: &Path, s: &Summary) {

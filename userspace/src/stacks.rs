@@ -6,7 +6,7 @@
 
 use std::{
     collections::{HashMap, HashSet},
-    io::Write as _,
+    fmt::Write as _,
     path::Path,
     sync::Arc,
 };
@@ -142,6 +142,13 @@ impl Stacks {
 
     /// Writes `stacks.folded`; returns the number of distinct stacks.
     pub fn write_folded(&mut self, path: &Path) -> Result<usize> {
+        let text = self.folded();
+        std::fs::write(path, &text).with_context(|| format!("writing {}", path.display()))?;
+        Ok(text.lines().count())
+    }
+
+    /// The folded stacks as text, one `stack count` line each.
+    pub fn folded(&mut self) -> String {
         self.symbolize_pending();
         let mut lines: HashMap<String, u64> = HashMap::new();
         for (k, n) in &self.counts {
@@ -165,13 +172,10 @@ impl Stacks {
         }
         let mut sorted: Vec<(String, u64)> = lines.into_iter().collect();
         sorted.sort_unstable();
-        let mut out = std::io::BufWriter::new(
-            std::fs::File::create(path).with_context(|| format!("creating {}", path.display()))?,
-        );
+        let mut out = String::new();
         for (stack, n) in &sorted {
-            writeln!(out, "{stack} {n}")?;
+            let _ = writeln!(out, "{stack} {n}");
         }
-        out.flush()?;
-        Ok(sorted.len())
+        out
     }
 }

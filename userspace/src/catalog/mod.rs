@@ -159,11 +159,16 @@ pub fn all() -> Vec<&'static ProbeSpec> {
     paths::ALL.iter().flat_map(|p| p.rows.iter()).collect()
 }
 
-/// Looks up `name`: a probe name (`tcp:inet_sock_set_state`) or a whole
-/// path (`tcp`) or layer (`socket`).
+/// Looks up `name`: a probe name (`tcp:inet_sock_set_state`), a path
+/// (`virtio`, `netback`), a path module (`xen`: netfront and netback) or a
+/// layer (`socket`).
 pub fn select(name: &str) -> Vec<&'static ProbeSpec> {
-    all()
-        .into_iter()
-        .filter(|s| s.name == name || s.path == name || s.layer.name() == name)
+    paths::ALL
+        .iter()
+        .flat_map(|p| p.rows.iter().map(move |s| (p.name, s)))
+        .filter(|(module, s)| {
+            s.name == name || s.path == name || *module == name || s.layer.name() == name
+        })
+        .map(|(_, s)| s)
         .collect()
 }

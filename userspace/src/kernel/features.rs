@@ -15,8 +15,6 @@ pub struct Features {
     /// Function symbols (`t`/`T`) of the kernel and loaded modules: the
     /// module name (empty for vmlinux) and address.
     pub symbols: HashMap<String, (String, u64)>,
-    /// Loaded modules (`/proc/modules`).
-    pub modules: Vec<String>,
 }
 
 impl Features {
@@ -35,7 +33,6 @@ impl Features {
             kprobe,
             sampling,
             symbols: kallsyms_functions(),
-            modules: loaded_modules(),
         }
     }
 
@@ -75,14 +72,4 @@ fn kallsyms_functions() -> HashMap<String, (String, u64)> {
         out.entry(base.to_string()).or_insert((module, addr));
     }
     out
-}
-
-fn loaded_modules() -> Vec<String> {
-    std::fs::read_to_string("/proc/modules")
-        .map(|t| {
-            t.lines()
-                .filter_map(|l| l.split_whitespace().next().map(str::to_string))
-                .collect()
-        })
-        .unwrap_or_default()
 }

@@ -1,0 +1,242 @@
+//! The recording engine shared by `hvprof record` (events into a run
+//! directory) and `hvprof agent` (events streamed to a collector): probe
+//! selection, loading with this kernel's offsets, attaching, draining the
+//! ring buffer into a sink, and an orderly stop (statistics, detach, final
+//! drain, lost counts) on every exit path.
+
+use std::{
+    collections::BTreeMap,
+    time::{Duration, Instant, SystemTime, UNIX_EPOCH},
+};
+
+use anyhow::{Result, bail};
+use aya::maps::{MapData, RingBuf};
+use hvprof_common::{EventHeader, kind};
+use tokio::io::unix::AsyncFd;
+
+use crate::{
+    attach::{self, LoadOptions, Probe, ProgramStats},
+    catalog::{self, ProbeSpec},
+    kernel,
+    paths::{
+        dev,
+        sched::{self, SchedSnapshot},
+    },
+    rundir::meta::{self, Meta, Status},
+    stacks::Stacks,
+};
+
+/// What to record.
+#[derive(Debug, Clone)]
+pub struct Options {
+    /// Probe, path or layer names; empty: everything available.
+    pub probes: Vec<String>,
+    /// `[NETNS:]IFNAME` or `all`.
+    pub devices: Vec<String>,
+    pub ringbuf_mib: u32,
+    pub freq: u64,
+}
+
+/// Catalog rows for `names` (all rows when empty), and the names of the
+/// probes asked for one by one, which must attach (rows selected as a
+/// path or layer attach where they can).
+pub fn select(names: &[String]) -> Result<(Vec<&'static ProbeSpec>, Vec<&'static str>)> {
+    if names.is_empty() {
+        return Ok((catalog::all(), Vec::new()));
+    }
+    let mut out: Vec<&'static ProbeSpec> = Vec::new();
+    let mut required = Vec::new();
+    for name in names {
+        let found = catalog::select(name);
+        if found.is_empty() {
+            bail!(
+                "unknown probe {name:?}; `hvprof probes list` shows the probe, path and layer names"
+            );
+        }
+        for s in found {
+            if s.name == name {
+                required.push(s.name);
+            }
+            if !out.iter().any(|o| o.name == s.name) {
+                out.push(s);
+            }
+        }
+    }
+    Ok((out, required))
+}
+
+/// A running recording.
+pub struct Recorder {
+    session: attach::Session,
+    ring: AsyncFd<RingBuf<MapData>>,
+    pub stacks: Stacks,
+    pub meta: Meta,
+    started: Instant,
+}
+
+/// What a stopped recording leaves.
+pub struct Finished {
+    pub meta: Meta,
+    pub stats: Vec<ProgramStats>,
+    pub lost: BTreeMap<String, u64>,
+    pub sched: Option<SchedSnapshot>,
+    pub stacks: Stacks,
+}
+
+impl Recorder {
+    /// Loads and attaches; `meta` describes the run (status `recording`).
+    pub fn start(opts: &Options, topology: &str, command: &[String]) -> Result<Self> {
+        let (specs, required) = select(&opts.probes)?;
+        let all_devices = opts.devices.iter().any(|d| d == "all");
+        let devices = opts
+            .devices
+            .iter()
+            .filter(|d| *d != "all")
+            .map(|d| dev::resolve(d))
+            .collect::<Result<Vec<_>>>()?;
+        let mut ebpf = attach::load(&LoadOptions {
+            ringbuf_bytes: opts.ringbuf_mib * 1024 * 1024,
+            dev_filter: !all_devices,
+        })?;
+        dev::install(&mut ebpf, &devices)?;
+        let probe = Probe::detect(&mut ebpf);
+        let mut resolved = probe.resolve(&specs);
+        // Device probes only run for devices the user named.
+        if devices.is_empty() && !all_devices {
+            for r in resolved.iter_mut().filter(|r| r.spec.path == "dev") {
+                if r.obtained.take().is_some() {
+                    r.reasons
+                        .push("no device selected (give --dev IFNAME)".into());
+                }
+            }
+            if resolved
+                .iter()
+                .any(|r| r.spec.path == "dev" && required.contains(&r.spec.name))
+            {
+                bail!("device probes need devices: give --dev [NETNS:]IFNAME (or --dev all)");
+            }
+        }
+        // Functions reachable only by sampling need the CPU sampler.
+        let sampled = resolved.iter().any(|r| {
+            r.obtained == Some(catalog::Method::Sampling)
+                && matches!(r.spec.hook, catalog::Hook::Function { .. })
+        });
+        if sampled && !resolved.iter().any(|r| r.spec.name == "cpu:samples") {
+            resolved.extend(probe.resolve(&catalog::select("cpu:samples")));
+        }
+        let mut session = attach::attach(ebpf, resolved, &required, opts.freq, &probe.features)?;
+        // SAFETY: the ring buffer owns its fd, which stays open for as long
+        // as the AsyncFd that owns the ring buffer.
+        let ring = unsafe { AsyncFd::register(session.take_events()?) }
+            .map_err(|e| anyhow::anyhow!("watching the event ring buffer: {e}"))?;
+        let (started_unix_ns, monotonic_start_ns) = clocks();
+        let meta = Meta {
+            format: meta::FORMAT.into(),
+            version: meta::VERSION,
+            hvprof_version: env!("CARGO_PKG_VERSION").into(),
+            kernel: kernel::release(),
+            topology: topology.into(),
+            command: command.to_vec(),
+            status: Status::Recording,
+            started_unix_ns,
+            monotonic_start_ns,
+            ended_unix_ns: None,
+            duration_s: None,
+            ringbuf_bytes: u64::from(opts.ringbuf_mib) * 1024 * 1024,
+            sample_hz: session
+                .programs
+                .contains_key("cpu:samples")
+                .then_some(opts.freq),
+            probes: session.statuses.clone(),
+            functions: session.functions.clone(),
+            lost: BTreeMap::new(),
+            clock_offsets: Vec::new(),
+        };
+        Ok(Self {
+            session,
+            ring,
+            stacks: Stacks::new(),
+            meta,
+            started: Instant::now(),
+        })
+    }
+
+    /// Names of the attached probes.
+    pub fn attached(&self) -> Vec<&'static str> {
+        self.session.programs.keys().copied().collect()
+    }
+
+    /// Waits until the kernel signals events (it does so only when the ring
+    /// fills up; call [`Self::drain`] on a short timer too), then drains.
+    pub async fn wait_and_drain(
+        &mut self,
+        mut sink: impl FnMut(&[u8]) -> Result<()>,
+    ) -> Result<()> {
+        let mut guard = self.ring.readable_mut().await?;
+        drain_ring(guard.get_inner_mut(), &mut self.stacks, &mut sink)?;
+        guard.clear_ready();
+        Ok(())
+    }
+
+    /// Moves every available event into `sink`.
+    pub fn drain(&mut self, mut sink: impl FnMut(&[u8]) -> Result<()>) -> Result<()> {
+        drain_ring(self.ring.get_mut(), &mut self.stacks, &mut sink)
+    }
+
+    /// Stops: statistics first (programs still loaded), then detach, then
+    /// the final drain and the lost counts.
+    pub fn finish(mut self, mut sink: impl FnMut(&[u8]) -> Result<()>) -> Result<Finished> {
+        let stats = self.session.program_stats();
+        let sched = self
+            .session
+            .programs
+            .contains_key("sched:sched_switch")
+            .then(|| sched::snapshot(&self.session.ebpf))
+            .transpose()?;
+        self.session.detach();
+        let drained = drain_ring(self.ring.get_mut(), &mut self.stacks, &mut sink);
+        let lost = self.session.lost().unwrap_or_default();
+        drop(self.ring);
+        drop(self.session);
+        drained?;
+        let mut meta = self.meta;
+        meta.status = Status::Complete;
+        meta.ended_unix_ns = Some(clocks().0);
+        meta.duration_s = Some(self.started.elapsed().as_secs_f64());
+        meta.lost = lost.clone();
+        Ok(Finished {
+            meta,
+            stats,
+            lost,
+            sched,
+            stacks: self.stacks,
+        })
+    }
+}
+
+/// Drain period: the kernel wakes the reader only when the ring is a
+/// quarter full.
+pub const DRAIN_EVERY: Duration = Duration::from_millis(50);
+
+fn drain_ring(
+    ring: &mut RingBuf<MapData>,
+    stacks: &mut Stacks,
+    sink: &mut dyn FnMut(&[u8]) -> Result<()>,
+) -> Result<()> {
+    while let Some(item) = ring.next() {
+        sink(&item)?;
+        if EventHeader::read(&item).is_some_and(|h| h.kind == kind::CPU_SAMPLE) {
+            stacks.add(&item);
+        }
+    }
+    Ok(())
+}
+
+/// (wall clock ns since epoch, CLOCK_MONOTONIC ns), read back to back.
+pub fn clocks() -> (u64, u64) {
+    let wall = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_nanos() as u64)
+        .unwrap_or(0);
+    (wall, kernel::monotonic_ns())
+}
