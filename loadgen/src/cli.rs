@@ -50,7 +50,9 @@ fn parse_reqs_per_conn(s: &str) -> Result<u64, String> {
 fn parse_rate(s: &str) -> Result<f64, String> {
     match s.trim().parse::<f64>() {
         Ok(r) if r.is_finite() && r > 0.0 => Ok(r),
-        _ => Err(format!("rate must be a positive number of requests per second, got '{s}'")),
+        _ => Err(format!(
+            "rate must be a positive number of requests per second, got '{s}'"
+        )),
     }
 }
 
@@ -64,7 +66,8 @@ pub fn parse_duration(s: &str) -> Result<Duration, String> {
         }
         Duration::from_secs_f64(secs)
     } else {
-        humantime::parse_duration(t).map_err(|e| format!("invalid duration '{s}': {e} (e.g. 10s, 500ms, 2m)"))?
+        humantime::parse_duration(t)
+            .map_err(|e| format!("invalid duration '{s}': {e} (e.g. 10s, 500ms, 2m)"))?
     };
     if d.is_zero() {
         return Err(format!("duration must be positive, got '{s}'"));
@@ -198,7 +201,10 @@ impl LoadArgs {
             } else {
                 ""
             };
-            bail!("no request to {} succeeded ({first}){hint}", config.target.url);
+            bail!(
+                "no request to {} succeeded ({first}){hint}",
+                config.target.url
+            );
         }
         Ok(ExitCode::SUCCESS)
     }

@@ -114,21 +114,22 @@ struct Shared {
 }
 
 impl Shared {
-    /// Claims the right to start one more request.
-    fn claim(&self, now: Instant) -> bool {
+    /// Claims the right to start up to `want` more requests; returns how
+    /// many were granted (0: the run is over).
+    fn claim(&self, now: Instant, want: u64) -> u64 {
         if self.abort.load(Relaxed) {
-            return false;
+            return 0;
         }
         if let Some(d) = self.deadline
             && now >= d
         {
-            return false;
+            return 0;
         }
         match &self.tickets {
-            None => true,
+            None => want,
             Some(t) => t
-                .fetch_update(Relaxed, Relaxed, |n| n.checked_sub(1))
-                .is_ok(),
+                .fetch_update(Relaxed, Relaxed, |n| (n > 0).then(|| n - want.min(n)))
+                .map_or(0, |n| want.min(n)),
         }
     }
 }
@@ -172,14 +173,30 @@ impl Ctx {
         self.stats.error(class, detail);
     }
 
-    /// Claims a request slot and waits for its due time (open loop).
-    /// Returns the instant latencies are measured from.
-    async fn begin(&self) -> Option<Instant> {
-        if !self.shared.claim(Instant::now()) {
+    /// Claims up to `want` request slots and waits for the first one's due
+    /// time (open loop). Returns the instant latencies are measured from
+    /// and the slots granted.
+    async fn begin(&self, want: u64) -> Option<(Instant, u64)> {
+        let granted = self.shared.claim(Instant::now(), want);
+        if granted == 0 {
+            return None;
+        }
+        Some((self.pace().await?, granted))
+    }
+
+    /// Waits for the due time of a request whose slot is already held.
+    async fn pace(&self) -> Option<Instant> {
+        if self.shared.abort.load(Relaxed) {
             return None;
         }
         match &self.pacer {
-            None => Some(Instant::now()),
+            None => {
+                let now = Instant::now();
+                if self.shared.deadline.is_some_and(|d| now >= d) {
+                    return None;
+                }
+                Some(now)
+            }
             Some(p) => {
                 let due = p.next().await;
                 if self.shared.deadline.is_some_and(|d| due >= d) {
@@ -200,7 +217,10 @@ fn io_failure(what: &str, e: std::io::Error) -> Failure {
 
 /// Runs the load and returns the merged report. `progress` is called on
 /// the calling thread about once a second.
-pub fn run(config: &LoadConfig, mut progress: Option<&mut dyn FnMut(&Progress)>) -> Result<LoadReport, LoadError> {
+pub fn run(
+    config: &LoadConfig,
+    mut progress: Option<&mut dyn FnMut(&Progress)>,
+) -> Result<LoadReport, LoadError> {
     if config.concurrency == 0 {
         return Err(LoadError::Concurrency);
     }
@@ -230,7 +250,9 @@ pub fn run(config: &LoadConfig, mut progress: Option<&mut dyn FnMut(&Progress)>)
         abort: AtomicBool::new(false),
         any_success: AtomicBool::new(false),
     });
-    let all_stats: Vec<Arc<ThreadStats>> = (0..threads).map(|_| Arc::new(ThreadStats::default())).collect();
+    let all_stats: Vec<Arc<ThreadStats>> = (0..threads)
+        .map(|_| Arc::new(ThreadStats::default()))
+        .collect();
     let (done_tx, done_rx) = mpsc::channel::<Instant>();
     let mut handles = Vec::new();
     for (i, stats) in all_stats.iter().enumerate() {
@@ -241,7 +263,8 @@ pub fn run(config: &LoadConfig, mut progress: Option<&mut dyn FnMut(&Progress)>)
             shared: Arc::clone(&shared),
             stats: Arc::clone(stats),
             pacer: config.rate.map(|r| Pacer {
-                start,
+                // Threads interleave their slots instead of firing together.
+                start: start + Duration::from_secs_f64(i as f64 / r),
                 interval: Duration::from_secs_f64(threads as f64 / r),
                 next: Cell::new(0),
             }),
@@ -281,7 +304,11 @@ pub fn run(config: &LoadConfig, mut progress: Option<&mut dyn FnMut(&Progress)>)
                         req_per_s: (snap.requests - last.requests) as f64 / secs,
                         body_mbps: (snap.body_bytes - last.body_bytes) as f64 * 8.0 / secs / 1e6,
                         errors: snap.errors - last.errors,
-                        p99_us: if interval.is_empty() { 0 } else { interval.value_at_quantile(0.99) },
+                        p99_us: if interval.is_empty() {
+                            0
+                        } else {
+                            interval.value_at_quantile(0.99)
+                        },
                     });
                 }
                 last = snap;
@@ -302,10 +329,14 @@ pub fn run(config: &LoadConfig, mut progress: Option<&mut dyn FnMut(&Progress)>)
 }
 
 fn worker(ctx: Ctx, loops: usize) {
-    let rt = match tokio::runtime::Builder::new_current_thread().enable_all().build() {
+    let rt = match tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+    {
         Ok(rt) => rt,
         Err(e) => {
-            ctx.stats.error(ErrorClass::Other, || format!("cannot build runtime: {e}"));
+            ctx.stats
+                .error(ErrorClass::Other, || format!("cannot build runtime: {e}"));
             return;
         }
     };
@@ -332,12 +363,15 @@ fn worker(ctx: Ctx, loops: usize) {
 /// Close mode: one request per connection, until the run ends.
 async fn close_loop(ctx: &Ctx) {
     let mut buf = vec![0u8; 64 * 1024];
-    while let Some(t0) = ctx.begin().await {
+    while let Some((t0, _)) = ctx.begin(1).await {
         match tokio::time::timeout(ctx.config.timeout, close_once(ctx, t0, &mut buf)).await {
             Ok(Ok(())) => {}
             Ok(Err((class, detail))) => ctx.error(class, || detail),
             Err(_) => ctx.error(ErrorClass::Timeout, || {
-                format!("no complete response within {}", humantime::format_duration(ctx.config.timeout))
+                format!(
+                    "no complete response within {}",
+                    humantime::format_duration(ctx.config.timeout)
+                )
             }),
         }
     }
@@ -350,18 +384,29 @@ async fn close_once(ctx: &Ctx, t0: Instant, buf: &mut [u8]) -> Result<(), Failur
         .map_err(|e| io_failure(&format!("connect to {}", ctx.config.target.addr), e))?;
     let connected = Instant::now();
     ctx.stats.connections.fetch_add(1, Relaxed);
-    s.write_all(&ctx.request).await.map_err(|e| io_failure("send request", e))?;
+    s.write_all(&ctx.request)
+        .await
+        .map_err(|e| io_failure("send request", e))?;
 
     // Head.
     let mut filled = 0;
     let mut first_byte = None;
     let head = loop {
-        let n = s.read(&mut buf[filled..]).await.map_err(|e| io_failure("read response", e))?;
+        let n = s
+            .read(&mut buf[filled..])
+            .await
+            .map_err(|e| io_failure("read response", e))?;
         if n == 0 {
             return Err(if filled == 0 {
-                (ErrorClass::Reset, "connection closed before any response byte".into())
+                (
+                    ErrorClass::Reset,
+                    "connection closed before any response byte".into(),
+                )
             } else {
-                (ErrorClass::BadResponse, "connection closed inside the response head".into())
+                (
+                    ErrorClass::BadResponse,
+                    "connection closed inside the response head".into(),
+                )
             });
         }
         first_byte.get_or_insert_with(Instant::now);
@@ -375,30 +420,52 @@ async fn close_once(ctx: &Ctx, t0: Instant, buf: &mut [u8]) -> Result<(), Failur
     };
     let ttfb = first_byte.unwrap_or(connected);
     let bad_status = !(200..400).contains(&head.status);
-    let detail = bad_status.then(|| format!("HTTP {}: {}", head.status, http1::snippet(&buf[head.len..filled])));
+    let detail = bad_status.then(|| {
+        format!(
+            "HTTP {}: {}",
+            head.status,
+            http1::snippet(&buf[head.len..filled])
+        )
+    });
 
     // Body: by Content-Length, else (chunked or unframed) until EOF.
     let mut body = (filled - head.len) as u64;
     let server_closes = head.framing.close || (head.minor == 0 && !head.framing.keep_alive);
-    match head.framing.content_length.filter(|_| !head.framing.chunked) {
+    match head
+        .framing
+        .content_length
+        .filter(|_| !head.framing.chunked)
+    {
         Some(expected) => {
             while body < expected {
                 let n = s.read(buf).await.map_err(|e| io_failure("read body", e))?;
                 if n == 0 {
-                    return Err((ErrorClass::ShortBody, format!("body ended at {body} of {expected} bytes")));
+                    return Err((
+                        ErrorClass::ShortBody,
+                        format!("body ended at {body} of {expected} bytes"),
+                    ));
                 }
                 body += n as u64;
             }
             if body > expected {
-                return Err((ErrorClass::BadResponse, format!("{body} body bytes, Content-Length {expected}")));
+                return Err((
+                    ErrorClass::BadResponse,
+                    format!("{body} body bytes, Content-Length {expected}"),
+                ));
             }
             let last_byte = Instant::now();
             if server_closes {
                 // Let the server close first: its FIN usually came with the
                 // last data, so this read returns at once.
-                let n = s.read(buf).await.map_err(|e| io_failure("wait for close", e))?;
+                let n = s
+                    .read(buf)
+                    .await
+                    .map_err(|e| io_failure("wait for close", e))?;
                 if n != 0 {
-                    return Err((ErrorClass::BadResponse, "bytes after the announced body".into()));
+                    return Err((
+                        ErrorClass::BadResponse,
+                        "bytes after the announced body".into(),
+                    ));
                 }
             }
             finish(ctx, c0, connected, t0, ttfb, last_byte, body, detail)
@@ -447,7 +514,9 @@ fn hyper_failure(what: &str, e: hyper::Error) -> Failure {
         ErrorClass::BadResponse
     } else if e.is_timeout() {
         ErrorClass::Timeout
-    } else if let Some(io) = std::error::Error::source(&e).and_then(|s| s.downcast_ref::<std::io::Error>()) {
+    } else if let Some(io) =
+        std::error::Error::source(&e).and_then(|s| s.downcast_ref::<std::io::Error>())
+    {
         ErrorClass::of_io(io)
     } else {
         ErrorClass::Reset
@@ -456,30 +525,40 @@ fn hyper_failure(what: &str, e: hyper::Error) -> Failure {
 }
 
 /// Keep-alive mode: `requests_per_conn` requests per connection via hyper.
+/// Each connection claims its requests up front, so with `-n` the count of
+/// connections is exactly `ceil(n / requests_per_conn)` when the server
+/// keeps connections open.
 async fn keepalive_loop(ctx: &Ctx) {
     let mut pending = None;
     loop {
-        let t0 = match pending.take() {
-            Some(t) => t,
-            None => match ctx.begin().await {
-                Some(t) => t,
+        let (t0, slots) = match pending.take() {
+            Some(p) => p,
+            None => match ctx.begin(ctx.config.requests_per_conn).await {
+                Some(p) => p,
                 None => return,
             },
         };
-        match tokio::time::timeout(ctx.config.timeout, keepalive_conn(ctx, t0)).await {
+        match tokio::time::timeout(ctx.config.timeout, keepalive_conn(ctx, t0, slots)).await {
             Ok(Ok(next)) => pending = next,
             Ok(Err((class, detail))) => ctx.error(class, || detail),
             Err(_) => ctx.error(ErrorClass::Timeout, || {
-                format!("connection not done within {}", humantime::format_duration(ctx.config.timeout))
+                format!(
+                    "connection not done within {}",
+                    humantime::format_duration(ctx.config.timeout)
+                )
             }),
         }
     }
 }
 
-/// Runs up to `requests_per_conn` requests on one connection, the first
-/// already claimed at `t0`. Returns a claimed-but-unsent request's start
-/// time when the server closed the connection early.
-async fn keepalive_conn(ctx: &Ctx, mut t0: Instant) -> Result<Option<Instant>, Failure> {
+/// Runs up to `slots` requests on one connection, the first due at `t0`.
+/// When the server closes the connection early, returns the next request's
+/// due time and the slots left, to carry over to a new connection.
+async fn keepalive_conn(
+    ctx: &Ctx,
+    mut t0: Instant,
+    slots: u64,
+) -> Result<Option<(Instant, u64)>, Failure> {
     let c0 = Instant::now();
     let stream = TcpStream::connect(ctx.config.target.addr)
         .await
@@ -487,23 +566,25 @@ async fn keepalive_conn(ctx: &Ctx, mut t0: Instant) -> Result<Option<Instant>, F
     let connected = Instant::now();
     ctx.stats.connections.fetch_add(1, Relaxed);
     let _ = stream.set_nodelay(true);
-    let (mut sender, conn) = hyper::client::conn::http1::handshake::<_, Empty<Bytes>>(hyper_util::rt::TokioIo::new(stream))
-        .await
-        .map_err(|e| hyper_failure("handshake", e))?;
+    let (mut sender, conn) = hyper::client::conn::http1::handshake::<_, Empty<Bytes>>(
+        hyper_util::rt::TokioIo::new(stream),
+    )
+    .await
+    .map_err(|e| hyper_failure("handshake", e))?;
     let driver = tokio::task::spawn_local(conn);
     let target = &ctx.config.target;
     let mut connect_time = Some(connected.duration_since(c0));
     let mut result = Ok(None);
-    for i in 0..ctx.config.requests_per_conn {
+    for i in 0..slots {
         if i > 0 {
-            match ctx.begin().await {
+            match ctx.pace().await {
                 Some(t) => t0 = t,
                 None => break,
             }
         }
         if sender.ready().await.is_err() {
-            // The server closed the connection: carry this request over.
-            result = Ok(Some(t0));
+            // The server closed the connection: carry the rest over.
+            result = Ok(Some((t0, slots - i)));
             break;
         }
         let req = hyper::Request::get(target.path_and_query.as_str())
@@ -555,11 +636,16 @@ async fn keepalive_conn(ctx: &Ctx, mut t0: Instant) -> Result<Option<Instant>, F
         if let Some(exp) = expected
             && exp != received
         {
-            result = Err((ErrorClass::ShortBody, format!("body ended at {received} of {exp} bytes")));
+            result = Err((
+                ErrorClass::ShortBody,
+                format!("body ended at {received} of {exp} bytes"),
+            ));
             break;
         }
         if !(200..400).contains(&status) {
-            ctx.error(ErrorClass::BadStatus, || format!("HTTP {status}: {}", first_chunk.unwrap_or_default()));
+            ctx.error(ErrorClass::BadStatus, || {
+                format!("HTTP {status}: {}", first_chunk.unwrap_or_default())
+            });
         } else {
             ctx.shared.any_success.store(true, Relaxed);
             ctx.stats.success(
@@ -570,6 +656,11 @@ async fn keepalive_conn(ctx: &Ctx, mut t0: Instant) -> Result<Option<Instant>, F
             );
         }
         if server_closes {
+            if i + 1 < slots
+                && let Some(t) = ctx.pace().await
+            {
+                result = Ok(Some((t, slots - i - 1)));
+            }
             break;
         }
     }

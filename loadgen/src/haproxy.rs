@@ -19,7 +19,9 @@ use std::time::{Duration, Instant};
 /// Why HAProxy could not be driven.
 #[derive(Debug, thiserror::Error)]
 pub enum HaproxyError {
-    #[error("haproxy not found (looked for {0}): install Debian's haproxy (apt-get install haproxy, or cargo xtask setup)")]
+    #[error(
+        "haproxy not found (looked for {0}): install Debian's haproxy (apt-get install haproxy, or cargo xtask setup)"
+    )]
     NotFound(String),
     #[error("cannot create a temporary directory for the haproxy config: {0}")]
     TempDir(io::Error),
@@ -49,6 +51,12 @@ pub trait Launcher: Send + Sync {
     fn command(&self, program: &Path, args: &[String]) -> Command;
     /// Short description for messages.
     fn describe(&self) -> String;
+    /// The process whose CPU time is reported as HAProxy's when it is not
+    /// the spawned one (a VM launcher names QEMU: the guest's cost in host
+    /// terms).
+    fn cpu_pid(&self) -> Option<u32> {
+        None
+    }
 }
 
 /// Runs HAProxy directly on this host.
@@ -106,7 +114,11 @@ pub struct HaproxyConfig {
 impl HaproxyConfig {
     /// A config with the defaults: HAProxy found on this host,
     /// `maxconn` fitted to the open-files limit.
-    pub fn new(frontend: SocketAddr, backend: SocketAddr, threads: usize) -> Result<Self, HaproxyError> {
+    pub fn new(
+        frontend: SocketAddr,
+        backend: SocketAddr,
+        threads: usize,
+    ) -> Result<Self, HaproxyError> {
         Ok(Self {
             frontend,
             backend,
@@ -199,6 +211,7 @@ pub fn find_haproxy() -> Result<PathBuf, HaproxyError> {
 pub struct Haproxy {
     child: Option<Child>,
     pid: u32,
+    cpu_pid: u32,
     dir: tempfile::TempDir,
     socket: PathBuf,
     frontend: SocketAddr,
@@ -210,7 +223,11 @@ fn tail(path: &Path) -> String {
     let lines: Vec<&str> = text.lines().filter(|l| !l.trim().is_empty()).collect();
     let start = lines.len().saturating_sub(3);
     let t = lines[start..].join(" | ");
-    if t.is_empty() { "(no output)".into() } else { t }
+    if t.is_empty() {
+        "(no output)".into()
+    } else {
+        t
+    }
 }
 
 impl Haproxy {
@@ -227,19 +244,28 @@ impl Haproxy {
             .map_err(HaproxyError::TempDir)?;
         let socket = dir.path().join("stats.sock");
         let cfg_path = dir.path().join("haproxy.cfg");
-        std::fs::write(&cfg_path, config.render(&socket)).map_err(|source| HaproxyError::WriteConfig {
-            path: cfg_path.clone(),
-            source,
+        std::fs::write(&cfg_path, config.render(&socket)).map_err(|source| {
+            HaproxyError::WriteConfig {
+                path: cfg_path.clone(),
+                source,
+            }
         })?;
         let stderr_path = dir.path().join("stderr.log");
-        let stderr = std::fs::File::create(&stderr_path).map_err(|source| HaproxyError::WriteConfig {
-            path: stderr_path.clone(),
-            source,
-        })?;
+        let stderr =
+            std::fs::File::create(&stderr_path).map_err(|source| HaproxyError::WriteConfig {
+                path: stderr_path.clone(),
+                source,
+            })?;
         // -db: stay in the foreground (the pid we spawn is HAProxy's own).
-        let args = vec!["-db".to_string(), "-f".to_string(), cfg_path.display().to_string()];
+        let args = vec![
+            "-db".to_string(),
+            "-f".to_string(),
+            cfg_path.display().to_string(),
+        ];
         let mut cmd = launcher.command(&config.binary, &args);
-        cmd.stdin(Stdio::null()).stdout(Stdio::null()).stderr(stderr);
+        cmd.stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(stderr);
         {
             use std::os::unix::process::CommandExt as _;
             // SAFETY: prctl is async-signal-safe; nothing else runs here.
@@ -250,10 +276,18 @@ impl Haproxy {
                 });
             }
         }
-        let command = format!("{} {} {}", launcher.describe(), config.binary.display(), args.join(" "));
-        let child = cmd.spawn().map_err(|source| HaproxyError::Spawn { command, source })?;
+        let command = format!(
+            "{} {} {}",
+            launcher.describe(),
+            config.binary.display(),
+            args.join(" ")
+        );
+        let child = cmd
+            .spawn()
+            .map_err(|source| HaproxyError::Spawn { command, source })?;
         let mut hp = Self {
             pid: child.id(),
+            cpu_pid: launcher.cpu_pid().unwrap_or(child.id()),
             child: Some(child),
             dir,
             socket,
@@ -314,7 +348,10 @@ impl Haproxy {
 
     /// User plus system CPU time of all HAProxy threads so far.
     pub fn cpu_time(&self) -> Result<Duration, HaproxyError> {
-        proc_cpu_time(self.pid).map_err(|source| HaproxyError::CpuTime { pid: self.pid, source })
+        proc_cpu_time(self.cpu_pid).map_err(|source| HaproxyError::CpuTime {
+            pid: self.cpu_pid,
+            source,
+        })
     }
 
     fn stats_command(&self, command: &str) -> Result<String, HaproxyError> {
@@ -323,8 +360,10 @@ impl Haproxy {
             source,
         };
         let mut s = UnixStream::connect(&self.socket).map_err(err)?;
-        s.set_read_timeout(Some(Duration::from_secs(5))).map_err(err)?;
-        s.write_all(format!("{command}\n").as_bytes()).map_err(err)?;
+        s.set_read_timeout(Some(Duration::from_secs(5)))
+            .map_err(err)?;
+        s.write_all(format!("{command}\n").as_bytes())
+            .map_err(err)?;
         let mut out = String::new();
         s.read_to_string(&mut out).map_err(err)?;
         Ok(out)
@@ -364,7 +403,9 @@ impl Haproxy {
     /// The counters a benchmark reports, summed from `show stat`.
     pub fn counters(&self) -> Result<Counters, HaproxyError> {
         let rows = self.show_stat()?;
-        let get = |row: &BTreeMap<String, String>, k: &str| row.get(k).and_then(|v| v.parse::<u64>().ok()).unwrap_or(0);
+        let get = |row: &BTreeMap<String, String>, k: &str| {
+            row.get(k).and_then(|v| v.parse::<u64>().ok()).unwrap_or(0)
+        };
         let mut c = Counters::default();
         for row in &rows {
             match row.get("svname").map(String::as_str) {
@@ -476,7 +517,10 @@ mod tests {
         ] {
             assert!(text.contains(needle), "{needle}");
         }
-        let server = text.lines().find(|l| l.trim_start().starts_with("server ")).unwrap();
+        let server = text
+            .lines()
+            .find(|l| l.trim_start().starts_with("server "))
+            .unwrap();
         assert!(!server.contains("check"), "{server}");
     }
 
@@ -493,7 +537,12 @@ mod tests {
 
     #[test]
     fn prefix_launcher_wraps() {
-        let l = Prefix(vec!["ip".into(), "netns".into(), "exec".into(), "ns1".into()]);
+        let l = Prefix(vec![
+            "ip".into(),
+            "netns".into(),
+            "exec".into(),
+            "ns1".into(),
+        ]);
         let c = l.command(Path::new("/usr/sbin/haproxy"), &["-db".into()]);
         assert_eq!(c.get_program(), "ip");
         let args: Vec<_> = c.get_args().collect();

@@ -45,7 +45,10 @@ fn parse_headers(lines: &[u8]) -> Result<Framing, HeadError> {
         if line.is_empty() {
             continue;
         }
-        let colon = line.iter().position(|&b| b == b':').ok_or(HeadError::Header)?;
+        let colon = line
+            .iter()
+            .position(|&b| b == b':')
+            .ok_or(HeadError::Header)?;
         let (name, value) = (&line[..colon], line[colon + 1..].trim_ascii());
         if name.eq_ignore_ascii_case(b"content-length") {
             let text = std::str::from_utf8(value).map_err(|_| HeadError::ContentLength)?;
@@ -74,7 +77,10 @@ fn parse_headers(lines: &[u8]) -> Result<Framing, HeadError> {
 
 fn split_start_line(head: &[u8]) -> (&[u8], &[u8]) {
     match head.iter().position(|&b| b == b'\n') {
-        Some(i) => (head[..i].strip_suffix(b"\r").unwrap_or(&head[..i]), &head[i + 1..]),
+        Some(i) => (
+            head[..i].strip_suffix(b"\r").unwrap_or(&head[..i]),
+            &head[i + 1..],
+        ),
         None => (head, &[]),
     }
 }
@@ -182,7 +188,9 @@ pub fn parse_response(buf: &[u8]) -> Result<Option<ResponseHead>, HeadError> {
 /// The text after the head, up to 120 bytes, for error messages.
 pub fn snippet(body: &[u8]) -> String {
     let end = body.len().min(120);
-    String::from_utf8_lossy(&body[..end]).trim().replace(['\r', '\n'], " ")
+    String::from_utf8_lossy(&body[..end])
+        .trim()
+        .replace(['\r', '\n'], " ")
 }
 
 #[cfg(test)]
@@ -201,23 +209,31 @@ mod tests {
         assert_eq!(r.len, 51);
         let r = parse_request(b"GET / HTTP/1.0\r\n\r\n").unwrap().unwrap();
         assert!(!r.keep_alive());
-        let r = parse_request(b"GET / HTTP/1.0\r\nconnection: Keep-Alive\r\n\r\n").unwrap().unwrap();
+        let r = parse_request(b"GET / HTTP/1.0\r\nconnection: Keep-Alive\r\n\r\n")
+            .unwrap()
+            .unwrap();
         assert!(r.keep_alive());
         let r = parse_request(b"GET / HTTP/1.1\r\n\r\n").unwrap().unwrap();
         assert!(r.keep_alive());
-        assert_eq!(parse_request(b"GET / HTTP/2.0\r\n\r\n"), Err(HeadError::Version));
+        assert_eq!(
+            parse_request(b"GET / HTTP/2.0\r\n\r\n"),
+            Err(HeadError::Version)
+        );
         assert_eq!(parse_request(b"GARBAGE\r\n\r\n"), Err(HeadError::StartLine));
     }
 
     #[test]
     fn response_heads() {
-        let r = parse_response(b"HTTP/1.1 200 OK\r\nContent-Length: 12\r\nConnection: close\r\n\r\n")
-            .unwrap()
-            .unwrap();
+        let r =
+            parse_response(b"HTTP/1.1 200 OK\r\nContent-Length: 12\r\nConnection: close\r\n\r\n")
+                .unwrap()
+                .unwrap();
         assert_eq!(r.status, 200);
         assert_eq!(r.framing.content_length, Some(12));
         assert!(r.framing.close);
-        let r = parse_response(b"HTTP/1.0 404\r\ntransfer-encoding: chunked\r\n\r\n").unwrap().unwrap();
+        let r = parse_response(b"HTTP/1.0 404\r\ntransfer-encoding: chunked\r\n\r\n")
+            .unwrap()
+            .unwrap();
         assert_eq!(r.status, 404);
         assert!(r.framing.chunked);
         assert_eq!(

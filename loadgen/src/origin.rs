@@ -121,10 +121,14 @@ impl Origin {
             return Err(OriginError::NoThreads);
         }
         let listen_err = |addr, source| OriginError::Listen { addr, source };
-        let first = bind(config.listen, config.backlog).map_err(|e| listen_err(config.listen, e))?;
-        let addr = first.local_addr().map_err(|e| listen_err(config.listen, e))?;
-        let mut listeners = vec![first];
-        for _ in 1..config.threads {
+        // SO_REUSEPORT would let us share a port with another origin of the
+        // same user and silently split its traffic: first check that the
+        // port is free with a plain bind (which also resolves port 0).
+        let addr = std::net::TcpListener::bind(config.listen)
+            .and_then(|probe| probe.local_addr())
+            .map_err(|e| listen_err(config.listen, e))?;
+        let mut listeners = Vec::with_capacity(config.threads);
+        for _ in 0..config.threads {
             listeners.push(bind(addr, config.backlog).map_err(|e| listen_err(addr, e))?);
         }
         let counters: Arc<Vec<Counters>> =
@@ -192,7 +196,10 @@ fn run_thread(
     index: usize,
     mut shutdown: watch::Receiver<bool>,
 ) {
-    let rt = match tokio::runtime::Builder::new_current_thread().enable_all().build() {
+    let rt = match tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+    {
         Ok(rt) => rt,
         Err(e) => {
             log::error!("origin thread {index}: cannot build runtime: {e}");
@@ -264,7 +271,11 @@ fn build_ok(key: ResponseKey) -> Vec<u8> {
         "HTTP/1.{} 200 OK\r\nServer: hvprof-origin\r\nContent-Type: application/octet-stream\r\nContent-Length: {}\r\nConnection: {}\r\n\r\n",
         key.minor,
         key.size,
-        if key.keep_alive { "keep-alive" } else { "close" }
+        if key.keep_alive {
+            "keep-alive"
+        } else {
+            "close"
+        }
     );
     let body_len = if key.head_only { 0 } else { key.size as usize };
     let mut out = Vec::with_capacity(head.len() + body_len);
@@ -290,7 +301,11 @@ enum Route {
 
 fn route(method: &[u8], target: &[u8]) -> Route {
     if method != b"GET" && method != b"HEAD" {
-        return Route::Error(405, "Method Not Allowed", "only GET and HEAD are served".into());
+        return Route::Error(
+            405,
+            "Method Not Allowed",
+            "only GET and HEAD are served".into(),
+        );
     }
     let target = String::from_utf8_lossy(target);
     let (path, query) = target.split_once('?').unwrap_or((&target, ""));
@@ -301,18 +316,22 @@ fn route(method: &[u8], target: &[u8]) -> Route {
             format!("unknown path '{path}': use GET /?s=SIZE"),
         );
     }
-    let Some(value) = query
-        .split('&')
-        .find_map(|kv| kv.strip_prefix("s="))
-    else {
-        return Route::Error(400, "Bad Request", "missing size: use GET /?s=SIZE (e.g. /?s=64k)".into());
+    let Some(value) = query.split('&').find_map(|kv| kv.strip_prefix("s=")) else {
+        return Route::Error(
+            400,
+            "Bad Request",
+            "missing size: use GET /?s=SIZE (e.g. /?s=64k)".into(),
+        );
     };
     match size::parse_size(value) {
         Ok(n) if n <= MAX_OBJECT => Route::Object(n),
         Ok(_) => Route::Error(
             400,
             "Bad Request",
-            format!("size '{value}' is larger than the origin's limit of {}", SizeLabel(MAX_OBJECT)),
+            format!(
+                "size '{value}' is larger than the origin's limit of {}",
+                SizeLabel(MAX_OBJECT)
+            ),
         ),
         Err(e) => Route::Error(400, "Bad Request", e.to_string()),
     }
@@ -331,7 +350,12 @@ async fn serve(
             match http1::parse_request(&buf[..filled]) {
                 Ok(Some(head)) => {
                     if head.framing.chunked {
-                        let r = build_error(400, "Bad Request", head.minor, "chunked request bodies are not supported");
+                        let r = build_error(
+                            400,
+                            "Bad Request",
+                            head.minor,
+                            "chunked request bodies are not supported",
+                        );
                         break (Rc::from(r), false, head.len, 0, true);
                     }
                     let body = head.framing.content_length.unwrap_or(0);
@@ -350,7 +374,13 @@ async fn serve(
                             break (r, keep_alive, head.len, body, false);
                         }
                         Route::Error(status, reason, msg) => {
-                            break (Rc::from(build_error(status, reason, head.minor, &msg)), false, head.len, body, true);
+                            break (
+                                Rc::from(build_error(status, reason, head.minor, &msg)),
+                                false,
+                                head.len,
+                                body,
+                                true,
+                            );
                         }
                     }
                 }
@@ -369,7 +399,13 @@ async fn serve(
                         HeadError::TooLarge => "request head too large".to_string(),
                         other => format!("malformed request: {other}"),
                     };
-                    break (Rc::from(build_error(400, "Bad Request", 1, &msg)), false, filled, 0, true);
+                    break (
+                        Rc::from(build_error(400, "Bad Request", 1, &msg)),
+                        false,
+                        filled,
+                        0,
+                        true,
+                    );
                 }
             }
         };
@@ -429,6 +465,10 @@ mod tests {
         assert_eq!(head.framing.content_length, Some(130));
         let body = &r[head.len..];
         assert_eq!(body.len(), 130);
-        assert!(body.iter().enumerate().all(|(i, &b)| b == body_byte(i as u64)));
+        assert!(
+            body.iter()
+                .enumerate()
+                .all(|(i, &b)| b == body_byte(i as u64))
+        );
     }
 }

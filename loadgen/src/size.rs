@@ -25,9 +25,13 @@ pub const MAX_SIZE: u64 = 1 << 30;
 pub enum SizeError {
     #[error("empty size (use a number of bytes with an optional k or m suffix, e.g. 64k)")]
     Empty,
-    #[error("invalid size '{0}': unknown suffix '{1}' (use a number of bytes with an optional k or m suffix, e.g. 64k)")]
+    #[error(
+        "invalid size '{0}': unknown suffix '{1}' (use a number of bytes with an optional k or m suffix, e.g. 64k)"
+    )]
     UnknownSuffix(String, String),
-    #[error("invalid size '{0}': not a number (use a number of bytes with an optional k or m suffix, e.g. 64k)")]
+    #[error(
+        "invalid size '{0}': not a number (use a number of bytes with an optional k or m suffix, e.g. 64k)"
+    )]
     NotANumber(String),
     #[error("invalid size '{0}': larger than the 1g limit")]
     TooLarge(String),
@@ -84,9 +88,9 @@ pub struct SizeLabel(pub u64);
 impl fmt::Display for SizeLabel {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         let b = self.0;
-        if b >= 1024 * 1024 && b % (1024 * 1024) == 0 {
+        if b >= 1024 * 1024 && b.is_multiple_of(1024 * 1024) {
             write!(f, "{}M", b / (1024 * 1024))
-        } else if b >= 1024 && b % 1024 == 0 {
+        } else if b >= 1024 && b.is_multiple_of(1024) {
             write!(f, "{}K", b / 1024)
         } else {
             write!(f, "{b}")
@@ -106,11 +110,20 @@ mod tests {
         assert_eq!(parse_size("64K"), Ok(65536));
         assert_eq!(parse_size("1m"), Ok(1 << 20));
         assert_eq!(parse_size("2kb"), Ok(2048));
-        assert!(matches!(parse_size("10q"), Err(SizeError::UnknownSuffix(..))));
+        assert!(matches!(
+            parse_size("10q"),
+            Err(SizeError::UnknownSuffix(..))
+        ));
         assert!(matches!(parse_size("k"), Err(SizeError::NotANumber(..))));
         assert!(matches!(parse_size("-1"), Err(SizeError::NotANumber(..))));
-        assert!(matches!(parse_size("2g"), Err(SizeError::UnknownSuffix(..))));
-        assert!(matches!(parse_size("99999999999999999999"), Err(SizeError::TooLarge(..))));
+        assert!(matches!(
+            parse_size("2g"),
+            Err(SizeError::UnknownSuffix(..))
+        ));
+        assert!(matches!(
+            parse_size("99999999999999999999"),
+            Err(SizeError::TooLarge(..))
+        ));
         assert!(matches!(parse_size(""), Err(SizeError::Empty)));
     }
 

@@ -393,8 +393,18 @@ mod tests {
         let b = Arc::new(ThreadStats::default());
         a.connections.fetch_add(2, Relaxed);
         b.connections.fetch_add(1, Relaxed);
-        a.success(Some(Duration::from_micros(10)), Duration::from_micros(20), Duration::from_micros(30), 100);
-        b.success(Some(Duration::from_micros(10)), Duration::from_micros(20), Duration::from_micros(3000), 100);
+        a.success(
+            Some(Duration::from_micros(10)),
+            Duration::from_micros(20),
+            Duration::from_micros(30),
+            100,
+        );
+        b.success(
+            Some(Duration::from_micros(10)),
+            Duration::from_micros(20),
+            Duration::from_micros(3000),
+            100,
+        );
         b.error(ErrorClass::Refused, || "x".into());
         let r = merge(&[a, b], Duration::from_secs(2));
         assert_eq!(r.connections, 3);
@@ -405,7 +415,14 @@ mod tests {
         assert!((r.conn_per_s - 1.5).abs() < 1e-9);
         assert!(r.latency_us.ttlb.max >= 2990);
         let json = serde_json::to_value(&r).unwrap();
-        for key in ["conn_per_s", "req_per_s", "body_mbps", "connections", "requests", "duration_s"] {
+        for key in [
+            "conn_per_s",
+            "req_per_s",
+            "body_mbps",
+            "connections",
+            "requests",
+            "duration_s",
+        ] {
             assert!(json.get(key).is_some(), "{key}");
         }
         assert!(json["latency_us"]["ttfb"]["p999"].is_u64());

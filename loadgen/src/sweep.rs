@@ -33,7 +33,11 @@ pub enum SweepError {
     #[error("target: {0}")]
     Target(#[from] crate::target::TargetError),
     #[error("no request succeeded at size {size} through {url}: {detail}")]
-    NothingServed { size: String, url: String, detail: String },
+    NothingServed {
+        size: String,
+        url: String,
+        detail: String,
+    },
 }
 
 /// Topology names this build knows.
@@ -129,9 +133,16 @@ pub struct Stand {
 impl Stand {
     /// Starts the origin, then HAProxy in front of it.
     pub fn start(topology: &dyn Topology, config: &SweepConfig) -> Result<Self, SweepError> {
-        let origin = Origin::start(&OriginConfig::new(topology.origin_listen(), config.origin_threads.max(1)))?;
+        let origin = Origin::start(&OriginConfig::new(
+            topology.origin_listen(),
+            config.origin_threads.max(1),
+        ))?;
         let frontend = topology.proxy_frontend()?;
-        let hc = HaproxyConfig::new(frontend, topology.backend_for(origin.local_addr()), config.haproxy_threads)?;
+        let hc = HaproxyConfig::new(
+            frontend,
+            topology.backend_for(origin.local_addr()),
+            config.haproxy_threads,
+        )?;
         let haproxy = Haproxy::start(&hc, topology.launcher())?;
         Ok(Self {
             origin,
@@ -142,7 +153,11 @@ impl Stand {
 
     /// The URL of an object of `size` bytes through the proxy.
     pub fn url(&self, size: u64) -> String {
-        format!("http://{}/?s={}", self.proxy, SizeLabel(size).to_string().to_lowercase())
+        format!(
+            "http://{}/?s={}",
+            self.proxy,
+            SizeLabel(size).to_string().to_lowercase()
+        )
     }
 }
 
@@ -178,7 +193,11 @@ pub struct PointResult {
 }
 
 /// Starts a stand, loads it at `size` for `config.duration`, stops it.
-pub fn run_point(topology: &dyn Topology, config: &SweepConfig, size: u64) -> Result<PointResult, SweepError> {
+pub fn run_point(
+    topology: &dyn Topology,
+    config: &SweepConfig,
+    size: u64,
+) -> Result<PointResult, SweepError> {
     let stand = Stand::start(topology, config)?;
     let url = stand.url(size);
     let target = Target::parse(&url)?;
@@ -195,14 +214,18 @@ pub fn run_point(topology: &dyn Topology, config: &SweepConfig, size: u64) -> Re
     let report = client::run(&load, None)?;
     let cpu1 = stand.haproxy.cpu_time()?;
     let counters = stand.haproxy.counters()?;
-    let Stand { origin, haproxy, .. } = stand;
+    let Stand {
+        origin, haproxy, ..
+    } = stand;
     haproxy.stop();
     let ostats = origin.stop();
     if report.requests == 0 {
         return Err(SweepError::NothingServed {
             size: SizeLabel(size).to_string(),
             url,
-            detail: report.first_error.unwrap_or_else(|| "no error recorded".into()),
+            detail: report
+                .first_error
+                .unwrap_or_else(|| "no error recorded".into()),
         });
     }
     let cpu = cpu1.saturating_sub(cpu0).as_secs_f64();
@@ -249,7 +272,9 @@ pub fn run_sweep(
         ProgressBar::hidden()
     };
     let plain = progress && bar.is_hidden();
-    if let Ok(style) = ProgressStyle::with_template("{spinner} [{elapsed_precise}] {bar:30} {pos}/{len} {msg}") {
+    if let Ok(style) =
+        ProgressStyle::with_template("{spinner} [{elapsed_precise}] {bar:30} {pos}/{len} {msg}")
+    {
         bar.set_style(style);
     }
     bar.enable_steady_tick(Duration::from_millis(200));

@@ -6,7 +6,9 @@ use std::net::{SocketAddr, ToSocketAddrs};
 /// Why a URL can't be a load target.
 #[derive(Debug, thiserror::Error)]
 pub enum TargetError {
-    #[error("invalid URL '{0}': expected http://HOST[:PORT]/PATH, e.g. http://127.0.0.1:8000/?s=1k")]
+    #[error(
+        "invalid URL '{0}': expected http://HOST[:PORT]/PATH, e.g. http://127.0.0.1:8000/?s=1k"
+    )]
     Malformed(String),
     #[error("unsupported URL scheme in '{0}': only http:// is supported")]
     Scheme(String),
@@ -39,7 +41,12 @@ impl Target {
         let malformed = || TargetError::Malformed(url.to_string());
         let rest = match url.split_once("://") {
             Some((scheme, rest)) if scheme.eq_ignore_ascii_case("http") => rest,
-            Some((scheme, _)) if !scheme.is_empty() && scheme.chars().all(|c| c.is_ascii_alphanumeric() || c == '+') => {
+            Some((scheme, _))
+                if !scheme.is_empty()
+                    && scheme
+                        .chars()
+                        .all(|c| c.is_ascii_alphanumeric() || c == '+') =>
+            {
                 return Err(TargetError::Scheme(url.to_string()));
             }
             _ => return Err(malformed()),
@@ -55,7 +62,9 @@ impl Target {
         };
         if authority.is_empty()
             || authority.contains('@')
-            || path_and_query.chars().any(|c| c.is_ascii_whitespace() || c.is_ascii_control())
+            || path_and_query
+                .chars()
+                .any(|c| c.is_ascii_whitespace() || c.is_ascii_control())
         {
             return Err(malformed());
         }
@@ -136,11 +145,29 @@ mod tests {
 
     #[test]
     fn rejects_bad_urls() {
-        assert!(matches!(Target::parse("127.0.0.1:80"), Err(TargetError::Malformed(_))));
-        assert!(matches!(Target::parse("http//x"), Err(TargetError::Malformed(_))));
-        assert!(matches!(Target::parse("https://127.0.0.1/"), Err(TargetError::Scheme(_))));
-        assert!(matches!(Target::parse("http://127.0.0.1:0/"), Err(TargetError::Port(_))));
-        assert!(matches!(Target::parse("http://127.0.0.1:99999/"), Err(TargetError::Port(_))));
-        assert!(matches!(Target::parse("http:///x"), Err(TargetError::Malformed(_))));
+        assert!(matches!(
+            Target::parse("127.0.0.1:80"),
+            Err(TargetError::Malformed(_))
+        ));
+        assert!(matches!(
+            Target::parse("http//x"),
+            Err(TargetError::Malformed(_))
+        ));
+        assert!(matches!(
+            Target::parse("https://127.0.0.1/"),
+            Err(TargetError::Scheme(_))
+        ));
+        assert!(matches!(
+            Target::parse("http://127.0.0.1:0/"),
+            Err(TargetError::Port(_))
+        ));
+        assert!(matches!(
+            Target::parse("http://127.0.0.1:99999/"),
+            Err(TargetError::Port(_))
+        ));
+        assert!(matches!(
+            Target::parse("http:///x"),
+            Err(TargetError::Malformed(_))
+        ));
     }
 }

@@ -68,7 +68,11 @@ pub struct Chart {
 }
 
 impl Chart {
-    pub fn new(title: impl Into<String>, x_label: impl Into<String>, y_label: impl Into<String>) -> Self {
+    pub fn new(
+        title: impl Into<String>,
+        x_label: impl Into<String>,
+        y_label: impl Into<String>,
+    ) -> Self {
         Self {
             title: title.into(),
             x_label: x_label.into(),
@@ -87,7 +91,10 @@ const PALETTE: [&str; 8] = [
 
 /// Escapes text for SVG.
 fn esc(s: &str) -> String {
-    s.replace('&', "&amp;").replace('<', "&lt;").replace('>', "&gt;").replace('"', "&quot;")
+    s.replace('&', "&amp;")
+        .replace('<', "&lt;")
+        .replace('>', "&gt;")
+        .replace('"', "&quot;")
 }
 
 /// Ticks covering `[0, max]` (or `[min, max]`) at 1/2/5×10^k steps.
@@ -164,12 +171,27 @@ pub fn line_chart_svg(chart: &Chart, series: &[Series]) -> String {
             let lo = xs.iter().copied().fold(f64::INFINITY, f64::min);
             let hi = xs.iter().copied().fold(f64::NEG_INFINITY, f64::max);
             let (lo, hi) = if lo.is_finite() { (lo, hi) } else { (0.0, 1.0) };
-            nice_ticks(lo, hi, 8).into_iter().map(|v| (v, short_number(v))).collect()
+            nice_ticks(lo, hi, 8)
+                .into_iter()
+                .map(|v| (v, short_number(v)))
+                .collect()
         }
     };
-    let x_lo = x_ticks.iter().map(|t| t.0).chain(xs.iter().copied()).fold(f64::INFINITY, f64::min);
-    let x_hi = x_ticks.iter().map(|t| t.0).chain(xs.iter().copied()).fold(f64::NEG_INFINITY, f64::max);
-    let (x_lo, x_hi) = if x_lo.is_finite() && x_hi > x_lo { (x_lo, x_hi) } else { (0.0, 1.0) };
+    let x_lo = x_ticks
+        .iter()
+        .map(|t| t.0)
+        .chain(xs.iter().copied())
+        .fold(f64::INFINITY, f64::min);
+    let x_hi = x_ticks
+        .iter()
+        .map(|t| t.0)
+        .chain(xs.iter().copied())
+        .fold(f64::NEG_INFINITY, f64::max);
+    let (x_lo, x_hi) = if x_lo.is_finite() && x_hi > x_lo {
+        (x_lo, x_hi)
+    } else {
+        (0.0, 1.0)
+    };
 
     let left: Vec<&Series> = series.iter().filter(|s| s.axis == Axis::Left).collect();
     let right: Vec<&Series> = series.iter().filter(|s| s.axis == Axis::Right).collect();
@@ -268,7 +290,10 @@ pub fn line_chart_svg(chart: &Chart, series: &[Series]) -> String {
     }
     // Lines and points.
     for (i, s) in series.iter().enumerate() {
-        let color = s.color.clone().unwrap_or_else(|| PALETTE[i % PALETTE.len()].to_string());
+        let color = s
+            .color
+            .clone()
+            .unwrap_or_else(|| PALETTE[i % PALETTE.len()].to_string());
         let hi = if s.axis == Axis::Right { ry_hi } else { ly_hi };
         let pts: Vec<String> = s
             .points
@@ -276,7 +301,11 @@ pub fn line_chart_svg(chart: &Chart, series: &[Series]) -> String {
             .filter(|p| p.0.is_finite() && p.1.is_finite())
             .map(|&(x, y)| format!("{:.1},{:.1}", px(x), py(y, hi)))
             .collect();
-        let dash = if s.dashed { r#" stroke-dasharray="6,4""# } else { "" };
+        let dash = if s.dashed {
+            r#" stroke-dasharray="6,4""#
+        } else {
+            ""
+        };
         let _ = writeln!(
             o,
             r#"<polyline fill="none" stroke="{color}" stroke-width="2"{dash} points="{}"><title>{}</title></polyline>"#,
@@ -292,10 +321,25 @@ pub fn line_chart_svg(chart: &Chart, series: &[Series]) -> String {
     let mut lx = ml;
     let ly = mt + ph + 70.0;
     for (i, s) in series.iter().enumerate() {
-        let color = s.color.clone().unwrap_or_else(|| PALETTE[i % PALETTE.len()].to_string());
-        let dash = if s.dashed { r#" stroke-dasharray="6,4""# } else { "" };
+        let color = s
+            .color
+            .clone()
+            .unwrap_or_else(|| PALETTE[i % PALETTE.len()].to_string());
+        let dash = if s.dashed {
+            r#" stroke-dasharray="6,4""#
+        } else {
+            ""
+        };
         let label = if has_right {
-            format!("{} ({})", s.name, if s.axis == Axis::Right { "right" } else { "left" })
+            format!(
+                "{} ({})",
+                s.name,
+                if s.axis == Axis::Right {
+                    "right"
+                } else {
+                    "left"
+                }
+            )
         } else {
             s.name.clone()
         };
@@ -323,7 +367,10 @@ mod tests {
 
     #[test]
     fn ticks_are_nice() {
-        assert_eq!(nice_ticks(0.0, 10.0, 5), vec![0.0, 2.0, 4.0, 6.0, 8.0, 10.0]);
+        assert_eq!(
+            nice_ticks(0.0, 10.0, 5),
+            vec![0.0, 2.0, 4.0, 6.0, 8.0, 10.0]
+        );
         let t = nice_ticks(0.0, 43_000.0, 6);
         assert_eq!(t.first(), Some(&0.0));
         assert!(*t.last().unwrap() >= 43_000.0);

@@ -4,6 +4,7 @@
 //! kernel's loaded BPF programs.
 
 pub mod loadgen_support;
+pub mod topology_support;
 
 use std::{
     io::Write as _,

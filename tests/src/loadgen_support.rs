@@ -24,7 +24,13 @@ impl OriginProc {
     /// the address it prints.
     pub fn start(threads: usize) -> Self {
         let mut child = Command::new(hvprof_bin())
-            .args(["origin", "--listen", "127.0.0.1:0", "--threads", &threads.to_string()])
+            .args([
+                "origin",
+                "--listen",
+                "127.0.0.1:0",
+                "--threads",
+                &threads.to_string(),
+            ])
             .stdin(Stdio::null())
             .stdout(Stdio::piped())
             .stderr(Stdio::piped())
@@ -163,7 +169,9 @@ impl RawResponse {
     pub fn header(&self, name: &str) -> Option<String> {
         self.head.lines().skip(1).find_map(|l| {
             let (k, v) = l.split_once(':')?;
-            k.trim().eq_ignore_ascii_case(name).then(|| v.trim().to_string())
+            k.trim()
+                .eq_ignore_ascii_case(name)
+                .then(|| v.trim().to_string())
         })
     }
 }
@@ -172,7 +180,8 @@ impl RawResponse {
 /// `Content-Length`. Returns the stream too, for keep-alive checks.
 pub fn http_exchange(addr: SocketAddr, request: &str) -> (RawResponse, TcpStream) {
     let mut s = TcpStream::connect(addr).expect("connect to origin");
-    s.set_read_timeout(Some(Duration::from_secs(10))).expect("set timeout");
+    s.set_read_timeout(Some(Duration::from_secs(10)))
+        .expect("set timeout");
     let r = http_on(&mut s, request);
     (r, s)
 }
@@ -187,7 +196,11 @@ pub fn http_on(s: &mut TcpStream, request: &str) -> RawResponse {
             break i + 4;
         }
         let n = s.read(&mut chunk).expect("read head");
-        assert!(n > 0, "connection closed inside the head: {:?}", String::from_utf8_lossy(&buf));
+        assert!(
+            n > 0,
+            "connection closed inside the head: {:?}",
+            String::from_utf8_lossy(&buf)
+        );
         buf.extend_from_slice(&chunk[..n]);
     };
     let head = String::from_utf8_lossy(&buf[..head_end]).to_string();
@@ -216,7 +229,8 @@ pub fn http_on(s: &mut TcpStream, request: &str) -> RawResponse {
 
 /// Whether the peer closed `s` (EOF within 2 s).
 pub fn closed_by_peer(s: &mut TcpStream) -> bool {
-    s.set_read_timeout(Some(Duration::from_secs(2))).expect("set timeout");
+    s.set_read_timeout(Some(Duration::from_secs(2)))
+        .expect("set timeout");
     let mut b = [0u8; 16];
     matches!(s.read(&mut b), Ok(0))
 }
@@ -229,7 +243,10 @@ pub fn expected_body(size: usize) -> Vec<u8> {
 /// Whether Debian's haproxy is installed here.
 pub fn haproxy_available() -> bool {
     std::path::Path::new("/usr/sbin/haproxy").exists()
-        || Command::new("haproxy").arg("-v").output().is_ok_and(|o| o.status.success())
+        || Command::new("haproxy")
+            .arg("-v")
+            .output()
+            .is_ok_and(|o| o.status.success())
 }
 
 /// The first stderr line that carries the error.

@@ -22,12 +22,16 @@ fn origin_bodies_are_byte_exact() {
     let origin = OriginProc::start(1);
     for (label, size) in [("0", 0usize), ("1", 1), ("64k", 65536), ("1m", 1 << 20)] {
         for version in ["1.0", "1.1"] {
-            let req = format!("GET /?s={label} HTTP/{version}\r\nHost: x\r\nConnection: close\r\n\r\n");
+            let req =
+                format!("GET /?s={label} HTTP/{version}\r\nHost: x\r\nConnection: close\r\n\r\n");
             let (r, mut s) = http_exchange(origin.addr, &req);
             assert_eq!(r.status, 200, "{label} HTTP/{version}: {}", r.head);
             assert_eq!(r.header("content-length"), Some(size.to_string()));
             assert!(r.body == expected_body(size), "body of {label} differs");
-            assert!(closed_by_peer(&mut s), "Connection: close honoured at {label}");
+            assert!(
+                closed_by_peer(&mut s),
+                "Connection: close honoured at {label}"
+            );
         }
     }
     let stats = origin.stop();
@@ -42,16 +46,25 @@ fn origin_keep_alive_and_http10() {
     let (r, mut s) = http_exchange(origin.addr, "GET /?s=10 HTTP/1.1\r\nHost: x\r\n\r\n");
     assert_eq!(r.body, expected_body(10));
     for size in [0usize, 2048] {
-        let r = http_on(&mut s, &format!("GET /?s={size} HTTP/1.1\r\nHost: x\r\n\r\n"));
+        let r = http_on(
+            &mut s,
+            &format!("GET /?s={size} HTTP/1.1\r\nHost: x\r\n\r\n"),
+        );
         assert_eq!(r.body, expected_body(size));
     }
     drop(s);
     // HTTP/1.0 closes unless asked to keep alive.
     let (_, mut s) = http_exchange(origin.addr, "GET /?s=1 HTTP/1.0\r\n\r\n");
     assert!(closed_by_peer(&mut s));
-    let (r, mut s) = http_exchange(origin.addr, "GET /?s=1 HTTP/1.0\r\nConnection: keep-alive\r\n\r\n");
+    let (r, mut s) = http_exchange(
+        origin.addr,
+        "GET /?s=1 HTTP/1.0\r\nConnection: keep-alive\r\n\r\n",
+    );
     assert_eq!(r.header("connection").as_deref(), Some("keep-alive"));
-    let r = http_on(&mut s, "GET /?s=3 HTTP/1.0\r\nConnection: keep-alive\r\n\r\n");
+    let r = http_on(
+        &mut s,
+        "GET /?s=3 HTTP/1.0\r\nConnection: keep-alive\r\n\r\n",
+    );
     assert_eq!(r.body, expected_body(3));
     drop(s);
     // Unknown paths, missing and bad sizes: 400 with a reason.
@@ -61,7 +74,10 @@ fn origin_keep_alive_and_http10() {
         ("/?s=abc", "not a number"),
         ("/", "missing size"),
     ] {
-        let (r, _) = http_exchange(origin.addr, &format!("GET {target} HTTP/1.1\r\nHost: x\r\n\r\n"));
+        let (r, _) = http_exchange(
+            origin.addr,
+            &format!("GET {target} HTTP/1.1\r\nHost: x\r\n\r\n"),
+        );
         assert_eq!(r.status, 400, "{target}");
         let body = String::from_utf8_lossy(&r.body);
         assert!(body.contains(reason), "{target}: {body}");
@@ -81,18 +97,29 @@ fn close_mode_one_connection_per_request_and_exact_count() {
     assert_eq!(v["connections"], 3000, "connections == requests for -r 1");
     assert_eq!(v["body_bytes"], 3000 * 1024);
     assert_eq!(v["errors"]["short_body"], 0);
-    let total_errors: u64 = v["errors"].as_object().unwrap().values().map(|e| e.as_u64().unwrap()).sum();
+    let total_errors: u64 = v["errors"]
+        .as_object()
+        .unwrap()
+        .values()
+        .map(|e| e.as_u64().unwrap())
+        .sum();
     assert_eq!(total_errors, 0, "{v}");
     for key in ["conn_per_s", "req_per_s", "body_mbps", "duration_s"] {
         assert!(v[key].as_f64().is_some_and(|x| x > 0.0), "{key}: {v}");
     }
     for h in ["connect", "ttfb", "ttlb"] {
         for p in ["p50", "p90", "p99", "p999", "max"] {
-            assert!(v["latency_us"][h][p].as_u64().is_some_and(|x| x > 0), "{h}.{p}: {v}");
+            assert!(
+                v["latency_us"][h][p].as_u64().is_some_and(|x| x > 0),
+                "{h}.{p}: {v}"
+            );
         }
     }
     let stats = origin.stop();
-    assert_eq!(stats["connections"], 3000, "origin accepts exactly one connection per request");
+    assert_eq!(
+        stats["connections"], 3000,
+        "origin accepts exactly one connection per request"
+    );
     assert_eq!(stats["requests"], 3000);
 }
 
@@ -110,7 +137,17 @@ fn load_checks_bodies_at_each_size() {
 #[test]
 fn keep_alive_mode_via_hyper() {
     let origin = OriginProc::start(1);
-    let (v, out) = load_json(&[&origin.url("2k"), "-n", "500", "-r", "10", "-c", "5", "-t", "1"]);
+    let (v, out) = load_json(&[
+        &origin.url("2k"),
+        "-n",
+        "500",
+        "-r",
+        "10",
+        "-c",
+        "5",
+        "-t",
+        "1",
+    ]);
     assert!(out.status.success(), "{}", stderr(&out));
     assert_eq!(v["requests"], 500);
     assert_eq!(v["connections"], 50);
@@ -124,7 +161,17 @@ fn keep_alive_mode_via_hyper() {
 fn open_loop_rate_is_respected() {
     let origin = OriginProc::start(1);
     let t0 = Instant::now();
-    let (v, out) = load_json(&[&origin.url("0"), "-R", "200", "-d", "1s", "-c", "4", "-t", "1"]);
+    let (v, out) = load_json(&[
+        &origin.url("0"),
+        "-R",
+        "200",
+        "-d",
+        "1s",
+        "-c",
+        "4",
+        "-t",
+        "1",
+    ]);
     assert!(out.status.success(), "{}", stderr(&out));
     let n = v["requests"].as_u64().unwrap();
     assert!((180..=201).contains(&n), "200/s for 1 s gave {n}");
@@ -134,11 +181,18 @@ fn open_loop_rate_is_respected() {
 #[test]
 fn bad_status_is_counted_and_named() {
     let origin = OriginProc::start(1);
-    let out = hvprof_bounded(&["load", &origin.url("10q"), "-n", "5", "-c", "1", "-q"], LIMIT);
+    let out = hvprof_bounded(
+        &["load", &origin.url("10q"), "-n", "5", "-c", "1", "-q"],
+        LIMIT,
+    );
     assert!(!out.status.success());
     let line = error_line(&out);
     assert!(line.contains("unknown suffix 'q'"), "{line}");
-    assert!(String::from_utf8_lossy(&out.stdout).contains("bad_status 5"), "{}", String::from_utf8_lossy(&out.stdout));
+    assert!(
+        String::from_utf8_lossy(&out.stdout).contains("bad_status 5"),
+        "{}",
+        String::from_utf8_lossy(&out.stdout)
+    );
 }
 
 #[test]
@@ -147,19 +201,41 @@ fn bad_input_gives_one_clear_line() {
         (&["load", "not-a-url", "-n", "1"], "invalid URL"),
         (&["load", "https://127.0.0.1:1/", "-n", "1"], "only http://"),
         (&["load", "http://127.0.0.1:99999/", "-n", "1"], "bad port"),
-        (&["load", "http://127.0.0.1:1/", "-c", "0", "-n", "1"], "concurrency must be a positive integer"),
-        (&["load", "http://127.0.0.1:1/", "-c", "-1", "-n", "1"], "concurrency must be a positive integer"),
-        (&["load", "http://127.0.0.1:1/", "-n", "0"], "request count must be a positive integer"),
-        (&["load", "http://127.0.0.1:1/", "-d", "soon"], "invalid duration"),
+        (
+            &["load", "http://127.0.0.1:1/", "-c", "0", "-n", "1"],
+            "concurrency must be a positive integer",
+        ),
+        (
+            &["load", "http://127.0.0.1:1/", "-c", "-1", "-n", "1"],
+            "concurrency must be a positive integer",
+        ),
+        (
+            &["load", "http://127.0.0.1:1/", "-n", "0"],
+            "request count must be a positive integer",
+        ),
+        (
+            &["load", "http://127.0.0.1:1/", "-d", "soon"],
+            "invalid duration",
+        ),
         (&["bench", "--sizes", "0,10q"], "unknown suffix 'q'"),
-        (&["bench", "--topology", "kvm", "--sizes", "0"], "unknown topology 'kvm' (available: native)"),
-        (&["origin", "--listen", "127.0.0.1:0", "--threads", "0"], "thread count must be a positive integer"),
+        (
+            &["bench", "--topology", "kvm", "--sizes", "0"],
+            "unknown topology 'kvm' (available: native",
+        ),
+        (
+            &["origin", "--listen", "127.0.0.1:0", "--threads", "0"],
+            "thread count must be a positive integer",
+        ),
     ];
     for (args, expected) in cases {
         let out = hvprof_bounded(args, Duration::from_secs(20));
         assert!(!out.status.success(), "{args:?} should fail");
         let line = error_line(&out);
-        assert!(line.contains(expected), "{args:?}: first error line {line:?} lacks {expected:?}\n{}", stderr(&out));
+        assert!(
+            line.contains(expected),
+            "{args:?}: first error line {line:?} lacks {expected:?}\n{}",
+            stderr(&out)
+        );
         assert!(!line.contains("panicked"), "{args:?}: {line}");
     }
 }
@@ -167,27 +243,63 @@ fn bad_input_gives_one_clear_line() {
 #[test]
 fn closed_port_fails_fast() {
     // Find a port nothing listens on: bind, note, release.
-    let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
     let t0 = Instant::now();
-    let out = hvprof_bounded(&["load", &format!("http://127.0.0.1:{port}/?s=0"), "-d", "10s", "-c", "8", "-q"], LIMIT);
+    let out = hvprof_bounded(
+        &[
+            "load",
+            &format!("http://127.0.0.1:{port}/?s=0"),
+            "-d",
+            "10s",
+            "-c",
+            "8",
+            "-q",
+        ],
+        LIMIT,
+    );
     assert!(!out.status.success());
     let line = error_line(&out);
     assert!(line.contains("refused"), "{line}");
     assert!(line.contains("is a server listening"), "{line}");
-    assert_eq!(stderr(&out).lines().filter(|l| l.contains("error")).count(), 1, "{}", stderr(&out));
-    assert!(t0.elapsed() < Duration::from_secs(5), "stops at once, not after -d");
+    assert_eq!(
+        stderr(&out).lines().filter(|l| l.contains("error")).count(),
+        1,
+        "{}",
+        stderr(&out)
+    );
+    assert!(
+        t0.elapsed() < Duration::from_secs(5),
+        "stops at once, not after -d"
+    );
 }
 
 #[test]
 fn bench_runs_end_to_end_through_haproxy() {
     if !haproxy_available() {
-        skip("bench_runs_end_to_end_through_haproxy", "haproxy is not installed (cargo xtask setup installs it)");
+        skip(
+            "bench_runs_end_to_end_through_haproxy",
+            "haproxy is not installed (cargo xtask setup installs it)",
+        );
         return;
     }
     let dir = tempfile::tempdir().unwrap();
     let out_dir = dir.path().join("bench");
     let out = hvprof_bounded(
-        &["bench", "--sizes", "0,4k", "-d", "1s", "-c", "8", "-o", out_dir.to_str().unwrap()],
+        &[
+            "bench",
+            "--sizes",
+            "0,4k",
+            "-d",
+            "1s",
+            "-c",
+            "8",
+            "-o",
+            out_dir.to_str().unwrap(),
+        ],
         LIMIT,
     );
     assert!(out.status.success(), "{}", stderr(&out));
@@ -209,7 +321,10 @@ fn bench_runs_end_to_end_through_haproxy() {
     assert!(md.contains("| native | 4K |"), "{md}");
     for svg in ["bench.svg", "conn_per_s.svg", "bandwidth.svg"] {
         let text = std::fs::read_to_string(out_dir.join(svg)).unwrap();
-        assert!(text.starts_with("<svg") && text.contains("<polyline"), "{svg}");
+        assert!(
+            text.starts_with("<svg") && text.contains("<polyline"),
+            "{svg}"
+        );
     }
     assert!(String::from_utf8_lossy(&out.stdout).contains("| native | 0 |"));
     // No HAProxy left behind.

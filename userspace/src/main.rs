@@ -5,6 +5,7 @@
 mod agent;
 mod attach;
 mod bench;
+mod capture;
 mod catalog;
 mod classify;
 mod cli;

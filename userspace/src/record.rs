@@ -3,7 +3,7 @@
 //! (normal end, Ctrl-C, SIGTERM, errors), and summarise.
 
 use std::{
-    collections::BTreeMap,
+    cell::RefCell,
     path::{Path, PathBuf},
     process::ExitCode,
     time::Duration,
@@ -11,15 +11,13 @@ use std::{
 
 use anyhow::{Context as _, Result, bail};
 use clap::Args;
-use serde::Serialize;
 use tokio::signal::unix::SignalKind;
 
 use crate::{
     agent::collector::Collector,
-    attach::ProgramStats,
+    capture,
     recorder::{self, Recorder},
-    rundir::{self, log::LogWriter},
-    timeline,
+    rundir,
 };
 
 /// Record probes on a live system into a run directory.
@@ -83,20 +81,6 @@ fn parse_ringbuf_mib(s: &str) -> Result<u32, String> {
     Ok(n)
 }
 
-/// `summary.json`.
-#[derive(Debug, Serialize)]
-pub struct Summary {
-    pub connections: u64,
-    pub events: u64,
-    pub lost: BTreeMap<String, u64>,
-    pub probes: Vec<ProgramStats>,
-    pub duration_s: f64,
-    pub truncated_tail: bool,
-    /// CPU samples taken and distinct stacks in `stacks.folded`.
-    pub samples: u64,
-    pub stacks: usize,
-}
-
 impl RecordArgs {
     pub fn run(self) -> Result<ExitCode> {
         if self.duration.is_none() && self.command.is_empty() {
@@ -146,106 +130,85 @@ impl RecordArgs {
             ringbuf_mib: self.ringbuf_mib,
             freq: self.freq,
         };
-        let mut rec = Recorder::start(&opts, "host", &self.command)?;
-        rundir::write_json(&dir.join(rundir::META), &rec.meta)?;
-        let mut log = LogWriter::create(&dir.join(rundir::EVENTS))?;
-        if !self.quiet {
-            eprintln!(
-                "hvprof: recording {} probe(s) into {} ({}); Ctrl-C to stop",
-                rec.attached().len(),
-                dir.display(),
-                match self.duration {
-                    Some(d) => format!("for {}", humantime::format_duration(d)),
-                    None => format!("while `{}` runs", self.command.join(" ")),
-                }
-            );
-        }
-        let mut child = if self.command.is_empty() {
-            None
-        } else {
-            Some(
-                tokio::process::Command::new(&self.command[0])
-                    .args(&self.command[1..])
+        // The command starts once the probes are attached.
+        let child: RefCell<Option<tokio::process::Child>> = RefCell::new(None);
+        let spawn_err: RefCell<Option<anyhow::Error>> = RefCell::new(None);
+        let command = self.command.clone();
+        let quiet = self.quiet;
+        let duration = self.duration;
+        let announce = |rec: &Recorder| {
+            if !quiet {
+                eprintln!(
+                    "hvprof: recording {} probe(s) into {} ({}); Ctrl-C to stop",
+                    rec.attached().len(),
+                    dir.display(),
+                    match duration {
+                        Some(d) => format!("for {}", humantime::format_duration(d)),
+                        None => format!("while `{}` runs", command.join(" ")),
+                    }
+                );
+            }
+            if let Some((prog, args)) = command.split_first() {
+                match tokio::process::Command::new(prog)
+                    .args(args)
                     .kill_on_drop(true)
                     .spawn()
-                    .with_context(|| format!("cannot run command {:?}", self.command[0]))?,
-            )
+                {
+                    Ok(c) => *child.borrow_mut() = Some(c),
+                    Err(e) => {
+                        *spawn_err.borrow_mut() =
+                            Some(anyhow::anyhow!("cannot run command {prog:?}: {e}"))
+                    }
+                }
+            }
         };
         let deadline = self.duration.map(|d| tokio::time::Instant::now() + d);
-        let mut exit = ExitCode::SUCCESS;
-        let mut drain_tick = tokio::time::interval(recorder::DRAIN_EVERY);
-        let mut symbolize_tick = tokio::time::interval(Duration::from_secs(1));
-
-        // Stream until the duration ends, the command exits or a signal comes.
-        let result: Result<()> = async {
-            loop {
-                tokio::select! {
-                    r = rec.wait_and_drain(|r| Ok(log.append(r)?)) => { r?; log.flush()? }
-                    _ = drain_tick.tick() => { rec.drain(|r| Ok(log.append(r)?))?; log.flush()? }
-                    _ = symbolize_tick.tick() => rec.stacks.symbolize_pending(),
-                    _ = sleep_until(deadline) => break,
-                    status = wait_child(&mut child) => {
-                        if let Some(st) = status? {
-                            if !st.success() {
-                                exit = ExitCode::from(st.code().map_or(1, |c| c.clamp(1, 255) as u8));
-                                eprintln!("hvprof: command exited with {st}");
-                            }
-                        }
-                        break;
+        let stop = async {
+            if spawn_err.borrow().is_some() {
+                return ExitCode::FAILURE;
+            }
+            // Only this future touches the child from here on.
+            let mut child = child.borrow_mut();
+            tokio::select! {
+                _ = sleep_until(deadline) => ExitCode::SUCCESS,
+                status = wait_child(&mut child) => match status {
+                    Ok(Some(st)) if !st.success() => {
+                        eprintln!("hvprof: command exited with {st}");
+                        ExitCode::from(st.code().map_or(1, |c| c.clamp(1, 255) as u8))
                     }
-                    _ = sigint.recv() => { stop_child(&mut child, libc::SIGINT).await; exit = ExitCode::from(130); break }
-                    _ = sigterm.recv() => { stop_child(&mut child, libc::SIGTERM).await; exit = ExitCode::from(143); break }
-                }
+                    Ok(_) => ExitCode::SUCCESS,
+                    Err(e) => { eprintln!("hvprof: {e:#}"); ExitCode::FAILURE }
+                },
+                _ = sigint.recv() => { stop_child(&mut child, libc::SIGINT).await; ExitCode::from(130) }
+                _ = sigterm.recv() => { stop_child(&mut child, libc::SIGTERM).await; ExitCode::from(143) }
             }
-            Ok(())
-        }
-        .await;
-        let finished = rec.finish(|r| Ok(log.append(r)?));
-        log.flush()?;
-        result?;
-        let mut fin = finished?;
-        if let Some(c) = collector {
-            for g in c.finish(Duration::from_secs(20)).await {
-                if !self.quiet {
-                    eprintln!(
-                        "hvprof: {} from {}: {} events{}{}",
-                        g.guest,
-                        g.peer,
-                        g.events,
-                        g.clock.as_ref().map_or(String::new(), |c| format!(
-                            ", clock offset {} ns ± {} ns",
-                            c.offset_ns, c.error_ns
-                        )),
-                        if g.complete { "" } else { " (incomplete)" }
-                    );
-                }
-                if let Some(clock) = g.clock {
-                    fin.meta.clock_offsets.push(serde_json::to_value(clock)?);
-                }
-            }
-        }
-        rundir::write_json(&dir.join(rundir::META), &fin.meta)?;
-        let n_stacks = if fin.stacks.samples > 0 {
-            fin.stacks.write_folded(&dir.join(rundir::STACKS))?
-        } else {
-            0
         };
-        if let Some(sched) = &fin.sched {
-            rundir::write_json(&dir.join(rundir::THREADS), sched)?;
+        let (summary, exit) = capture::run_until(
+            &dir,
+            &opts,
+            "host",
+            &self.command,
+            collector,
+            announce,
+            stop,
+        )
+        .await?;
+        if let Some(e) = spawn_err.into_inner() {
+            return Err(e);
         }
-        let tl = timeline::Timeline::read(&dir)?;
-        let summary = Summary {
-            connections: tl.connections.len() as u64,
-            events: log.records,
-            lost: fin.lost,
-            probes: fin.stats,
-            duration_s: fin.meta.duration_s.unwrap_or(0.0),
-            truncated_tail: tl.truncated_tail,
-            samples: fin.stacks.samples,
-            stacks: n_stacks,
-        };
-        rundir::write_json(&dir.join(rundir::SUMMARY), &summary)?;
         if !self.quiet {
+            for g in &summary.guests {
+                eprintln!(
+                    "hvprof: {}: {} events{}{}",
+                    g.guest,
+                    g.events,
+                    g.clock_offset_ns.map_or(String::new(), |o| format!(
+                        ", clock offset {o} ns ± {} ns",
+                        g.clock_error_ns.unwrap_or(0)
+                    )),
+                    if g.complete { "" } else { " (incomplete)" }
+                );
+            }
             print_summary(&dir, &summary);
         }
         Ok(exit)
@@ -304,7 +267,7 @@ async fn stop_child(child: &mut Option<tokio::process::Child>, sig: i32) {
     }
 }
 
-fn print_summary(dir: &Path, s: &Summary) {
+fn print_summary(dir: &Path, s: &capture::Summary) {
     println!(
         "recorded {} events ({} CPU samples), {} connections in {:.2}s -> {}",
         s.events,

@@ -2,8 +2,10 @@
 //! lacks (`setup`), running the whole test suite (`test`), the main job
 //! (`run`) and benchmarks (`bench`).
 
+mod bench; // TEMP-LOADGEN
 mod setup;
 mod test;
+mod testbed;
 
 use std::{path::PathBuf, process::Command};
 
@@ -30,11 +32,16 @@ enum Cmd {
     },
     /// Setup, build, then the main job: record a short loopback workload
     /// with hvprof and print its summary.
+    /// TEMP-LOADGEN
+    BenchLoad(bench::BenchLoadArgs),
     Run {
         /// Where the run directory goes.
         #[arg(short, long, default_value = "runs")]
         output: PathBuf,
     },
+    /// Build (or confirm, when cached) the QEMU test bed for the `vm-*`
+    /// topologies: Debian kernel + modules, busybox, HAProxy, static hvprof.
+    Testbed(testbed::TestbedArgs),
 }
 
 fn main() {
@@ -42,7 +49,9 @@ fn main() {
     let res = match cli.cmd {
         Cmd::Setup => setup::run(),
         Cmd::Test { args } => setup::run().and_then(|()| test::run(&args)),
+        Cmd::BenchLoad(a) => bench::bench_load(&a), // TEMP-LOADGEN
         Cmd::Run { output } => setup::run().and_then(|()| run_main_job(&output)),
+        Cmd::Testbed(args) => testbed::run(&args),
     };
     if let Err(e) = res {
         eprintln!("xtask: error: {e:#}");

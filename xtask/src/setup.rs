@@ -30,13 +30,27 @@ const PACKAGES: &[&str] = &[
     "haproxy",
     "wrk",
     "iproute2",
+    "iptables",
+    // The VM test bed: static glibc for the guest's hvprof, strip, and
+    // what the initramfs is made of.
+    "libc6-dev",
+    "binutils",
+    "busybox-static",
+    "cpio",
 ];
+
+/// QEMU comes from bookworm-backports: Debian 12's own 7.2 conflicts with
+/// the preinstalled qemu-utils 10.
+const BACKPORTS: &[&str] = &["qemu-system-x86"];
+const BACKPORTS_SOURCE: &str = "/etc/apt/sources.list.d/bookworm-backports.sources";
+const BACKPORTS_TEXT: &str = "Types: deb\nURIs: http://deb.debian.org/debian\nSuites: bookworm-backports\nComponents: main\nSigned-By: /usr/share/keyrings/debian-archive-keyring.gpg\n";
 
 const BPF_LINKER_VERSION: &str = "0.13.0";
 
 pub fn run() -> Result<()> {
     let t0 = Instant::now();
     step("Debian packages", apt_packages)?;
+    step("QEMU (bookworm-backports)", backports)?;
     step("bpf-linker", bpf_linker)?;
     step("rustup toolchain `debian`", debian_toolchain)?;
     eprintln!("[setup] done in {:.1}s", t0.elapsed().as_secs_f64());
@@ -60,19 +74,54 @@ fn apt_packages() -> Result<String> {
         return Ok("all installed".into());
     }
     eprintln!("[setup] installing {}", missing.join(" "));
-    let apt = |args: &[&str]| {
-        run_cmd(
-            Command::new("apt-get")
-                .env("DEBIAN_FRONTEND", "noninteractive")
-                .args(["-o", "DPkg::Lock::Timeout=300", "-q"])
-                .args(args),
-        )
-    };
     apt(&["update"])?;
     let mut args = vec!["install", "-y", "--no-install-recommends"];
     args.extend(&missing);
     apt(&args)?;
     Ok(format!("installed {}", missing.len()))
+}
+
+fn apt(args: &[&str]) -> Result<()> {
+    run_cmd(
+        Command::new("apt-get")
+            .env("DEBIAN_FRONTEND", "noninteractive")
+            .args(["-o", "DPkg::Lock::Timeout=300", "-q"])
+            .args(args),
+    )
+}
+
+fn backports() -> Result<String> {
+    let missing: Vec<&str> = BACKPORTS
+        .iter()
+        .copied()
+        .filter(|p| !dpkg_installed(p))
+        .collect();
+    if missing.is_empty() {
+        return Ok("installed".into());
+    }
+    let path = std::path::Path::new(BACKPORTS_SOURCE);
+    let listed = std::fs::read_dir("/etc/apt/sources.list.d")
+        .map(|d| {
+            d.flatten().any(|e| {
+                std::fs::read_to_string(e.path()).is_ok_and(|t| t.contains("bookworm-backports"))
+            })
+        })
+        .unwrap_or(false);
+    if !listed {
+        std::fs::write(path, BACKPORTS_TEXT)
+            .with_context(|| format!("writing {}", path.display()))?;
+    }
+    apt(&["update"])?;
+    let mut args = vec![
+        "install",
+        "-y",
+        "--no-install-recommends",
+        "-t",
+        "bookworm-backports",
+    ];
+    args.extend(&missing);
+    apt(&args)?;
+    Ok(format!("installed {}", missing.join(" ")))
 }
 
 fn dpkg_installed(pkg: &str) -> bool {

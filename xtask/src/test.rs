@@ -35,6 +35,12 @@ pub fn run(extra: &[String]) -> Result<()> {
     )?;
     eprintln!("[test] cargo build --release");
     build_release()?;
+    eprintln!("[test] VM test bed");
+    crate::testbed::run(&crate::testbed::TestbedArgs {
+        dir: None,
+        kernel: None,
+        force: false,
+    })?;
 
     let skip_file = root.join("target/test-skips.txt");
     let _ = std::fs::remove_file(&skip_file);

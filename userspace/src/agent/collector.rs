@@ -64,6 +64,17 @@ impl Collector {
         let listener = TcpListener::bind(addr)
             .await
             .with_context(|| format!("cannot listen for agents on {addr}"))?;
+        Self::serve_on(listener, token, dir)
+    }
+
+    /// Takes over a socket bound elsewhere (e.g. inside a topology's
+    /// namespace, where the guests are). Needs a running tokio runtime.
+    pub fn from_std(listener: std::net::TcpListener, token: Vec<u8>, dir: PathBuf) -> Result<Self> {
+        listener.set_nonblocking(true)?;
+        Self::serve_on(TcpListener::from_std(listener)?, token, dir)
+    }
+
+    fn serve_on(listener: TcpListener, token: Vec<u8>, dir: PathBuf) -> Result<Self> {
         let addr = listener.local_addr()?;
         let (stop, stop_rx) = watch::channel(false);
         let (tx, agents) = tokio::sync::mpsc::unbounded_channel();

@@ -343,6 +343,28 @@ impl Up {
         }
     }
 
+    /// Host-side devices of the path, as `NETNS:IFNAME` for `--dev`: the
+    /// TAP of a guest, the client-side veth of a namespace topology.
+    pub fn host_devices(&self) -> Vec<String> {
+        match &self.placement {
+            Placement::Native(_) => Vec::new(),
+            Placement::Netns { net, .. } => net
+                .client_devices()
+                .into_iter()
+                .map(|d| format!("{}:{d}", net.client_ns()))
+                .collect(),
+            Placement::Vm(vm) => vec![format!("{}:{}", vm.netns(), vm.tap())],
+        }
+    }
+
+    /// The guest of a `vm-*` topology.
+    pub fn vm(&self) -> Option<&vm::Vm> {
+        match &self.placement {
+            Placement::Vm(vm) => Some(vm),
+            _ => None,
+        }
+    }
+
     /// Tears the topology down now (also done on drop).
     pub fn stop(self) {
         drop(self);

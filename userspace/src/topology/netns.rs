@@ -281,6 +281,11 @@ impl NetnsSet {
     pub fn proxy_ip(&self) -> Ipv4Addr {
         self.proxy_ip
     }
+    /// The client namespace's end of the path (always `hvpc0`).
+    pub fn client_devices(&self) -> Vec<&'static str> {
+        vec!["hvpc0"]
+    }
+
     pub fn names(&self) -> Vec<String> {
         [Some(&self.client), Some(&self.proxy), self.bridge.as_ref()]
             .into_iter()

@@ -51,6 +51,8 @@ pub enum VmError {
     },
     #[error("KVM requested (--accel kvm) but {0}")]
     NoKvm(String),
+    #[error("guest agent: {0}")]
+    Agent(String),
 }
 
 /// The emulated NICs.
@@ -594,6 +596,32 @@ impl Vm {
     }
     pub fn launcher(&self) -> &GuestLauncher {
         &self.launcher
+    }
+
+    /// The host end of the guest's link, in [`Self::netns`].
+    pub fn tap(&self) -> &'static str {
+        "hvptap0"
+    }
+
+    /// Starts `hvprof agent` in the guest, streaming to `collector` (on the
+    /// host side of the TAP) with `token`; returns the agent's guest pid.
+    pub fn start_agent(&self, collector: SocketAddr, token: &[u8]) -> Result<u32, VmError> {
+        let share = self.run_dir.join("share");
+        std::fs::write(share.join("agent.token"), token)
+            .map_err(|e| VmError::Agent(format!("writing the token to the guest share: {e}")))?;
+        let answer = UnixStream::connect(&self.ctl)
+            .and_then(|s| Control::new(s, &self.ctl))
+            .and_then(|mut c| c.request(&format!("agent {collector}"), Duration::from_secs(10)))
+            .map_err(|e| VmError::Agent(format!("starting it: {e}")))?;
+        answer
+            .trim()
+            .parse()
+            .map_err(|_| VmError::Agent(format!("guest answered '{answer}'")))
+    }
+
+    /// The guest agent's log (on the run share), for error messages.
+    pub fn agent_log(&self) -> String {
+        tail_file(&self.run_dir.join("share/agent.log"), 5)
     }
 }
 

@@ -1,0 +1,229 @@
+//! A capture: one recording into a run directory — host probes, and the
+//! guest agents a collector accepts — from attach until a stop future
+//! fires, then an orderly finish that writes `meta.json`, `summary.json`,
+//! `stacks.folded` and `threads.json` (and each guest's under
+//! `guest-N/`). `hvprof record` drives it from the command line;
+//! `hvprof bench --record` runs one around every point of a sweep, on a
+//! thread of its own ([`Background`]).
+
+use std::{
+    collections::BTreeMap,
+    future::Future,
+    path::{Path, PathBuf},
+    time::Duration,
+};
+
+use anyhow::{Context as _, Result, anyhow};
+use serde::Serialize;
+
+use crate::{
+    agent::collector::Collector,
+    attach::ProgramStats,
+    recorder::{self, Recorder},
+    rundir::{self, log::LogWriter},
+    timeline,
+};
+
+/// `summary.json`.
+#[derive(Debug, Clone, Serialize)]
+pub struct Summary {
+    pub connections: u64,
+    pub events: u64,
+    pub lost: BTreeMap<String, u64>,
+    pub probes: Vec<ProgramStats>,
+    pub duration_s: f64,
+    pub truncated_tail: bool,
+    /// CPU samples taken and distinct stacks in `stacks.folded`.
+    pub samples: u64,
+    pub stacks: usize,
+    /// Guests whose agents delivered a recording.
+    pub guests: Vec<GuestSummary>,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct GuestSummary {
+    pub guest: String,
+    pub events: u64,
+    pub complete: bool,
+    pub clock_offset_ns: Option<i64>,
+    pub clock_error_ns: Option<u64>,
+}
+
+/// Records into `dir` (already created, writable) until `stop` resolves;
+/// returns the summary and `stop`'s output.
+pub async fn run_until<F: Future>(
+    dir: &Path,
+    opts: &recorder::Options,
+    topology: &str,
+    command: &[String],
+    collector: Option<Collector>,
+    on_attached: impl FnOnce(&Recorder),
+    stop: F,
+) -> Result<(Summary, F::Output)> {
+    let mut rec = Recorder::start(opts, topology, command)?;
+    rundir::write_json(&dir.join(rundir::META), &rec.meta)?;
+    let mut log = LogWriter::create(&dir.join(rundir::EVENTS))?;
+    on_attached(&rec);
+    let mut drain_tick = tokio::time::interval(recorder::DRAIN_EVERY);
+    let mut symbolize_tick = tokio::time::interval(Duration::from_secs(1));
+    tokio::pin!(stop);
+    let result: Result<F::Output> = async {
+        loop {
+            tokio::select! {
+                r = rec.wait_and_drain(|r| Ok(log.append(r)?)) => { r?; log.flush()? }
+                _ = drain_tick.tick() => { rec.drain(|r| Ok(log.append(r)?))?; log.flush()? }
+                _ = symbolize_tick.tick() => rec.stacks.symbolize_pending(),
+                out = &mut stop => break Ok(out),
+            }
+        }
+    }
+    .await;
+    let finished = rec.finish(|r| Ok(log.append(r)?));
+    log.flush()?;
+    let out = result?;
+    let mut fin = finished?;
+    let mut guests = Vec::new();
+    if let Some(c) = collector {
+        for g in c.finish(Duration::from_secs(20)).await {
+            guests.push(GuestSummary {
+                guest: g.guest.clone(),
+                events: g.events,
+                complete: g.complete,
+                clock_offset_ns: g.clock.as_ref().map(|c| c.offset_ns),
+                clock_error_ns: g.clock.as_ref().map(|c| c.error_ns),
+            });
+            if let Some(clock) = g.clock {
+                fin.meta.clock_offsets.push(serde_json::to_value(clock)?);
+            }
+        }
+    }
+    rundir::write_json(&dir.join(rundir::META), &fin.meta)?;
+    let n_stacks = if fin.stacks.samples > 0 {
+        fin.stacks.write_folded(&dir.join(rundir::STACKS))?
+    } else {
+        0
+    };
+    if let Some(sched) = &fin.sched {
+        rundir::write_json(&dir.join(rundir::THREADS), sched)?;
+    }
+    let tl = timeline::Timeline::read(dir)?;
+    let summary = Summary {
+        connections: tl.connections.len() as u64,
+        events: log.records,
+        lost: fin.lost,
+        probes: fin.stats,
+        duration_s: fin.meta.duration_s.unwrap_or(0.0),
+        truncated_tail: tl.truncated_tail,
+        samples: fin.stacks.samples,
+        stacks: n_stacks,
+        guests,
+    };
+    rundir::write_json(&dir.join(rundir::SUMMARY), &summary)?;
+    Ok((summary, out))
+}
+
+/// A capture on a thread of its own, for callers that are not async.
+pub struct Background {
+    stop: Option<tokio::sync::oneshot::Sender<()>>,
+    thread: Option<std::thread::JoinHandle<Result<Summary>>>,
+    pub dir: PathBuf,
+}
+
+impl Background {
+    /// Starts recording into `dir` and returns once the probes are
+    /// attached. `agents`: a listening socket (already bound where guests
+    /// can reach it) and the token they must prove.
+    pub fn start(
+        dir: PathBuf,
+        opts: recorder::Options,
+        topology: String,
+        agents: Option<(std::net::TcpListener, Vec<u8>)>,
+    ) -> Result<Self> {
+        let dir = rundir::create(&dir)?;
+        let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
+        let (ready_tx, ready_rx) = std::sync::mpsc::channel::<Result<(), String>>();
+        let d = dir.clone();
+        let thread = std::thread::Builder::new()
+            .name("hvprof-capture".into())
+            .spawn(move || -> Result<Summary> {
+                let rt = tokio::runtime::Builder::new_current_thread()
+                    .enable_all()
+                    .build()
+                    .context("starting the capture runtime")?;
+                rt.block_on(async move {
+                    let collector = match agents {
+                        Some((l, token)) => match Collector::from_std(l, token, d.clone()) {
+                            Ok(c) => Some(c),
+                            Err(e) => {
+                                let _ = ready_tx.send(Err(format!("{e:#}")));
+                                return Err(e);
+                            }
+                        },
+                        None => None,
+                    };
+                    let ready = ready_tx.clone();
+                    let res = run_until(
+                        &d,
+                        &opts,
+                        &topology,
+                        &[],
+                        collector,
+                        |_| {
+                            let _ = ready.send(Ok(()));
+                        },
+                        async {
+                            let _ = stop_rx.await;
+                        },
+                    )
+                    .await;
+                    if let Err(e) = &res {
+                        let _ = ready_tx.send(Err(format!("{e:#}")));
+                    }
+                    res.map(|(s, ())| s)
+                })
+            })
+            .context("starting the capture thread")?;
+        match ready_rx.recv() {
+            Ok(Ok(())) => Ok(Self {
+                stop: Some(stop_tx),
+                thread: Some(thread),
+                dir,
+            }),
+            Ok(Err(e)) => {
+                let _ = thread.join();
+                Err(anyhow!("recording {}: {e}", dir.display()))
+            }
+            Err(_) => {
+                let r = thread.join();
+                Err(anyhow!(
+                    "recording {} ended before attaching: {:?}",
+                    dir.display(),
+                    r.err()
+                ))
+            }
+        }
+    }
+
+    /// Stops, finishes the run directory and returns its summary.
+    pub fn stop(mut self) -> Result<Summary> {
+        if let Some(s) = self.stop.take() {
+            let _ = s.send(());
+        }
+        match self.thread.take().map(|t| t.join()) {
+            Some(Ok(r)) => r,
+            Some(Err(_)) => Err(anyhow!("the capture thread panicked")),
+            None => Err(anyhow!("capture already stopped")),
+        }
+    }
+}
+
+impl Drop for Background {
+    fn drop(&mut self) {
+        if let Some(s) = self.stop.take() {
+            let _ = s.send(());
+        }
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
+}

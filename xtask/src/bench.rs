@@ -1,0 +1,476 @@
+//! `cargo xtask bench load`: the load generator's quality bar, measured
+//! side by side. `hvprof load` and `wrk -H 'Connection: close'` take turns
+//! (alternating which goes first) against the same HAProxy + origin stand
+//! (`hvprof bench --serve`) at 0 and 64K, with the same threads and
+//! concurrency; prints each one's conn/s and the ratio. Then compares
+//! origins: `hvprof load` straight against `hvprof origin`, nginx and
+//! HAProxy (`http-request return`) serving the same objects.
+//! A benchmark, not a test: it prints numbers and fails only when a tool
+//! can't run.
+
+use std::io::{BufRead as _, BufReader, Read as _};
+use std::net::TcpListener;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use anyhow::{Context as _, Result, bail};
+
+/// Options of `cargo xtask bench load`.
+#[derive(clap::Args, Debug, Clone)]
+pub struct BenchLoadArgs {
+    /// Seconds per measurement.
+    #[arg(short, long, default_value_t = 5)]
+    pub duration: u64,
+    /// Client threads (both tools).
+    #[arg(short, long, default_value_t = 1)]
+    pub threads: usize,
+    /// Connections in flight (both tools).
+    #[arg(short, long, default_value_t = 64)]
+    pub concurrency: usize,
+    /// Alternating rounds per size (each round runs both tools once).
+    #[arg(short, long, default_value_t = 3)]
+    pub rounds: usize,
+    /// HAProxy threads.
+    #[arg(long, default_value_t = 1)]
+    pub haproxy_threads: usize,
+    /// Skip the origin comparison (hvprof origin vs nginx vs HAProxy).
+    #[arg(long)]
+    pub no_origins: bool,
+    /// Don't build; use target/release/hvprof as it is.
+    #[arg(long)]
+    pub no_build: bool,
+}
+
+impl Default for BenchLoadArgs {
+    fn default() -> Self {
+        Self {
+            duration: 5,
+            threads: 1,
+            concurrency: 64,
+            rounds: 3,
+            haproxy_threads: 1,
+            no_origins: false,
+            no_build: false,
+        }
+    }
+}
+
+const SIZES: [&str; 2] = ["0", "64k"];
+
+/// A child we started, stopped by pid (SIGTERM, then SIGKILL) when dropped.
+struct Guard(Option<Child>);
+
+impl Guard {
+    fn stop(&mut self) {
+        let Some(mut c) = self.0.take() else { return };
+        if let Ok(Some(_)) = c.try_wait() {
+            return;
+        }
+        let _ = Command::new("kill")
+            .args(["-TERM", &c.id().to_string()])
+            .status();
+        let t0 = Instant::now();
+        while t0.elapsed() < Duration::from_secs(5) {
+            if let Ok(Some(_)) = c.try_wait() {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        let _ = c.kill();
+        let _ = c.wait();
+    }
+}
+
+impl Drop for Guard {
+    fn drop(&mut self) {
+        self.stop();
+    }
+}
+
+fn have(program: &str) -> bool {
+    Command::new("sh")
+        .args([
+            "-c",
+            &format!("command -v {program} >/dev/null 2>&1 || test -x /usr/sbin/{program}"),
+        ])
+        .status()
+        .is_ok_and(|s| s.success())
+}
+
+fn free_port() -> Result<u16> {
+    Ok(TcpListener::bind("127.0.0.1:0")?.local_addr()?.port())
+}
+
+fn wait_port(port: u16, limit: Duration) -> Result<()> {
+    let t0 = Instant::now();
+    while t0.elapsed() < limit {
+        if std::net::TcpStream::connect(("127.0.0.1", port)).is_ok() {
+            return Ok(());
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    bail!("nothing listened on 127.0.0.1:{port} within {limit:?}")
+}
+
+/// The number after `"key":` in a JSON text (enough for our own reports).
+fn json_number(text: &str, key: &str) -> Option<f64> {
+    let i = text.find(&format!("\"{key}\""))?;
+    let rest = text[i + key.len() + 2..]
+        .trim_start()
+        .strip_prefix(':')?
+        .trim_start();
+    let end = rest.find(|c: char| !(c.is_ascii_digit() || "+-.eE".contains(c)))?;
+    rest[..end].parse().ok()
+}
+
+/// One `hvprof load` run: (conn/s, errors).
+fn hvprof_load(bin: &Path, url: &str, a: &BenchLoadArgs) -> Result<(f64, u64)> {
+    let out = Command::new(bin)
+        .args(["load", url, "-q", "--json", "-"])
+        .args([
+            "-t",
+            &a.threads.to_string(),
+            "-c",
+            &a.concurrency.to_string(),
+        ])
+        .args(["-d", &format!("{}s", a.duration)])
+        .stderr(Stdio::null())
+        .output()
+        .context("cannot run hvprof load")?;
+    let text = String::from_utf8_lossy(&out.stdout);
+    let cps = json_number(&text, "conn_per_s")
+        .with_context(|| format!("no conn_per_s in hvprof output: {text}"))?;
+    let errors = [
+        "refused",
+        "timeout",
+        "reset",
+        "bad_status",
+        "short_body",
+        "bad_response",
+        "other",
+    ]
+    .iter()
+    .filter_map(|k| json_number(&text, k))
+    .sum::<f64>() as u64;
+    Ok((cps, errors))
+}
+
+/// One `wrk -H 'Connection: close'` run: (requests/s, errors).
+fn wrk(url: &str, a: &BenchLoadArgs) -> Result<(f64, u64)> {
+    let out = Command::new("wrk")
+        .args(["-H", "Connection: close"])
+        .args([
+            "-t",
+            &a.threads.to_string(),
+            "-c",
+            &a.concurrency.to_string(),
+        ])
+        .args(["-d", &format!("{}s", a.duration)])
+        .arg(url)
+        .output()
+        .context("cannot run wrk")?;
+    let text = String::from_utf8_lossy(&out.stdout);
+    let rps = text
+        .lines()
+        .find_map(|l| l.strip_prefix("Requests/sec:"))
+        .and_then(|v| v.trim().parse::<f64>().ok())
+        .with_context(|| format!("no Requests/sec in wrk output: {text}"))?;
+    // "Socket errors: connect 0, read 0, write 0, timeout 0" and "Non-2xx or 3xx responses: N".
+    let mut errors = 0;
+    for l in text.lines() {
+        if let Some(rest) = l.trim().strip_prefix("Socket errors:") {
+            errors += rest
+                .split(',')
+                .filter_map(|p| p.split_whitespace().last()?.parse::<u64>().ok())
+                .sum::<u64>();
+        }
+        if let Some(rest) = l.trim().strip_prefix("Non-2xx or 3xx responses:") {
+            errors += rest.trim().parse::<u64>().unwrap_or(0);
+        }
+    }
+    Ok((rps, errors))
+}
+
+fn median(v: &mut [f64]) -> f64 {
+    v.sort_by(|a, b| a.total_cmp(b));
+    if v.is_empty() { 0.0 } else { v[v.len() / 2] }
+}
+
+/// `cargo xtask bench load`.
+pub fn bench_load(a: &BenchLoadArgs) -> Result<()> {
+    let root = crate::root();
+    if !a.no_build {
+        crate::run_cmd(
+            Command::new("cargo")
+                .args(["build", "--release", "-p", "hvprof"])
+                .current_dir(&root),
+        )?;
+    }
+    let bin = root.join("target/release/hvprof");
+    if !bin.exists() {
+        bail!(
+            "{} is missing: build it with cargo build --release -p hvprof",
+            bin.display()
+        );
+    }
+    for tool in ["wrk", "haproxy"] {
+        if !have(tool) {
+            bail!("{tool} is not installed: run cargo xtask setup (Debian package {tool})");
+        }
+    }
+    // The stand: origin + HAProxy in the seed's mode, up until we stop it.
+    let mut serve = Command::new(&bin)
+        .args([
+            "bench",
+            "--serve",
+            "--haproxy-threads",
+            &a.haproxy_threads.to_string(),
+        ])
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::inherit())
+        .spawn()
+        .context("cannot start hvprof bench --serve")?;
+    let stdout = serve.stdout.take().context("no stdout")?;
+    let mut stand = Guard(Some(serve));
+    let mut proxy = None;
+    for line in BufReader::new(stdout).lines() {
+        let line = line?;
+        if let Some(rest) = line.strip_prefix("proxy ") {
+            proxy = rest
+                .split_whitespace()
+                .next()
+                .map(|u| u.trim_end_matches('/').to_string());
+            break;
+        }
+    }
+    let proxy = proxy.context("hvprof bench --serve printed no proxy address")?;
+    println!(
+        "close mode through HAProxy ({} thread(s)) + hvprof origin; client: {} thread(s), {} connections, {} s per run, {} alternating rounds",
+        a.haproxy_threads, a.threads, a.concurrency, a.duration, a.rounds
+    );
+    println!(
+        "{:>5} {:>14} {:>14} {:>8}   per-round hvprof / wrk",
+        "size", "hvprof conn/s", "wrk conn/s", "ratio"
+    );
+    for size in SIZES {
+        let url = format!("{proxy}/?s={size}");
+        let (mut hv, mut wk) = (Vec::new(), Vec::new());
+        let mut rounds = Vec::new();
+        let mut errs = (0, 0);
+        for round in 0..a.rounds {
+            let (h, w) = if round % 2 == 0 {
+                let h = hvprof_load(&bin, &url, a)?;
+                (h, wrk(&url, a)?)
+            } else {
+                let w = wrk(&url, a)?;
+                (hvprof_load(&bin, &url, a)?, w)
+            };
+            hv.push(h.0);
+            wk.push(w.0);
+            errs.0 += h.1;
+            errs.1 += w.1;
+            rounds.push(format!("{:.0}/{:.0}", h.0, w.0));
+        }
+        let (h, w) = (median(&mut hv), median(&mut wk));
+        println!(
+            "{:>5} {:>14.0} {:>14.0} {:>7.2}x   {}{}",
+            size,
+            h,
+            w,
+            if w > 0.0 { h / w } else { f64::NAN },
+            rounds.join("  "),
+            if errs != (0, 0) {
+                format!("  (errors: hvprof {}, wrk {})", errs.0, errs.1)
+            } else {
+                String::new()
+            }
+        );
+    }
+    stand.stop();
+    if !a.no_origins {
+        compare_origins(&bin, a)?;
+    }
+    Ok(())
+}
+
+/// `hvprof load` straight against each origin, same objects and settings.
+fn compare_origins(bin: &Path, a: &BenchLoadArgs) -> Result<()> {
+    let dir = std::env::temp_dir().join(format!("hvprof-bench-origins-{}", std::process::id()));
+    std::fs::create_dir_all(dir.join("www"))?;
+    let _cleanup = DirGuard(dir.clone());
+    for (name, bytes) in [("0", 0usize), ("64k", 65536)] {
+        let body: Vec<u8> = (0..bytes).map(|i| b"0123456789abcdef"[i % 16]).collect();
+        std::fs::write(dir.join("www").join(format!("obj_{name}")), body)?;
+    }
+    println!();
+    println!(
+        "origins, close mode, no proxy (hvprof load, same settings; one server thread/worker each):"
+    );
+    println!(
+        "{:<16} {:>10} {:>12} {:>10} {:>12}",
+        "server", "0 conn/s", "0 CPU us/c", "64k conn/s", "64k CPU us/c"
+    );
+    type Starter = fn(&Path, &Path, u16) -> Result<Option<Child>>;
+    let servers: [(&str, Starter); 3] = [
+        ("hvprof origin", start_hvprof_origin),
+        ("nginx", start_nginx),
+        ("haproxy return", start_haproxy_origin),
+    ];
+    for (name, start) in servers {
+        let port = free_port()?;
+        let Some(child) = start(bin, &dir, port)? else {
+            println!("{name:<16} (not installed: apt-get install nginx-light)");
+            continue;
+        };
+        let _g = Guard(Some(child));
+        wait_port(port, Duration::from_secs(10))
+            .with_context(|| format!("{name} did not start"))?;
+        let pid = _g.0.as_ref().map_or(0, Child::id);
+        let mut cols = Vec::new();
+        for size in SIZES {
+            let cpu0 = tree_cpu_seconds(pid);
+            let (cps, errors) = hvprof_load(bin, &format!("http://127.0.0.1:{port}/?s={size}"), a)?;
+            let cpu = tree_cpu_seconds(pid) - cpu0;
+            let per_conn = cpu * 1e6 / (cps * a.duration as f64).max(1.0);
+            cols.push(format!("{cps:.0}"));
+            cols.push(if errors > 0 {
+                format!("{per_conn:.0} ({errors} err)")
+            } else {
+                format!("{per_conn:.0}")
+            });
+        }
+        println!(
+            "{name:<16} {:>10} {:>12} {:>10} {:>12}",
+            cols[0], cols[1], cols[2], cols[3]
+        );
+    }
+    Ok(())
+}
+
+/// User + system CPU seconds of `pid` and its direct children (nginx's
+/// worker), from /proc (clock ticks at the usual 100 Hz).
+fn tree_cpu_seconds(pid: u32) -> f64 {
+    let ticks = |stat: &str| -> Option<(u32, f64)> {
+        let after = &stat[stat.rfind(')')? + 1..];
+        let f: Vec<&str> = after.split_whitespace().collect();
+        let ppid = f.get(1)?.parse().ok()?;
+        let t = f.get(11)?.parse::<f64>().ok()? + f.get(12)?.parse::<f64>().ok()?;
+        Some((ppid, t))
+    };
+    let mut total = 0.0;
+    if let Ok(dir) = std::fs::read_dir("/proc") {
+        for e in dir.flatten() {
+            let Some(p) = e.file_name().to_str().and_then(|n| n.parse::<u32>().ok()) else {
+                continue;
+            };
+            if let Some((ppid, t)) = std::fs::read_to_string(format!("/proc/{p}/stat"))
+                .ok()
+                .and_then(|s| ticks(&s))
+                && (p == pid || ppid == pid)
+            {
+                total += t;
+            }
+        }
+    }
+    total / 100.0
+}
+
+struct DirGuard(PathBuf);
+
+impl Drop for DirGuard {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+fn start_hvprof_origin(bin: &Path, _dir: &Path, port: u16) -> Result<Option<Child>> {
+    Ok(Some(
+        Command::new(bin)
+            .args([
+                "origin",
+                "--listen",
+                &format!("127.0.0.1:{port}"),
+                "--threads",
+                "1",
+            ])
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()?,
+    ))
+}
+
+fn start_nginx(_bin: &Path, dir: &Path, port: u16) -> Result<Option<Child>> {
+    if !have("nginx") {
+        return Ok(None);
+    }
+    let d = dir.display();
+    // `/?s=64k` maps to the file obj_64k, as the other origins serve it.
+    let conf = format!(
+        "user root;\nworker_processes 1;\ndaemon off;\npid {d}/nginx.pid;\nerror_log {d}/nginx-error.log warn;\n\
+         events {{ worker_connections 8192; }}\n\
+         http {{\n  access_log off;\n  client_body_temp_path {d}/tmp;\n  proxy_temp_path {d}/tmp;\n  fastcgi_temp_path {d}/tmp;\n  uwsgi_temp_path {d}/tmp;\n  scgi_temp_path {d}/tmp;\n  default_type application/octet-stream;\n  keepalive_timeout 30;\n\
+           server {{\n    listen 127.0.0.1:{port};\n    root {d}/www;\n    location = / {{ try_files /obj_$arg_s =404; }}\n  }}\n}}\n"
+    );
+    std::fs::create_dir_all(dir.join("tmp"))?;
+    let path = dir.join("nginx.conf");
+    std::fs::write(&path, conf)?;
+    let mut child = Command::new("nginx")
+        .args(["-p", &d.to_string(), "-c"])
+        .arg(&path)
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .context("cannot start nginx")?;
+    std::thread::sleep(Duration::from_millis(200));
+    if let Ok(Some(status)) = child.try_wait() {
+        let mut err = String::new();
+        if let Some(mut e) = child.stderr.take() {
+            let _ = e.read_to_string(&mut err);
+        }
+        bail!("nginx exited ({status}): {}", err.trim());
+    }
+    Ok(Some(child))
+}
+
+fn start_haproxy_origin(_bin: &Path, dir: &Path, port: u16) -> Result<Option<Child>> {
+    let d = dir.display();
+    // A 64K object needs buffers larger than the default 16K.
+    let conf = format!(
+        "global\n  nbthread 1\n  tune.bufsize 131072\n\
+         defaults\n  mode http\n  option httpclose\n  timeout client 30s\n  timeout server 30s\n  timeout connect 5s\n\
+         frontend origin\n  bind 127.0.0.1:{port}\n\
+           http-request return status 200 content-type application/octet-stream file {d}/www/obj_64k if {{ urlp(s) -m str 64k }}\n\
+           http-request return status 200 content-type application/octet-stream file {d}/www/obj_0\n"
+    );
+    let path = dir.join("haproxy-origin.cfg");
+    std::fs::write(&path, conf)?;
+    let haproxy = if Path::new("/usr/sbin/haproxy").exists() {
+        "/usr/sbin/haproxy"
+    } else {
+        "haproxy"
+    };
+    Ok(Some(
+        Command::new(haproxy)
+            .args(["-db", "-f"])
+            .arg(&path)
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .context("cannot start haproxy")?,
+    ))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn reads_json_numbers() {
+        let t = r#"{"conn_per_s": 1234.5, "errors": {"refused": 2}}"#;
+        assert_eq!(json_number(t, "conn_per_s"), Some(1234.5));
+        assert_eq!(json_number(t, "refused"), Some(2.0));
+        assert_eq!(json_number(t, "missing"), None);
+    }
+}
