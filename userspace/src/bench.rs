@@ -57,6 +57,14 @@ pub struct BenchArgs {
     /// Origin listener threads.
     #[arg(long, value_name = "N", default_value = "1", value_parser = loadgen::cli::parse_threads)]
     pub origin_threads: usize,
+    /// Record every point of the sweep (host probes, and the guest agent in
+    /// `vm-*` topologies) into its own run directory, DIR/runs/TOPOLOGY-SIZE,
+    /// so a benchmark and its recording come from the same run.
+    #[arg(long)]
+    pub record: bool,
+    /// CPU sampling frequency per CPU when recording, in Hz.
+    #[arg(short = 'F', long, value_name = "HZ", default_value_t = crate::paths::cpu::DEFAULT_HZ, value_parser = clap::value_parser!(u64).range(1..=10_000), requires = "record")]
+    pub freq: u64,
     /// Only start origin + HAProxy, print the proxy's address, and keep
     /// them up until SIGINT/SIGTERM (to point another load generator at).
     #[arg(long)]
@@ -97,7 +105,11 @@ impl BenchArgs {
         let mut envs = Vec::new();
         let mut failed = Vec::new();
         for spec in &specs {
-            match run_topology(spec, &config, &self.sizes.0) {
+            let record = self.record.then(|| Recording {
+                dir: self.output.join("runs"),
+                freq: self.freq,
+            });
+            match run_topology(spec, &config, &self.sizes.0, record.as_ref()) {
                 Ok((r, env)) => {
                     results.extend(r);
                     envs.push(env);
@@ -154,6 +166,7 @@ fn run_topology(
     spec: &Spec,
     config: &SweepConfig,
     sizes: &[u64],
+    record: Option<&Recording>,
 ) -> anyhow::Result<(Vec<PointResult>, Environment)> {
     let t0 = std::time::Instant::now();
     let up = Up::start(spec).with_context(|| format!("bringing up topology {}", spec.name()))?;
@@ -173,7 +186,16 @@ fn run_topology(
         spec.name(),
         t0.elapsed().as_secs_f64()
     );
-    let results = up.run_inside(|| sweep::run_sweep(&up, config, sizes, true))??;
+    let results = match record {
+        None => up.run_inside(|| sweep::run_sweep(&up, config, sizes, true))??,
+        Some(rec) => {
+            let mut out = Vec::new();
+            for &size in sizes {
+                out.push(record_point(&up, config, size, rec)?);
+            }
+            out
+        }
+    };
     let t1 = std::time::Instant::now();
     up.stop();
     log::info!(
@@ -182,6 +204,86 @@ fn run_topology(
         t1.elapsed().as_secs_f64()
     );
     Ok((results, env))
+}
+
+/// Where and how `--record` records.
+pub struct Recording {
+    pub dir: PathBuf,
+    pub freq: u64,
+}
+
+/// One point of the sweep with a capture around it: host probes on the
+/// topology's devices, and in a guest the agent streaming to a collector
+/// on the host side of its TAP. The point's result is stored in the run
+/// directory too (`bench-point.json`), so the report needs nothing else.
+fn record_point(
+    up: &Up,
+    config: &SweepConfig,
+    size: u64,
+    rec: &Recording,
+) -> anyhow::Result<PointResult> {
+    let name = sweep::Topology::name(up).to_string();
+    let dir = rec
+        .dir
+        .join(format!("{name}-{}", SizeLabel(size).to_string().to_lowercase()));
+    std::fs::create_dir_all(&rec.dir)
+        .with_context(|| format!("cannot create {}", rec.dir.display()))?;
+    let mut token = [0u8; 24];
+    getrandom::fill(&mut token).map_err(|e| anyhow::anyhow!("no randomness for the agent token: {e}"))?;
+    let token: Vec<u8> = token.iter().map(|b| format!("{b:02x}")).collect::<String>().into_bytes();
+    let agents = match up.vm() {
+        Some(vm) => {
+            let host = vm.host_ip();
+            let l = crate::topology::netns::run_in(vm.netns(), move || {
+                std::net::TcpListener::bind((host, 0))
+            })??;
+            Some(l)
+        }
+        None => None,
+    };
+    let collector = agents.as_ref().map(|l| l.local_addr()).transpose()?;
+    let opts = crate::recorder::Options {
+        probes: Vec::new(),
+        devices: up.host_devices(),
+        ringbuf_mib: 16,
+        freq: rec.freq,
+    };
+    let cap = crate::capture::Background::start(
+        dir.clone(),
+        opts,
+        name.clone(),
+        agents.map(|l| (l, token.clone())),
+    )?;
+    if let (Some(vm), Some(addr)) = (up.vm(), collector) {
+        vm.start_agent(addr, &token)?;
+        // The workload starts once the guest's probes are attached (the
+        // agent sends its meta.json right after attaching).
+        let t0 = std::time::Instant::now();
+        while !dir.join("guest-0").join(crate::rundir::META).exists() {
+            if t0.elapsed() > Duration::from_secs(60) {
+                anyhow::bail!("{name}: the guest agent did not start: {}", vm.agent_log());
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    }
+    let point = up.run_inside(|| sweep::run_point(up, config, size))?;
+    let summary = cap.stop()?;
+    let point = point?;
+    crate::rundir::write_json(&dir.join("bench-point.json"), &point)?;
+    eprintln!(
+        "{name} size {:>4}: {:>9.0} conn/s {:>9.1} Mbit/s  recorded {} events{} -> {}",
+        point.size_label,
+        point.conn_per_s,
+        point.body_mbps,
+        summary.events,
+        summary
+            .guests
+            .iter()
+            .map(|g| format!(", {} {} events", g.guest, g.events))
+            .collect::<String>(),
+        dir.display()
+    );
+    Ok(point)
 }
 
 fn serve(topology: &dyn sweep::Topology, config: &SweepConfig) -> anyhow::Result<ExitCode> {

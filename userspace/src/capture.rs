@@ -45,8 +45,12 @@ pub struct GuestSummary {
     pub guest: String,
     pub events: u64,
     pub complete: bool,
+    /// Best clock offset (guest − host) and its error bound.
     pub clock_offset_ns: Option<i64>,
     pub clock_error_ns: Option<u64>,
+    pub clock_method: Option<String>,
+    /// Packets matched across the host/guest boundary.
+    pub packets: Option<crate::correlate::MatchStats>,
 }
 
 /// Records into `dir` (already created, writable) until `stop` resolves;
@@ -85,14 +89,27 @@ pub async fn run_until<F: Future>(
     let mut guests = Vec::new();
     if let Some(c) = collector {
         for g in c.finish(Duration::from_secs(20)).await {
+            let mut clocks: Vec<_> = g.clock.into_iter().collect();
+            let matched = crate::correlate::packet_offset(dir, &dir.join(&g.guest), &g.guest)
+                .unwrap_or_else(|e| {
+                    log::warn!("{}: matching packets: {e:#}", g.guest);
+                    None
+                });
+            let packets = matched.map(|(clock, stats)| {
+                clocks.push(clock);
+                stats
+            });
+            let best = clocks.iter().min_by_key(|c| c.error_ns).cloned();
             guests.push(GuestSummary {
                 guest: g.guest.clone(),
                 events: g.events,
                 complete: g.complete,
-                clock_offset_ns: g.clock.as_ref().map(|c| c.offset_ns),
-                clock_error_ns: g.clock.as_ref().map(|c| c.error_ns),
+                clock_offset_ns: best.as_ref().map(|c| c.offset_ns),
+                clock_error_ns: best.as_ref().map(|c| c.error_ns),
+                clock_method: best.map(|c| c.method),
+                packets,
             });
-            if let Some(clock) = g.clock {
+            for clock in clocks {
                 fin.meta.clock_offsets.push(serde_json::to_value(clock)?);
             }
         }
@@ -126,7 +143,6 @@ pub async fn run_until<F: Future>(
 pub struct Background {
     stop: Option<tokio::sync::oneshot::Sender<()>>,
     thread: Option<std::thread::JoinHandle<Result<Summary>>>,
-    pub dir: PathBuf,
 }
 
 impl Background {
@@ -187,7 +203,6 @@ impl Background {
             Ok(Ok(())) => Ok(Self {
                 stop: Some(stop_tx),
                 thread: Some(thread),
-                dir,
             }),
             Ok(Err(e)) => {
                 let _ = thread.join();

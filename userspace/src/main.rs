@@ -8,6 +8,7 @@ mod bench;
 mod capture;
 mod catalog;
 mod classify;
+mod correlate;
 mod cli;
 mod dump;
 mod event;

@@ -203,8 +203,9 @@ impl RecordArgs {
                     g.guest,
                     g.events,
                     g.clock_offset_ns.map_or(String::new(), |o| format!(
-                        ", clock offset {o} ns ± {} ns",
-                        g.clock_error_ns.unwrap_or(0)
+                        ", clock offset {o} ns ± {} ns ({})",
+                        g.clock_error_ns.unwrap_or(0),
+                        g.clock_method.as_deref().unwrap_or("?")
                     )),
                     if g.complete { "" } else { " (incomplete)" }
                 );

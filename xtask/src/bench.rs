@@ -124,21 +124,69 @@ fn json_number(text: &str, key: &str) -> Option<f64> {
     rest[..end].parse().ok()
 }
 
-/// One `hvprof load` run: (conn/s, errors).
-fn hvprof_load(bin: &Path, url: &str, a: &BenchLoadArgs) -> Result<(f64, u64)> {
-    let out = Command::new(bin)
-        .args(["load", url, "-q", "--json", "-"])
-        .args([
-            "-t",
-            &a.threads.to_string(),
-            "-c",
-            &a.concurrency.to_string(),
-        ])
-        .args(["-d", &format!("{}s", a.duration)])
-        .stderr(Stdio::null())
+/// Runs `program args` under bash's `time`; returns stdout and the
+/// child's user + system CPU seconds.
+fn timed(program: &Path, args: &[String]) -> Result<(String, f64)> {
+    let out = Command::new("bash")
+        .arg("-c")
+        .arg(r#"TIMEFORMAT="hvprof-xtask-cpu %U %S"; time "$@" 2>/dev/null"#)
+        .arg("bash")
+        .arg(program)
+        .args(args)
+        .stdin(Stdio::null())
         .output()
-        .context("cannot run hvprof load")?;
-    let text = String::from_utf8_lossy(&out.stdout);
+        .with_context(|| format!("cannot run {}", program.display()))?;
+    let err = String::from_utf8_lossy(&out.stderr);
+    let cpu = err
+        .lines()
+        .find_map(|l| l.strip_prefix("hvprof-xtask-cpu "))
+        .map(|rest| {
+            rest.split_whitespace()
+                .filter_map(|v| v.parse::<f64>().ok())
+                .sum::<f64>()
+        })
+        .unwrap_or(f64::NAN);
+    Ok((String::from_utf8_lossy(&out.stdout).into_owned(), cpu))
+}
+
+/// One measurement: rate, errors, client CPU per connection (µs).
+#[derive(Debug, Clone, Copy)]
+struct Run {
+    rate: f64,
+    errors: u64,
+    cpu_us_per_conn: f64,
+}
+
+impl Run {
+    fn new(rate: f64, errors: u64, cpu_s: f64, a: &BenchLoadArgs) -> Self {
+        let conns = (rate * a.duration as f64).max(1.0);
+        Self {
+            rate,
+            errors,
+            cpu_us_per_conn: cpu_s * 1e6 / conns,
+        }
+    }
+}
+
+/// One `hvprof load` run.
+fn hvprof_load(bin: &Path, url: &str, a: &BenchLoadArgs) -> Result<Run> {
+    let args: Vec<String> = [
+        "load",
+        url,
+        "-q",
+        "--json",
+        "-",
+        "-t",
+        &a.threads.to_string(),
+        "-c",
+        &a.concurrency.to_string(),
+        "-d",
+        &format!("{}s", a.duration),
+    ]
+    .iter()
+    .map(|s| s.to_string())
+    .collect();
+    let (text, cpu) = timed(bin, &args)?;
     let cps = json_number(&text, "conn_per_s")
         .with_context(|| format!("no conn_per_s in hvprof output: {text}"))?;
     let errors = [
@@ -153,24 +201,26 @@ fn hvprof_load(bin: &Path, url: &str, a: &BenchLoadArgs) -> Result<(f64, u64)> {
     .iter()
     .filter_map(|k| json_number(&text, k))
     .sum::<f64>() as u64;
-    Ok((cps, errors))
+    Ok(Run::new(cps, errors, cpu, a))
 }
 
-/// One `wrk -H 'Connection: close'` run: (requests/s, errors).
-fn wrk(url: &str, a: &BenchLoadArgs) -> Result<(f64, u64)> {
-    let out = Command::new("wrk")
-        .args(["-H", "Connection: close"])
-        .args([
-            "-t",
-            &a.threads.to_string(),
-            "-c",
-            &a.concurrency.to_string(),
-        ])
-        .args(["-d", &format!("{}s", a.duration)])
-        .arg(url)
-        .output()
-        .context("cannot run wrk")?;
-    let text = String::from_utf8_lossy(&out.stdout);
+/// One `wrk -H 'Connection: close'` run (its requests/s is its conn/s).
+fn wrk(url: &str, a: &BenchLoadArgs) -> Result<Run> {
+    let args: Vec<String> = [
+        "-H",
+        "Connection: close",
+        "-t",
+        &a.threads.to_string(),
+        "-c",
+        &a.concurrency.to_string(),
+        "-d",
+        &format!("{}s", a.duration),
+        url,
+    ]
+    .iter()
+    .map(|s| s.to_string())
+    .collect();
+    let (text, cpu) = timed(Path::new("wrk"), &args)?;
     let rps = text
         .lines()
         .find_map(|l| l.strip_prefix("Requests/sec:"))
@@ -189,7 +239,7 @@ fn wrk(url: &str, a: &BenchLoadArgs) -> Result<(f64, u64)> {
             errors += rest.trim().parse::<u64>().unwrap_or(0);
         }
     }
-    Ok((rps, errors))
+    Ok(Run::new(rps, errors, cpu, a))
 }
 
 fn median(v: &mut [f64]) -> f64 {
@@ -251,15 +301,17 @@ pub fn bench_load(a: &BenchLoadArgs) -> Result<()> {
         a.haproxy_threads, a.threads, a.concurrency, a.duration, a.rounds
     );
     println!(
-        "{:>5} {:>14} {:>14} {:>8}   per-round hvprof / wrk",
-        "size", "hvprof conn/s", "wrk conn/s", "ratio"
+        "{:>5} {:>13} {:>13} {:>7} {:>13} {:>13}   per round: hvprof/wrk conn/s",
+        "size", "hvprof conn/s", "wrk conn/s", "ratio", "hvprof CPU/c", "wrk CPU/c"
     );
     for size in SIZES {
         let url = format!("{proxy}/?s={size}");
         let (mut hv, mut wk) = (Vec::new(), Vec::new());
+        let (mut hv_cpu, mut wk_cpu) = (Vec::new(), Vec::new());
         let mut rounds = Vec::new();
         let mut errs = (0, 0);
         for round in 0..a.rounds {
+            // Alternate who goes first, so drift favours neither.
             let (h, w) = if round % 2 == 0 {
                 let h = hvprof_load(&bin, &url, a)?;
                 (h, wrk(&url, a)?)
@@ -267,19 +319,23 @@ pub fn bench_load(a: &BenchLoadArgs) -> Result<()> {
                 let w = wrk(&url, a)?;
                 (hvprof_load(&bin, &url, a)?, w)
             };
-            hv.push(h.0);
-            wk.push(w.0);
-            errs.0 += h.1;
-            errs.1 += w.1;
-            rounds.push(format!("{:.0}/{:.0}", h.0, w.0));
+            hv.push(h.rate);
+            wk.push(w.rate);
+            hv_cpu.push(h.cpu_us_per_conn);
+            wk_cpu.push(w.cpu_us_per_conn);
+            errs.0 += h.errors;
+            errs.1 += w.errors;
+            rounds.push(format!("{:.0}/{:.0}", h.rate, w.rate));
         }
         let (h, w) = (median(&mut hv), median(&mut wk));
         println!(
-            "{:>5} {:>14.0} {:>14.0} {:>7.2}x   {}{}",
+            "{:>5} {:>13.0} {:>13.0} {:>6.2}x {:>10.1} us {:>10.1} us   {}{}",
             size,
             h,
             w,
             if w > 0.0 { h / w } else { f64::NAN },
+            median(&mut hv_cpu),
+            median(&mut wk_cpu),
             rounds.join("  "),
             if errs != (0, 0) {
                 format!("  (errors: hvprof {}, wrk {})", errs.0, errs.1)
@@ -288,6 +344,10 @@ pub fn bench_load(a: &BenchLoadArgs) -> Result<()> {
             }
         );
     }
+    println!(
+        "(conn/s: medians over the rounds; CPU/c: client user+system CPU per connection, the number \
+         that does not depend on what else shares the cores)"
+    );
     stand.stop();
     if !a.no_origins {
         compare_origins(&bin, a)?;
@@ -306,7 +366,7 @@ fn compare_origins(bin: &Path, a: &BenchLoadArgs) -> Result<()> {
     }
     println!();
     println!(
-        "origins, close mode, no proxy (hvprof load, same settings; one server thread/worker each):"
+        "origins, close mode, no proxy (hvprof load, same settings; one server thread/worker each; CPU/c = server CPU per connection):"
     );
     println!(
         "{:<16} {:>10} {:>12} {:>10} {:>12}",
@@ -331,7 +391,9 @@ fn compare_origins(bin: &Path, a: &BenchLoadArgs) -> Result<()> {
         let mut cols = Vec::new();
         for size in SIZES {
             let cpu0 = tree_cpu_seconds(pid);
-            let (cps, errors) = hvprof_load(bin, &format!("http://127.0.0.1:{port}/?s={size}"), a)?;
+            let Run {
+                rate: cps, errors, ..
+            } = hvprof_load(bin, &format!("http://127.0.0.1:{port}/?s={size}"), a)?;
             let cpu = tree_cpu_seconds(pid) - cpu0;
             let per_conn = cpu * 1e6 / (cps * a.duration as f64).max(1.0);
             cols.push(format!("{cps:.0}"));

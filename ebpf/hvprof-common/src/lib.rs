@@ -25,7 +25,7 @@ pub mod probe {
     pub const SCHED_SWITCH: u16 = 2;
     /// `sched:sched_wakeup` (and `sched_wakeup_new`): run-queue entry.
     pub const SCHED_WAKEUP: u16 = 3;
-    /// `net:net_dev_xmit`: a packet left a device.
+    /// `net:net_dev_start_xmit`: a packet is handed to a device's driver.
     pub const DEV_XMIT: u16 = 4;
     /// `net:netif_receive_skb`: a packet entered the stack from a device.
     pub const DEV_RECV: u16 = 5;
@@ -97,15 +97,16 @@ pub struct DevOffsets {
     pub dev_nd_net: u32,
     /// `net.ns.inum`.
     pub net_inum: u32,
-    /// `skbaddr` and `len` in the `net_dev_xmit` and `netif_receive_skb`
-    /// records (user space checks both formats agree).
-    pub tp_skbaddr: u32,
-    pub tp_len: u32,
+    /// `skbaddr` and `len` in the `net_dev_start_xmit` record...
+    pub tp_xmit_skbaddr: u32,
+    pub tp_xmit_len: u32,
+    /// ...and in the `netif_receive_skb` record.
+    pub tp_recv_skbaddr: u32,
+    pub tp_recv_len: u32,
     /// Non-zero when all of the above were resolved.
     pub valid: u32,
     /// Non-zero: only devices in the `HVP_DEVICES` map are traced.
     pub filter: u32,
-    pub _pad: u32,
 }
 
 /// Frames kept per stack (kernel and user each).

@@ -1,5 +1,6 @@
-//! Device boundaries: every TCP/IPv4 packet transmitted by or received
-//! from a traced device (TAP, veth, bridge port, a guest's NIC), with its
+//! Device boundaries: every TCP/IPv4 packet handed to (before the driver
+//! runs, so the timestamp precedes anything the device does with it) or
+//! received from a traced device (TAP, veth, bridge port, a guest's NIC), with its
 //! 4-tuple and sequence numbers so packets can be matched across layers
 //! and across the host/guest boundary. Devices are filtered in the kernel
 //! (netns inode + ifindex), so untraced traffic costs a map lookup.
@@ -24,18 +25,19 @@ static HVP_DEV_OFFSETS: Global<DevOffsets> = Global::new(DevOffsets {
     dev_name: 0,
     dev_nd_net: 0,
     net_inum: 0,
-    tp_skbaddr: 0,
-    tp_len: 0,
+    tp_xmit_skbaddr: 0,
+    tp_xmit_len: 0,
+    tp_recv_skbaddr: 0,
+    tp_recv_len: 0,
     valid: 0,
     filter: 0,
-    _pad: 0,
 });
 
 /// Devices to trace: key `netns inode << 32 | ifindex`.
 #[map(name = "HVP_DEVICES")]
 static DEVICES: HashMap<u64, u8> = HashMap::with_max_entries(256, 0);
 
-#[tracepoint(category = "net", name = "net_dev_xmit")]
+#[tracepoint(category = "net", name = "net_dev_start_xmit")]
 pub fn hvp_dev_xmit(ctx: TracePointContext) -> u32 {
     let _ = packet(&ctx, 0, probe::DEV_XMIT);
     0
@@ -59,8 +61,13 @@ fn packet(ctx: &TracePointContext, dir: u8, probe_id: u16) -> Result<(), i32> {
     if o.valid == 0 {
         return Ok(());
     }
-    // SAFETY: offset from this kernel's formats (the same in both records).
-    let skb: u64 = unsafe { ctx.read_at(o.tp_skbaddr as usize) }?;
+    let (skb_off, len_off) = if dir == 0 {
+        (o.tp_xmit_skbaddr, o.tp_xmit_len)
+    } else {
+        (o.tp_recv_skbaddr, o.tp_recv_len)
+    };
+    // SAFETY: offset from this kernel's tracepoint format.
+    let skb: u64 = unsafe { ctx.read_at(skb_off as usize) }?;
     let dev: u64 = read(skb, o.skb_dev)?;
     let ifindex: u32 = read(dev, o.dev_ifindex)?;
     let net: u64 = read(dev, o.dev_nd_net)?;
@@ -96,7 +103,7 @@ fn packet(ctx: &TracePointContext, dir: u8, probe_id: u16) -> Result<(), i32> {
         netns,
         ifindex,
         // SAFETY: as for skbaddr.
-        len: unsafe { ctx.read_at::<u32>(o.tp_len as usize) }.unwrap_or(0),
+        len: unsafe { ctx.read_at::<u32>(len_off as usize) }.unwrap_or(0),
         seq: u32::from_be_bytes([tcp[4], tcp[5], tcp[6], tcp[7]]),
         ack: u32::from_be_bytes([tcp[8], tcp[9], tcp[10], tcp[11]]),
         saddr: [ip[12], ip[13], ip[14], ip[15]],

@@ -43,7 +43,6 @@ pub struct ClockOffset {
 /// What one agent connection produced.
 #[derive(Debug)]
 pub struct AgentResult {
-    pub peer: SocketAddr,
     pub guest: String,
     pub events: u64,
     pub clock: Option<ClockOffset>,
@@ -221,7 +220,6 @@ async fn serve(
     log.flush()?;
     let clock = estimate(&guest, &samples);
     Ok(AgentResult {
-        peer,
         guest,
         events: log.records,
         clock,

@@ -1,4 +1,5 @@
-//! Device boundaries: TCP/IPv4 packets as they leave (`net_dev_xmit`) or
+//! Device boundaries: TCP/IPv4 packets as they are handed to a device's
+//! driver (`net_dev_start_xmit`) or
 //! enter (`netif_receive_skb`) a traced device — its catalog rows, the
 //! `sk_buff`/`net_device` offsets its programs need (from BTF), the
 //! in-kernel device filter, and its decoder.
@@ -48,9 +49,7 @@ pub const PATH: Path = Path {
     name: "dev",
     frames: &[],
     rows: &[
-        dev_row(
-            "dev:net_dev_xmit",
-            "net_dev_xmit",
+        dev_row("dev:net_dev_start_xmit", "net_dev_start_xmit",
             "hvp_dev_xmit",
             probe::DEV_XMIT,
         ),
@@ -71,15 +70,8 @@ const DEVICES_MAP: &str = "HVP_DEVICES";
 pub fn offsets(kbtf: Option<&btf_rs::Btf>, filter: bool) -> DevOffsets {
     let resolve = || -> Result<DevOffsets> {
         let b = kbtf.ok_or_else(|| anyhow!("no kernel BTF"))?;
-        let xmit = tracefs::format("net", "net_dev_xmit")?;
+        let xmit = tracefs::format("net", "net_dev_start_xmit")?;
         let recv = tracefs::format("net", "netif_receive_skb")?;
-        let skbaddr = tracefs::offset_of(&xmit, "skbaddr", 8)?;
-        let len = tracefs::offset_of(&xmit, "len", 4)?;
-        if tracefs::offset_of(&recv, "skbaddr", 8)? != skbaddr
-            || tracefs::offset_of(&recv, "len", 4)? != len
-        {
-            bail!("net_dev_xmit and netif_receive_skb records differ");
-        }
         Ok(DevOffsets {
             skb_head: btf::member_offset(b, "sk_buff", "head")?,
             skb_network_header: btf::member_offset(b, "sk_buff", "network_header")?,
@@ -89,11 +81,12 @@ pub fn offsets(kbtf: Option<&btf_rs::Btf>, filter: bool) -> DevOffsets {
             dev_nd_net: btf::member_offset(b, "net_device", "nd_net")?,
             net_inum: btf::member_offset(b, "net", "ns")?
                 + btf::member_offset(b, "ns_common", "inum")?,
-            tp_skbaddr: skbaddr,
-            tp_len: len,
+            tp_xmit_skbaddr: tracefs::offset_of(&xmit, "skbaddr", 8)?,
+            tp_xmit_len: tracefs::offset_of(&xmit, "len", 4)?,
+            tp_recv_skbaddr: tracefs::offset_of(&recv, "skbaddr", 8)?,
+            tp_recv_len: tracefs::offset_of(&recv, "len", 4)?,
             valid: 1,
             filter: u32::from(filter),
-            _pad: 0,
         })
     };
     resolve().unwrap_or_else(|e| {

@@ -1,0 +1,132 @@
+//! Host and guest on one timeline: packets seen on the host's side of a
+//! guest's link (the TAP) and inside the guest (its NIC) are matched by
+//! 4-tuple, sequence and acknowledgment numbers, flags and payload length.
+//! Matched pairs in both directions give the guest clock's offset
+//! NTP-style: host→guest pairs bound `offset + delay`, guest→host pairs
+//! `−offset + delay`; the minima of each give the offset and an error
+//! bound that needs no assumption about the delays.
+
+use std::{collections::HashMap, path::Path};
+
+use anyhow::Result;
+use serde::Serialize;
+
+use crate::{
+    agent::collector::ClockOffset,
+    event::{self, Body},
+    paths::dev::DevPacket,
+    rundir::{self, log::LogReader},
+};
+
+/// How well the two sides matched.
+#[derive(Debug, Clone, Serialize, PartialEq)]
+pub struct MatchStats {
+    pub host_packets: u64,
+    pub guest_packets: u64,
+    pub matched: u64,
+    /// matched / min(host, guest) packets.
+    pub matched_fraction: f64,
+    pub host_to_guest: u64,
+    pub guest_to_host: u64,
+}
+
+type Key = (u32, u16, u32, u16, u32, u32, String, u16);
+
+fn key(p: &DevPacket) -> Key {
+    (
+        u32::from(p.saddr),
+        p.sport,
+        u32::from(p.daddr),
+        p.dport,
+        p.seq,
+        p.ack,
+        p.flags.clone(),
+        p.payload,
+    )
+}
+
+/// Each packet seen exactly once in its direction on the device (keys
+/// seen more than once — duplicate ACKs, retransmissions — are ambiguous
+/// and dropped), with its timestamp.
+fn packets(dir: &Path) -> Result<(HashMap<Key, u64>, HashMap<Key, u64>, u64)> {
+    let (x, r, n) = sightings(dir)?;
+    let once = |m: HashMap<Key, (u64, u32)>| -> HashMap<Key, u64> {
+        m.into_iter()
+            .filter(|(_, (_, c))| *c == 1)
+            .map(|(k, (t, _))| (k, t))
+            .collect()
+    };
+    Ok((once(x), once(r), n))
+}
+
+/// Per direction: first timestamp and number of sightings of each key.
+#[allow(clippy::type_complexity)]
+fn sightings(dir: &Path) -> Result<(HashMap<Key, (u64, u32)>, HashMap<Key, (u64, u32)>, u64)> {
+    let mut xmit = HashMap::new();
+    let mut recv = HashMap::new();
+    let mut n = 0;
+    let mut r = LogReader::open(&dir.join(rundir::EVENTS))?;
+    let ctx = event::Context::default();
+    while let Some(rec) = r.next_record()? {
+        let Ok(ev) = event::decode(rec, &ctx) else { continue };
+        if let Body::DevPacket(p) = &ev.body {
+            n += 1;
+            let map = if p.dir == "xmit" { &mut xmit } else { &mut recv };
+            map.entry(key(p)).or_insert((ev.ts_ns, 0)).1 += 1;
+        }
+    }
+    Ok((xmit, recv, n))
+}
+
+/// Matches the host run in `host` with the guest run in `guest`;
+/// `None` when no packet matched in one of the directions.
+pub fn packet_offset(host: &Path, guest: &Path, name: &str) -> Result<Option<(ClockOffset, MatchStats)>> {
+    let (h_xmit, h_recv, hn) = packets(host)?;
+    let (g_xmit, g_recv, gn) = packets(guest)?;
+    // Host transmits on the TAP → guest receives on its NIC.
+    let down: Vec<i128> = h_xmit
+        .iter()
+        .filter_map(|(k, h)| g_recv.get(k).map(|g| *g as i128 - *h as i128))
+        .collect();
+    // Guest transmits → host receives from the TAP.
+    let up: Vec<i128> = g_xmit
+        .iter()
+        .filter_map(|(k, g)| h_recv.get(k).map(|h| *h as i128 - *g as i128))
+        .collect();
+    let stats = MatchStats {
+        host_packets: hn,
+        guest_packets: gn,
+        matched: (down.len() + up.len()) as u64,
+        matched_fraction: if hn.min(gn) > 0 {
+            (down.len() + up.len()) as f64 / hn.min(gn) as f64
+        } else {
+            0.0
+        },
+        host_to_guest: down.len() as u64,
+        guest_to_host: up.len() as u64,
+    };
+    let (Some(a), Some(b)) = (down.iter().min(), up.iter().min()) else {
+        return Ok(None);
+    };
+    let offset = (a - b) / 2;
+    let error = ((a + b) / 2).max(0);
+    Ok(Some((
+        ClockOffset {
+            guest: name.to_string(),
+            offset_ns: offset as i64,
+            error_ns: error as u64,
+            method: "packets".into(),
+            samples: stats.matched as usize,
+        },
+        stats,
+    )))
+}
+
+/// The best offset recorded for `guest` in a run's meta (smallest error).
+pub fn best_offset(offsets: &[serde_json::Value], guest: &str) -> Option<ClockOffset> {
+    offsets
+        .iter()
+        .filter_map(|v| serde_json::from_value::<ClockOffset>(v.clone()).ok())
+        .filter(|c| c.guest == guest)
+        .min_by_key(|c| c.error_ns)
+}
