@@ -101,8 +101,14 @@ pub fn terminate(child: &mut Child, grace: Duration) {
 
 /// Runs `hvprof ARGS`, killing it if it takes longer than `limit`.
 pub fn hvprof_bounded(args: &[&str], limit: Duration) -> Output {
+    hvprof_bounded_env(args, &[], limit)
+}
+
+/// [`hvprof_bounded`] with extra environment variables.
+pub fn hvprof_bounded_env(args: &[&str], env: &[(&str, &str)], limit: Duration) -> Output {
     let mut child = Command::new(hvprof_bin())
         .args(args)
+        .envs(env.iter().copied())
         .stdin(Stdio::null())
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())

@@ -7,7 +7,7 @@ use std::time::{Duration, Instant};
 
 use hvprof_tests::loadgen_support::{
     OriginProc, closed_by_peer, error_line, expected_body, haproxy_available, haproxy_pids_with,
-    http_exchange, http_on, hvprof_bounded, load_json,
+    http_exchange, http_on, hvprof_bounded, hvprof_bounded_env, load_json,
 };
 use hvprof_tests::skip;
 
@@ -288,7 +288,8 @@ fn bench_runs_end_to_end_through_haproxy() {
     }
     let dir = tempfile::tempdir().unwrap();
     let out_dir = dir.path().join("bench");
-    let out = hvprof_bounded(
+    let tmp = dir.path().display().to_string();
+    let out = hvprof_bounded_env(
         &[
             "bench",
             "--sizes",
@@ -300,6 +301,9 @@ fn bench_runs_end_to_end_through_haproxy() {
             "-o",
             out_dir.to_str().unwrap(),
         ],
+        // HAProxy's config directory goes under our own temp dir, so the
+        // leftover check below sees only this test's HAProxy.
+        &[("TMPDIR", tmp.as_str())],
         LIMIT,
     );
     assert!(out.status.success(), "{}", stderr(&out));
@@ -328,5 +332,5 @@ fn bench_runs_end_to_end_through_haproxy() {
     }
     assert!(String::from_utf8_lossy(&out.stdout).contains("| native | 0 |"));
     // No HAProxy left behind.
-    assert!(haproxy_pids_with("hvprof-haproxy-").is_empty());
+    assert!(haproxy_pids_with(&tmp).is_empty(), "haproxy left running");
 }

@@ -84,7 +84,10 @@ fn record_sees_exactly_500_connections_with_monotone_timestamps_and_no_loss() {
     );
     let sock_events = lines.iter().filter(|e| e["kind"] == "sock_state").count() as u64;
     // Stats are read just before detaching: a few more events may follow.
-    assert!(sock_events >= runs, "one event per program run: {sock_events} < {runs}");
+    assert!(
+        sock_events >= runs,
+        "one event per program run: {sock_events} < {runs}"
+    );
     assert!(
         lines
             .iter()

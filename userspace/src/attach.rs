@@ -278,7 +278,7 @@ pub fn attach(
     for mut r in resolved {
         let required = required.contains(&r.spec.name);
         if let Some(method) = r.obtained {
-            if let Err(e) = attach_one(&mut ebpf, r.spec, method, sample_hz) {
+            if let Err(e) = attach_one(&mut ebpf, r.spec, method, sample_hz, features) {
                 let why = format!("{}: attach failed: {e:#}", method.name());
                 if required {
                     bail!("probe {} could not be attached: {why}", r.spec.name);
@@ -287,9 +287,9 @@ pub fn attach(
                 r.obtained = None;
             } else if let Some(p) = program_for(r.spec, method) {
                 programs.insert(r.spec.name, p);
-                if let (Method::Kprobe, Hook::Function { func, .. }) = (method, r.spec.hook) {
+                if let (Method::Kprobe, Hook::Function { func, module, .. }) = (method, r.spec.hook) {
                     functions.push(FunctionAddr {
-                        addr: features.address(func).unwrap_or(0),
+                        addr: features.locate(func, module).map_or(0, |(_, a)| a),
                         function: func.to_string(),
                         probe: r.spec.name.to_string(),
                     });
@@ -325,7 +325,13 @@ fn program_for(spec: &ProbeSpec, method: Method) -> Option<&'static str> {
     }
 }
 
-fn attach_one(ebpf: &mut Ebpf, spec: &ProbeSpec, method: Method, sample_hz: u64) -> Result<()> {
+fn attach_one(
+    ebpf: &mut Ebpf,
+    spec: &ProbeSpec,
+    method: Method,
+    sample_hz: u64,
+    features: &Features,
+) -> Result<()> {
     // A function sampled only: the CPU sampler carries it.
     if let (Method::Sampling, Hook::Function { .. }) = (method, spec.hook) {
         return Ok(());
@@ -362,13 +368,16 @@ fn attach_one(ebpf: &mut Ebpf, spec: &ProbeSpec, method: Method, sample_hz: u64)
             }
             Ok(())
         }
-        (Method::Kprobe, Hook::Function { func, .. }) => {
+        (Method::Kprobe, Hook::Function { func, module, .. }) => {
             let prog: &mut KProbe = prog.try_into()?;
             if prog.fd().is_err() {
                 prog.load().with_context(|| format!("loading {name}"))?;
             }
-            prog.attach(func, 0)
-                .with_context(|| format!("kprobe on {func}"))?;
+            let target = features
+                .locate(func, module)
+                .map_or_else(|| func.to_string(), |(t, _)| t);
+            prog.attach(&target, 0)
+                .with_context(|| format!("kprobe on {target}"))?;
             Ok(())
         }
         (Method::Sampling, Hook::PerfEvent) => {

@@ -2,7 +2,7 @@
 //! lacks (`setup`), running the whole test suite (`test`), the main job
 //! (`run`) and benchmarks (`bench`).
 
-mod bench; // TEMP-LOADGEN
+mod bench;
 mod setup;
 mod test;
 mod testbed;
@@ -30,10 +30,11 @@ enum Cmd {
         #[arg(last = true)]
         args: Vec<String>,
     },
+    /// Benchmarks (not tests): numbers side by side.
+    #[command(subcommand)]
+    Bench(BenchCmd),
     /// Setup, build, then the main job: record a short loopback workload
     /// with hvprof and print its summary.
-    /// TEMP-LOADGEN
-    BenchLoad(bench::BenchLoadArgs),
     Run {
         /// Where the run directory goes.
         #[arg(short, long, default_value = "runs")]
@@ -44,12 +45,19 @@ enum Cmd {
     Testbed(testbed::TestbedArgs),
 }
 
+#[derive(Subcommand)]
+enum BenchCmd {
+    /// `hvprof load` vs `wrk -H 'Connection: close'` through HAProxy at 0
+    /// and 64K, and hvprof origin vs nginx vs HAProxy as origins.
+    Load(bench::BenchLoadArgs),
+}
+
 fn main() {
     let cli = Cli::parse();
     let res = match cli.cmd {
         Cmd::Setup => setup::run(),
         Cmd::Test { args } => setup::run().and_then(|()| test::run(&args)),
-        Cmd::BenchLoad(a) => bench::bench_load(&a), // TEMP-LOADGEN
+        Cmd::Bench(BenchCmd::Load(a)) => bench::bench_load(&a),
         Cmd::Run { output } => setup::run().and_then(|()| run_main_job(&output)),
         Cmd::Testbed(args) => testbed::run(&args),
     };

@@ -89,6 +89,9 @@ pub struct DevPacketEvent {
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct DevOffsets {
     pub skb_head: u32,
+    /// `sk_buff.data`: on receive the IP header is there (the Ethernet
+    /// header was pulled, `network_header` is not set yet).
+    pub skb_data: u32,
     pub skb_network_header: u32,
     pub skb_dev: u32,
     pub dev_ifindex: u32,
@@ -107,6 +110,7 @@ pub struct DevOffsets {
     pub valid: u32,
     /// Non-zero: only devices in the `HVP_DEVICES` map are traced.
     pub filter: u32,
+    pub _pad: u32,
 }
 
 /// Frames kept per stack (kernel and user each).

@@ -19,6 +19,7 @@ use crate::maps::{EVENTS, count_lost, header, submit_flags};
 #[unsafe(no_mangle)]
 static HVP_DEV_OFFSETS: Global<DevOffsets> = Global::new(DevOffsets {
     skb_head: 0,
+    skb_data: 0,
     skb_network_header: 0,
     skb_dev: 0,
     dev_ifindex: 0,
@@ -31,6 +32,7 @@ static HVP_DEV_OFFSETS: Global<DevOffsets> = Global::new(DevOffsets {
     tp_recv_len: 0,
     valid: 0,
     filter: 0,
+    _pad: 0,
 });
 
 /// Devices to trace: key `netns inode << 32 | ifindex`.
@@ -83,14 +85,21 @@ fn packet(ctx: &TracePointContext, dir: u8, probe_id: u16) -> Result<(), i32> {
             return Ok(());
         }
     }
-    let head: u64 = read(skb, o.skb_head)?;
-    let nh: u16 = read(skb, o.skb_network_header)?;
-    let ip: [u8; 20] = read(head, u32::from(nh))?;
+    // The IP header: from the stack's network header on transmit, at
+    // `data` on receive (before the stack sets the network header).
+    let ip_at: u64 = if dir == 0 {
+        let head: u64 = read(skb, o.skb_head)?;
+        let nh: u16 = read(skb, o.skb_network_header)?;
+        head + u64::from(nh)
+    } else {
+        read(skb, o.skb_data)?
+    };
+    let ip: [u8; 20] = read(ip_at, 0)?;
     if ip[0] >> 4 != 4 || ip[9] != 6 {
         return Ok(());
     }
     let ihl = u32::from(ip[0] & 0x0f) * 4;
-    let tcp: [u8; 20] = read(head, u32::from(nh) + ihl)?;
+    let tcp: [u8; 20] = read(ip_at, ihl)?;
     let tot = u16::from_be_bytes([ip[2], ip[3]]);
     let doff = u16::from(tcp[12] >> 4) * 4;
     let Some(mut entry) = EVENTS.reserve::<DevPacketEvent>(0) else {

@@ -12,9 +12,9 @@ pub struct Features {
     pub kprobe: Result<(), String>,
     /// `Err(reason)` when software perf events can't be sampled.
     pub sampling: Result<(), String>,
-    /// Function symbols (`t`/`T`) of the kernel and loaded modules: the
-    /// module name (empty for vmlinux) and address.
-    pub symbols: HashMap<String, (String, u64)>,
+    /// Function symbols (`t`/`T`) of the kernel and loaded modules: every
+    /// (module name — empty for vmlinux —, address) defining the name.
+    pub symbols: HashMap<String, Vec<(String, u64)>>,
 }
 
 impl Features {
@@ -38,18 +38,34 @@ impl Features {
 
     /// Where `func` lives (`Some("")` for vmlinux, `Some(module)`), or `None`.
     pub fn symbol(&self, func: &str) -> Option<&str> {
-        self.symbols.get(func).map(|(m, _)| m.as_str())
+        self.symbols
+            .get(func)
+            .and_then(|v| v.first())
+            .map(|(m, _)| m.as_str())
     }
 
-    /// Address of `func` (0 when addresses are hidden from this user).
-    pub fn address(&self, func: &str) -> Option<u64> {
-        self.symbols.get(func).map(|(_, a)| *a)
+    /// Where `func` of `module` (any, when `None`) lives: the kprobe target
+    /// to use (`module:func` when the name is defined more than once, as
+    /// `e1000_xmit_frame` in e1000 and e1000e) and its address (0 when
+    /// addresses are hidden from this user).
+    pub fn locate(&self, func: &str, module: Option<&str>) -> Option<(String, u64)> {
+        let defs = self.symbols.get(func)?;
+        let (m, addr) = match module {
+            Some(want) => defs.iter().find(|(m, _)| m == want).or_else(|| defs.first())?,
+            None => defs.first()?,
+        };
+        let target = if defs.len() > 1 && !m.is_empty() {
+            format!("{m}:{func}")
+        } else {
+            func.to_string()
+        };
+        Some((target, *addr))
     }
 }
 
 /// Text symbols from `/proc/kallsyms`. Requires root to see addresses but
 /// names are listed regardless.
-fn kallsyms_functions() -> HashMap<String, (String, u64)> {
+fn kallsyms_functions() -> HashMap<String, Vec<(String, u64)>> {
     let Ok(text) = std::fs::read_to_string("/proc/kallsyms") else {
         return HashMap::new();
     };
@@ -69,7 +85,10 @@ fn kallsyms_functions() -> HashMap<String, (String, u64)> {
         // Local symbols may carry a `.cold`/`.isra` suffix; keep the base too.
         let base = name.split('.').next().unwrap_or(name);
         let addr = u64::from_str_radix(addr, 16).unwrap_or(0);
-        out.entry(base.to_string()).or_insert((module, addr));
+        let defs: &mut Vec<(String, u64)> = out.entry(base.to_string()).or_default();
+        if !defs.iter().any(|(m, _)| *m == module) {
+            defs.push((module, addr));
+        }
     }
     out
 }

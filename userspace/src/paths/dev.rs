@@ -74,6 +74,7 @@ pub fn offsets(kbtf: Option<&btf_rs::Btf>, filter: bool) -> DevOffsets {
         let recv = tracefs::format("net", "netif_receive_skb")?;
         Ok(DevOffsets {
             skb_head: btf::member_offset(b, "sk_buff", "head")?,
+            skb_data: btf::member_offset(b, "sk_buff", "data")?,
             skb_network_header: btf::member_offset(b, "sk_buff", "network_header")?,
             skb_dev: btf::member_offset(b, "sk_buff", "dev")?,
             dev_ifindex: btf::member_offset(b, "net_device", "ifindex")?,
@@ -87,6 +88,7 @@ pub fn offsets(kbtf: Option<&btf_rs::Btf>, filter: bool) -> DevOffsets {
             tp_recv_len: tracefs::offset_of(&recv, "len", 4)?,
             valid: 1,
             filter: u32::from(filter),
+            _pad: 0,
         })
     };
     resolve().unwrap_or_else(|e| {
