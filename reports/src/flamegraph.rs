@@ -131,7 +131,7 @@ mod tests {
         )
         .expect("renders");
         let svg = String::from_utf8(svg).expect("utf8");
-        assert!(svg.contains("tcp_sendmsg_[k]"));
+        assert!(svg.contains("tcp_sendmsg"), "{svg}");
         assert!(svg.contains("rgb(52,152,219)"), "socket colour used");
         assert!(
             render(

@@ -287,7 +287,8 @@ pub fn attach(
                 r.obtained = None;
             } else if let Some(p) = program_for(r.spec, method) {
                 programs.insert(r.spec.name, p);
-                if let (Method::Kprobe, Hook::Function { func, module, .. }) = (method, r.spec.hook) {
+                if let (Method::Kprobe, Hook::Function { func, module, .. }) = (method, r.spec.hook)
+                {
                     functions.push(FunctionAddr {
                         addr: features.locate(func, module).map_or(0, |(_, a)| a),
                         function: func.to_string(),

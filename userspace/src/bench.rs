@@ -223,14 +223,20 @@ fn record_point(
     rec: &Recording,
 ) -> anyhow::Result<PointResult> {
     let name = sweep::Topology::name(up).to_string();
-    let dir = rec
-        .dir
-        .join(format!("{name}-{}", SizeLabel(size).to_string().to_lowercase()));
+    let dir = rec.dir.join(format!(
+        "{name}-{}",
+        SizeLabel(size).to_string().to_lowercase()
+    ));
     std::fs::create_dir_all(&rec.dir)
         .with_context(|| format!("cannot create {}", rec.dir.display()))?;
     let mut token = [0u8; 24];
-    getrandom::fill(&mut token).map_err(|e| anyhow::anyhow!("no randomness for the agent token: {e}"))?;
-    let token: Vec<u8> = token.iter().map(|b| format!("{b:02x}")).collect::<String>().into_bytes();
+    getrandom::fill(&mut token)
+        .map_err(|e| anyhow::anyhow!("no randomness for the agent token: {e}"))?;
+    let token: Vec<u8> = token
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect::<String>()
+        .into_bytes();
     let agents = match up.vm() {
         Some(vm) => {
             let host = vm.host_ip();

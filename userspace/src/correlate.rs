@@ -68,10 +68,16 @@ fn sightings(dir: &Path) -> Result<(HashMap<Key, (u64, u32)>, HashMap<Key, (u64,
     let mut r = LogReader::open(&dir.join(rundir::EVENTS))?;
     let ctx = event::Context::default();
     while let Some(rec) = r.next_record()? {
-        let Ok(ev) = event::decode(rec, &ctx) else { continue };
+        let Ok(ev) = event::decode(rec, &ctx) else {
+            continue;
+        };
         if let Body::DevPacket(p) = &ev.body {
             n += 1;
-            let map = if p.dir == "xmit" { &mut xmit } else { &mut recv };
+            let map = if p.dir == "xmit" {
+                &mut xmit
+            } else {
+                &mut recv
+            };
             map.entry(key(p)).or_insert((ev.ts_ns, 0)).1 += 1;
         }
     }
@@ -80,7 +86,11 @@ fn sightings(dir: &Path) -> Result<(HashMap<Key, (u64, u32)>, HashMap<Key, (u64,
 
 /// Matches the host run in `host` with the guest run in `guest`;
 /// `None` when no packet matched in one of the directions.
-pub fn packet_offset(host: &Path, guest: &Path, name: &str) -> Result<Option<(ClockOffset, MatchStats)>> {
+pub fn packet_offset(
+    host: &Path,
+    guest: &Path,
+    name: &str,
+) -> Result<Option<(ClockOffset, MatchStats)>> {
     let (h_xmit, h_recv, hn) = packets(host)?;
     let (g_xmit, g_recv, gn) = packets(guest)?;
     // Host transmits on the TAP → guest receives on its NIC.

@@ -77,7 +77,12 @@ impl DumpArgs {
 
     /// Host (and with --guests, guest) events in host-clock order.
     fn merged(&self, out: &mut impl Write, meta: &crate::rundir::meta::Meta) -> Result<()> {
-        let mut sources = vec![("host".to_string(), self.dir.clone(), 0i64, meta.functions.clone())];
+        let mut sources = vec![(
+            "host".to_string(),
+            self.dir.clone(),
+            0i64,
+            meta.functions.clone(),
+        )];
         if self.guests {
             let mut guests: Vec<_> = std::fs::read_dir(&self.dir)?
                 .flatten()
@@ -86,7 +91,10 @@ impl DumpArgs {
                 .collect();
             guests.sort();
             for g in guests {
-                let name = g.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
+                let name = g
+                    .file_name()
+                    .map(|n| n.to_string_lossy().into_owned())
+                    .unwrap_or_default();
                 let gmeta = rundir::open(&g)?;
                 let Some(off) = crate::correlate::best_offset(&meta.clock_offsets, &name) else {
                     eprintln!("hvprof: {name} has no clock offset; its events are left out");

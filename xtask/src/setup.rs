@@ -29,6 +29,7 @@ const PACKAGES: &[&str] = &[
     "bpftool",
     "haproxy",
     "wrk",
+    "nginx-light",
     "iproute2",
     "iptables",
     // The VM test bed: static glibc for the guest's hvprof, strip, and
@@ -139,10 +140,10 @@ fn bpf_linker() -> Result<String> {
         .ok()
         .filter(|o| o.status.success())
         .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_string());
-    if let Some(v) = &have {
-        if v.contains(BPF_LINKER_VERSION) {
-            return Ok(format!("present ({v})"));
-        }
+    if let Some(v) = &have
+        && v.contains(BPF_LINKER_VERSION)
+    {
+        return Ok(format!("present ({v})"));
     }
     // Debian 12 has LLVM 22 from the packages above, not the default 23.
     run_cmd(

@@ -51,7 +51,10 @@ impl Features {
     pub fn locate(&self, func: &str, module: Option<&str>) -> Option<(String, u64)> {
         let defs = self.symbols.get(func)?;
         let (m, addr) = match module {
-            Some(want) => defs.iter().find(|(m, _)| m == want).or_else(|| defs.first())?,
+            Some(want) => defs
+                .iter()
+                .find(|(m, _)| m == want)
+                .or_else(|| defs.first())?,
             None => defs.first()?,
         };
         let target = if defs.len() > 1 && !m.is_empty() {

@@ -49,7 +49,9 @@ pub const PATH: Path = Path {
     name: "dev",
     frames: &[],
     rows: &[
-        dev_row("dev:net_dev_start_xmit", "net_dev_start_xmit",
+        dev_row(
+            "dev:net_dev_start_xmit",
+            "net_dev_start_xmit",
             "hvp_dev_xmit",
             probe::DEV_XMIT,
         ),
