@@ -23,7 +23,7 @@ impl Classifier {
             .iter()
             .flat_map(|p| p.frames.iter().copied())
             .collect();
-        prefixes.sort_by(|a, b| b.0.len().cmp(&a.0.len()));
+        prefixes.sort_by_key(|p| std::cmp::Reverse(p.0.len()));
         Self { prefixes }
     }
 

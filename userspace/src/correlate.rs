@@ -31,6 +31,8 @@ pub struct MatchStats {
 }
 
 type Key = (u32, u16, u32, u16, u32, u32, String, u16);
+/// Timestamp of each packet seen once.
+type Seen = HashMap<Key, u64>;
 
 fn key(p: &DevPacket) -> Key {
     (
@@ -48,7 +50,7 @@ fn key(p: &DevPacket) -> Key {
 /// Each packet seen exactly once in its direction on the device (keys
 /// seen more than once — duplicate ACKs, retransmissions — are ambiguous
 /// and dropped), with its timestamp.
-fn packets(dir: &Path) -> Result<(HashMap<Key, u64>, HashMap<Key, u64>, u64)> {
+fn packets(dir: &Path) -> Result<(Seen, Seen, u64)> {
     let (x, r, n) = sightings(dir)?;
     let once = |m: HashMap<Key, (u64, u32)>| -> HashMap<Key, u64> {
         m.into_iter()

@@ -168,7 +168,7 @@ impl RecordArgs {
                 return ExitCode::FAILURE;
             }
             // Only this future touches the child from here on.
-            let mut child = child.borrow_mut();
+            let mut child = child.borrow_mut().take();
             tokio::select! {
                 _ = sleep_until(deadline) => ExitCode::SUCCESS,
                 status = wait_child(&mut child) => match status {

@@ -168,12 +168,12 @@ fn analyse(dir: &Path, index: usize, out: &Path, classifier: &Classifier) -> Res
                     .or_insert_with(|| l.name().into());
             }
         }
-        if let Some(head) = frames.first() {
-            if let Some(l) = Classifier::thread(thread_comm(head)) {
-                frame_layers
-                    .entry((*head).to_string())
-                    .or_insert_with(|| l.name().into());
-            }
+        if let Some(head) = frames.first()
+            && let Some(l) = Classifier::thread(thread_comm(head))
+        {
+            frame_layers
+                .entry((*head).to_string())
+                .or_insert_with(|| l.name().into());
         }
     }
     let layers = Layer::ALL

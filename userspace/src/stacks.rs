@@ -42,10 +42,10 @@ impl KernelSymbols {
                 if !matches!(kind, "t" | "T" | "W" | "w") {
                     continue;
                 }
-                if let Ok(a) = u64::from_str_radix(addr, 16) {
-                    if a != 0 {
-                        v.push((a, Arc::from(name)));
-                    }
+                if let Ok(a) = u64::from_str_radix(addr, 16)
+                    && a != 0
+                {
+                    v.push((a, Arc::from(name)));
                 }
             }
         }

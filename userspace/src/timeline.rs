@@ -13,6 +13,9 @@ use crate::{
     rundir::{self, log::LogReader},
 };
 
+/// An IP address and port.
+type Addr = (IpAddr, u16);
+
 /// One state change of one endpoint.
 #[derive(Debug, Clone, Serialize)]
 pub struct Transition {
@@ -95,10 +98,10 @@ struct Builder {
 impl Builder {
     fn add(&mut self, ts_ns: u64, pid: u32, comm: &str, s: &SockState) {
         // A transition out of CLOSE starts a new life for the address.
-        if s.old == "CLOSE" {
-            if let Some(prev) = self.open.remove(&s.sk) {
-                self.done.push(prev);
-            }
+        if s.old == "CLOSE"
+            && let Some(prev) = self.open.remove(&s.sk)
+        {
+            self.done.push(prev);
         }
         let ep = self.open.entry(s.sk.clone()).or_insert_with(|| Endpoint {
             sk: s.sk.clone(),
@@ -161,7 +164,7 @@ impl Builder {
         // Pair by mirrored 4-tuple; a tuple reused later starts a new
         // connection once both sides are taken.
         let mut conns: Vec<Connection> = Vec::new();
-        let mut by_tuple: HashMap<((IpAddr, u16), (IpAddr, u16)), usize> = HashMap::new();
+        let mut by_tuple: HashMap<(Addr, Addr), usize> = HashMap::new();
         for ep in eps {
             let key = if ep.role == "server" {
                 (ep.remote, ep.local)

@@ -279,10 +279,11 @@ fn check_test_network(ip: IpAddr) -> Result<()> {
                     (None, 0)
                 }
             };
-            if let Some(a) = addr {
-                if mask != 0 && a & mask == target & mask {
-                    ok = true;
-                }
+            if let Some(a) = addr
+                && mask != 0
+                && a & mask == target & mask
+            {
+                ok = true;
             }
         }
         cur = ifa.ifa_next;

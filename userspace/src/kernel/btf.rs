@@ -25,13 +25,13 @@ pub fn member_offset(btf: &Btf, name: &str, member: &str) -> Result<u32> {
         .resolve_types_by_name(name)
         .map_err(|e| anyhow!("struct {name}: {e}"))?;
     for t in types {
-        if let Type::Struct(s) = t {
-            if let Some(bits) = find_member(btf, &s, member)? {
-                if bits % 8 != 0 {
-                    bail!("{name}.{member} is a bitfield");
-                }
-                return Ok(bits / 8);
+        if let Type::Struct(s) = t
+            && let Some(bits) = find_member(btf, &s, member)?
+        {
+            if bits % 8 != 0 {
+                bail!("{name}.{member} is a bitfield");
             }
+            return Ok(bits / 8);
         }
     }
     bail!("struct {name} has no member {member}")
@@ -51,10 +51,10 @@ fn find_member(btf: &Btf, s: &btf_rs::Struct, member: &str) -> Result<Option<u32
             let inner = btf.resolve_chained_type(m).with_context(|| {
                 format!("resolving anonymous member while looking for {member}")
             })?;
-            if let Type::Struct(inner) | Type::Union(inner) = inner {
-                if let Some(bits) = find_member(btf, &inner, member)? {
-                    return Ok(Some(m.bit_offset() + bits));
-                }
+            if let Type::Struct(inner) | Type::Union(inner) = inner
+                && let Some(bits) = find_member(btf, &inner, member)?
+            {
+                return Ok(Some(m.bit_offset() + bits));
             }
         }
     }

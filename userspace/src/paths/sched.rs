@@ -177,7 +177,7 @@ pub fn snapshot(ebpf: &Ebpf) -> Result<SchedSnapshot> {
             wakeups: st.wakeups,
         });
     }
-    out.threads.sort_by(|a, b| b.oncpu_ns.cmp(&a.oncpu_ns));
+    out.threads.sort_by_key(|t| std::cmp::Reverse(t.oncpu_ns));
     let map = ebpf
         .map(IDLE_MAP)
         .ok_or_else(|| anyhow!("map {IDLE_MAP} missing"))?;
