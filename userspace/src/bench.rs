@@ -23,7 +23,7 @@ use crate::topology::{Environment, Spec, Up};
 #[derive(Debug, Clone)]
 pub struct Sizes(pub Vec<u64>);
 
-fn parse_sizes(s: &str) -> Result<Sizes, String> {
+pub fn parse_sizes(s: &str) -> Result<Sizes, String> {
     size::parse_size_list(s)
         .map(Sizes)
         .map_err(|e| e.to_string())
@@ -275,7 +275,8 @@ fn record_point(
     let point = up.run_inside(|| sweep::run_point(up, config, size))?;
     let summary = cap.stop()?;
     let point = point?;
-    crate::rundir::write_json(&dir.join("bench-point.json"), &point)?;
+    crate::rundir::write_json(&dir.join(crate::rundir::BENCH_POINT), &point)?;
+    crate::rundir::write_json(&dir.join(crate::rundir::ENVIRONMENT), up.environment())?;
     eprintln!(
         "{name} size {:>4}: {:>9.0} conn/s {:>9.1} Mbit/s  recorded {} events{} -> {}",
         point.size_label,
@@ -443,7 +444,7 @@ pub fn comparison_table(results: &[PointResult]) -> String {
 
 /// The seed's "performance loss" figure: loss % against native per
 /// size, one line per topology (`None` without native and another one).
-fn loss_chart(results: &[PointResult]) -> Option<String> {
+pub fn loss_chart(results: &[PointResult]) -> Option<String> {
     let names = topology_names(results);
     if !names.contains(&"native") || names.len() < 2 {
         return None;
@@ -552,7 +553,7 @@ pub fn markdown_table(results: &[PointResult]) -> String {
 
 /// (conn/s and bandwidth on two axes, conn/s per topology, bandwidth per
 /// topology).
-fn charts(results: &[PointResult]) -> (String, String, String) {
+pub fn charts(results: &[PointResult]) -> (String, String, String) {
     let mut topologies: Vec<&str> = Vec::new();
     for r in results {
         if !topologies.contains(&r.topology.as_str()) {

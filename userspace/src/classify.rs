@@ -1,8 +1,9 @@
 //! Charging CPU samples to layers. Kernel frames are matched against the
 //! frame prefixes each path declares (the innermost match wins); threads
 //! are known by what runs them (the proxy, the load generator, QEMU's vCPU
-//! and main-loop threads). The load generator is always `loadgen`: it is
-//! measured, never charged to the system under test.
+//! and main-loop threads). The load generator's own work is `loadgen`:
+//! measured, never charged to the system under test — but the system's
+//! layers that run in its context (bridge, netfilter, TAP) stay theirs.
 
 use crate::{catalog::Layer, paths};
 
@@ -71,14 +72,17 @@ impl Classifier {
         };
         let comm = thread_comm(head);
         let by_thread = Self::thread(comm);
+        let by_frame = rest.iter().rev().find_map(|f| self.frame(f));
         if by_thread == Some(Layer::Loadgen) {
-            return Layer::Loadgen;
+            // The load generator's own syscalls and TCP work are its own;
+            // what the system under test does in its context (a bridge, the
+            // netfilter hooks, a TAP, softirq work on the way) is not.
+            return match by_frame {
+                Some(l) if l != Layer::Socket => l,
+                _ => Layer::Loadgen,
+            };
         }
-        rest.iter()
-            .rev()
-            .find_map(|f| self.frame(f))
-            .or(by_thread)
-            .unwrap_or(Layer::Other)
+        by_frame.or(by_thread).unwrap_or(Layer::Other)
     }
 }
 
@@ -105,6 +109,7 @@ mod tests {
         );
         assert_eq!(l("haproxy-10/10;main;http_parse"), Layer::Proxy);
         assert_eq!(l("load-0-7/8;tcp_sendmsg_[k]"), Layer::Loadgen);
+        assert_eq!(l("load-0-7/8;tcp_sendmsg_[k];nf_hook_slow_[k]"), Layer::Netfilter);
         assert_eq!(l("CPU 0/TCG-5/6;cpu_exec"), Layer::Vmexit);
         assert_eq!(
             l("qemu-system-x86-5/5;main;tun_get_user_[k]"),

@@ -16,6 +16,9 @@ pub struct Cli {
 
 #[derive(Subcommand, Debug)]
 pub enum Command {
+    /// The main job: benchmark native vs virtual paths with probes, then
+    /// explain each topology's loss layer by layer.
+    Profile(crate::profile::ProfileArgs),
     /// Record probes on a live system into a run directory.
     Record(crate::record::RecordArgs),
     /// Print a run's events (or connections) as JSON lines.
@@ -44,6 +47,7 @@ pub enum Command {
 impl Cli {
     pub fn run(self) -> anyhow::Result<ExitCode> {
         match self.command {
+            Command::Profile(args) => args.run(),
             Command::Record(args) => args.run(),
             Command::Dump(args) => args.run(),
             Command::Probes(args) => args.run(),

@@ -28,6 +28,10 @@ pub struct MatchStats {
     pub matched_fraction: f64,
     pub host_to_guest: u64,
     pub guest_to_host: u64,
+    /// One-way delay across the virtual NIC and its backend (TAP ⇄ guest
+    /// NIC, both directions), with the estimated offset removed, µs.
+    pub one_way_us_p50: f64,
+    pub one_way_us_p99: f64,
 }
 
 type Key = (u32, u16, u32, u16, u32, u32, String, u16);
@@ -105,7 +109,7 @@ pub fn packet_offset(
         .iter()
         .filter_map(|(k, g)| h_recv.get(k).map(|h| *h as i128 - *g as i128))
         .collect();
-    let stats = MatchStats {
+    let mut stats = MatchStats {
         host_packets: hn,
         guest_packets: gn,
         matched: (down.len() + up.len()) as u64,
@@ -116,12 +120,23 @@ pub fn packet_offset(
         },
         host_to_guest: down.len() as u64,
         guest_to_host: up.len() as u64,
+        one_way_us_p50: 0.0,
+        one_way_us_p99: 0.0,
     };
     let (Some(a), Some(b)) = (down.iter().min(), up.iter().min()) else {
         return Ok(None);
     };
     let offset = (a - b) / 2;
     let error = ((a + b) / 2).max(0);
+    let mut delays: Vec<f64> = down
+        .iter()
+        .map(|d| (d - offset) as f64 / 1000.0)
+        .chain(up.iter().map(|d| (d + offset) as f64 / 1000.0))
+        .collect();
+    delays.sort_by(f64::total_cmp);
+    let q = |p: f64| delays[((delays.len() - 1) as f64 * p).round() as usize];
+    stats.one_way_us_p50 = q(0.5);
+    stats.one_way_us_p99 = q(0.99);
     Ok(Some((
         ClockOffset {
             guest: name.to_string(),

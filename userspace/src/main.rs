@@ -4,6 +4,7 @@
 
 mod agent;
 mod attach;
+mod attribution;
 mod bench;
 mod capture;
 mod catalog;
@@ -15,6 +16,7 @@ mod event;
 mod kernel;
 mod paths;
 mod probes;
+mod profile;
 mod record;
 mod recorder;
 mod report;

@@ -43,7 +43,46 @@ pub const VERSION: u32 = 1;
 pub struct Report {
     pub format: &'static str,
     pub version: u32,
+    /// Per topology and object size: the loss against native explained
+    /// layer by layer (runs recorded with `hvprof bench --record`).
+    pub topologies: Vec<TopologyReport>,
+    /// Every run directory analysed on its own.
     pub runs: Vec<RunReport>,
+}
+
+#[derive(Debug, Serialize)]
+pub struct TopologyReport {
+    pub name: String,
+    pub sizes: Vec<SizeReport>,
+}
+
+#[derive(Debug, Serialize)]
+pub struct SizeReport {
+    pub size: u64,
+    pub conn_per_s: f64,
+    pub body_mbps: f64,
+    /// Against native at the same size; 0 for native itself.
+    pub loss_pct: f64,
+    pub predicted_loss_pct: f64,
+    pub residual_pct: f64,
+    /// |residual| > 5 points: the layer costs do not explain the loss.
+    pub residual_flagged: bool,
+    pub bottleneck: String,
+    pub emulation_factor: Option<f64>,
+    pub layers: Vec<SizeLayer>,
+    pub flamegraph: Option<String>,
+    pub diff_flamegraph: Option<String>,
+    pub run: String,
+}
+
+#[derive(Debug, Serialize)]
+pub struct SizeLayer {
+    pub layer: &'static str,
+    pub cpu_us_per_conn: f64,
+    pub native_cpu_us_per_conn: f64,
+    pub loss_points: f64,
+    pub latency_us_p50: Option<f64>,
+    pub latency_us_p99: Option<f64>,
 }
 
 #[derive(Debug, Serialize)]
@@ -107,22 +146,26 @@ impl ReportArgs {
                 self.output.display()
             )
         })?;
-        check_runs(&self.runs)?;
+        let dirs = expand(&self.runs)?;
+        check_runs(&dirs)?;
         let classifier = Classifier::new();
         let mut runs = Vec::new();
-        for (i, dir) in self.runs.iter().enumerate() {
+        for (i, dir) in dirs.iter().enumerate() {
             eprintln!("hvprof: analysing {}", dir.display());
             runs.push(analyse(dir, i, &self.output, &classifier)?);
         }
+        let topologies = explain(&dirs, &runs, &self.output, &classifier)?;
         let report = Report {
             format: FORMAT,
             version: VERSION,
+            topologies,
             runs,
         };
+        let charts = write_charts(&dirs, &self.output)?;
         rundir::write_json(&self.output.join("report.json"), &report)?;
         let md = markdown(&report);
         std::fs::write(self.output.join("summary.md"), &md)?;
-        std::fs::write(self.output.join("index.html"), html(&report, &md))?;
+        std::fs::write(self.output.join("index.html"), html(&report, &charts))?;
         print!("{md}");
         println!("report: {}", self.output.join("index.html").display());
         Ok(ExitCode::SUCCESS)
@@ -298,6 +341,196 @@ fn analyse(dir: &Path, index: usize, out: &Path, classifier: &Classifier) -> Res
     })
 }
 
+/// Run directories named directly, or below a `bench --record` output
+/// (`DIR/runs/*`).
+fn expand(args: &[PathBuf]) -> Result<Vec<PathBuf>> {
+    let mut out = Vec::new();
+    for a in args {
+        let runs = a.join("runs");
+        if !a.join(rundir::META).exists() && runs.is_dir() {
+            let mut sub: Vec<PathBuf> = std::fs::read_dir(&runs)
+                .with_context(|| format!("reading {}", runs.display()))?
+                .flatten()
+                .map(|e| e.path())
+                .filter(|p| p.join(rundir::META).exists())
+                .collect();
+            sub.sort();
+            out.extend(sub);
+        } else {
+            out.push(a.clone());
+        }
+    }
+    Ok(out)
+}
+
+/// Folded stacks scaled to integer counts per `per` connections.
+fn scaled_folded(dir: &Path, connections: u64, per: f64) -> Vec<String> {
+    let Ok(text) = std::fs::read_to_string(dir.join(rundir::STACKS)) else {
+        return Vec::new();
+    };
+    let k = per / connections.max(1) as f64;
+    text.lines()
+        .filter_map(|l| {
+            let (stack, n) = l.rsplit_once(' ')?;
+            let n = (n.parse::<f64>().ok()? * k).round() as u64;
+            (n > 0).then(|| format!("{stack} {n}"))
+        })
+        .collect()
+}
+
+/// The loss of every recorded topology against native, per size.
+fn explain(
+    dirs: &[PathBuf],
+    runs: &[RunReport],
+    out: &Path,
+    c: &Classifier,
+) -> Result<Vec<TopologyReport>> {
+    use crate::attribution::{self, PointCosts};
+    let recorded: Vec<(&PathBuf, &RunReport)> = dirs
+        .iter()
+        .zip(runs)
+        .filter(|(d, _)| d.join(rundir::BENCH_POINT).exists())
+        .collect();
+    // Native first: the guests' emulation factor is measured against it.
+    let mut native: BTreeMap<u64, (PointCosts, &PathBuf)> = BTreeMap::new();
+    for (d, _) in &recorded {
+        let p = attribution::point_costs(d, c, None)?;
+        if p.topology == "native" {
+            native.insert(p.size, (p, d));
+        }
+    }
+    let mut by_topology: BTreeMap<String, Vec<SizeReport>> = BTreeMap::new();
+    let mut order: Vec<String> = Vec::new();
+    for (d, run) in &recorded {
+        let probe = attribution::point_costs(d, c, None)?;
+        let n = native.get(&probe.size);
+        let t = attribution::point_costs(d, c, n.map(|(p, _)| p))?;
+        let a = n.map(|(np, _)| attribution::attribute(&t, np));
+        let summary: Option<serde_json::Value> = std::fs::read(d.join(rundir::SUMMARY))
+            .ok()
+            .and_then(|b| serde_json::from_slice(&b).ok());
+        let vnic_lat = summary.as_ref().and_then(|s| {
+            let p = &s["guests"][0]["packets"];
+            Some((p["one_way_us_p50"].as_f64()?, p["one_way_us_p99"].as_f64()?))
+        });
+        let layers = Layer::ALL
+            .iter()
+            .map(|l| {
+                let share = a
+                    .as_ref()
+                    .and_then(|a| a.layers.iter().find(|x| x.layer == l.name()));
+                let (p50, p99) = match l {
+                    Layer::Socket => run
+                        .latency_us
+                        .get("connect")
+                        .map(|p| (p.p50, p.p99))
+                        .unzip(),
+                    Layer::Vnic => vnic_lat.unzip(),
+                    _ => (None, None),
+                };
+                SizeLayer {
+                    layer: l.name(),
+                    cpu_us_per_conn: t.cpu_us_per_conn.get(l.name()).copied().unwrap_or(0.0),
+                    native_cpu_us_per_conn: n
+                        .and_then(|(np, _)| np.cpu_us_per_conn.get(l.name()).copied())
+                        .unwrap_or(0.0),
+                    loss_points: share.map_or(0.0, |x| x.loss_points),
+                    latency_us_p50: p50,
+                    latency_us_p99: p99,
+                }
+            })
+            .collect();
+        // Flamegraphs per 1000 connections, and against native.
+        let label = format!(
+            "{}-{}",
+            t.topology,
+            loadgen::size::SizeLabel(t.size).to_string().to_lowercase()
+        );
+        let lines = scaled_folded(d, t.connections, 1000.0);
+        let mut flamegraph = None;
+        let mut diff_flamegraph = None;
+        if !lines.is_empty() {
+            let name = format!("flame-{label}-per1000.svg");
+            std::fs::write(
+                out.join(format!("flame-{label}-per1000.folded")),
+                lines.join("\n") + "\n",
+            )?;
+            let mut frame_layers = HashMap::new();
+            for line in &lines {
+                let stack = line.rsplit_once(' ').map_or(line.as_str(), |(s, _)| s);
+                for f in stack.split(';') {
+                    if let Some(l) = c.frame(f).or_else(|| Classifier::thread(thread_comm(f))) {
+                        frame_layers
+                            .entry(f.to_string())
+                            .or_insert_with(|| l.name().to_string());
+                    }
+                }
+            }
+            let subtitle = format!(
+                "{} — CPU samples per 1000 connections; colour = layer",
+                t.topology
+            );
+            reports::flamegraph::render(
+                &lines,
+                &reports::flamegraph::FlameOptions {
+                    title: &format!("{} at {}", t.topology, loadgen::size::SizeLabel(t.size)),
+                    subtitle: Some(&subtitle),
+                    count_name: "samples per 1000 connections",
+                    frame_layers: &frame_layers,
+                },
+                std::io::BufWriter::new(std::fs::File::create(out.join(&name))?),
+            )?;
+            flamegraph = Some(name);
+            if let Some((np, nd)) = n.filter(|(np, _)| np.topology != t.topology) {
+                let before = scaled_folded(nd, np.connections, 1000.0);
+                let dname = format!("diff-{label}-vs-native.svg");
+                reports::flamegraph::render_diff(
+                    &before,
+                    &lines,
+                    &format!(
+                        "{} vs native at {} (red: more CPU per connection)",
+                        t.topology,
+                        loadgen::size::SizeLabel(t.size)
+                    ),
+                    std::io::BufWriter::new(std::fs::File::create(out.join(&dname))?),
+                )?;
+                diff_flamegraph = Some(dname);
+            }
+        }
+        if !order.contains(&t.topology) {
+            order.push(t.topology.clone());
+        }
+        by_topology
+            .entry(t.topology.clone())
+            .or_default()
+            .push(SizeReport {
+                size: t.size,
+                conn_per_s: t.conn_per_s,
+                body_mbps: t.body_mbps,
+                loss_pct: a.as_ref().map_or(0.0, |a| a.loss_pct),
+                predicted_loss_pct: a.as_ref().map_or(0.0, |a| a.predicted_loss_pct),
+                residual_pct: a.as_ref().map_or(0.0, |a| a.residual_pct),
+                residual_flagged: a.as_ref().is_some_and(|a| a.residual_flagged),
+                bottleneck: run.bottleneck.clone(),
+                emulation_factor: t.emulation_factor,
+                layers,
+                flamegraph,
+                diff_flamegraph,
+                run: d.display().to_string(),
+            });
+    }
+    // native first, then as recorded.
+    order.sort_by_key(|n| n != "native");
+    Ok(order
+        .into_iter()
+        .map(|name| {
+            let mut sizes = by_topology.remove(&name).unwrap_or_default();
+            sizes.sort_by_key(|s| s.size);
+            TopologyReport { name, sizes }
+        })
+        .collect())
+}
+
 fn pct(part: f64, whole: f64) -> f64 {
     if whole > 0.0 {
         100.0 * part / whole
@@ -352,8 +585,69 @@ fn bottleneck(threads: &[ThreadReport], idle: Option<f64>) -> String {
     }
 }
 
+/// The seed-style charts from the recorded benchmark points: (file, SVG).
+fn write_charts(dirs: &[PathBuf], out: &Path) -> Result<Vec<(String, String)>> {
+    let points: Vec<loadgen::sweep::PointResult> = dirs
+        .iter()
+        .filter_map(|d| std::fs::read(d.join(rundir::BENCH_POINT)).ok())
+        .filter_map(|b| serde_json::from_slice(&b).ok())
+        .collect();
+    if points.is_empty() {
+        return Ok(Vec::new());
+    }
+    let (_, conn, bw) = crate::bench::charts(&points);
+    let mut charts = vec![
+        ("conn_per_s.svg".to_string(), conn),
+        ("bandwidth.svg".to_string(), bw),
+    ];
+    if let Some(loss) = crate::bench::loss_chart(&points) {
+        charts.push(("loss.svg".to_string(), loss));
+    }
+    for (name, svg) in &charts {
+        std::fs::write(out.join(name), svg)?;
+    }
+    Ok(charts)
+}
+
 fn markdown(r: &Report) -> String {
     let mut s = String::from("# hvprof report\n");
+    if !r.topologies.is_empty() {
+        s.push_str("\n## Loss against native, explained\n\n| topology | size | conn/s | Mbit/s | measured loss % | predicted loss % | residual (points) | main layers (points) | bottleneck |\n|---|---:|---:|---:|---:|---:|---:|---|---|\n");
+        for t in &r.topologies {
+            for z in &t.sizes {
+                let mut top: Vec<&SizeLayer> = z
+                    .layers
+                    .iter()
+                    .filter(|l| l.loss_points.abs() >= 0.5)
+                    .collect();
+                top.sort_by(|a, b| b.loss_points.abs().total_cmp(&a.loss_points.abs()));
+                let layers = top
+                    .iter()
+                    .take(4)
+                    .map(|l| format!("{} {:+.1}", l.layer, l.loss_points))
+                    .collect::<Vec<_>>()
+                    .join(", ");
+                let _ = writeln!(
+                    s,
+                    "| {} | {} | {:.0} | {:.1} | {:.1} | {:.1} | {:+.1}{} | {} | {} |",
+                    t.name,
+                    loadgen::size::SizeLabel(z.size),
+                    z.conn_per_s,
+                    z.body_mbps,
+                    z.loss_pct,
+                    z.predicted_loss_pct,
+                    z.residual_pct,
+                    if z.residual_flagged {
+                        " ⚠ RESIDUAL > 5"
+                    } else {
+                        ""
+                    },
+                    layers,
+                    z.bottleneck
+                );
+            }
+        }
+    }
     for run in &r.runs {
         let _ = writeln!(s, "\n## {} — topology `{}`\n", run.name, run.topology);
         let _ = writeln!(
@@ -402,14 +696,15 @@ fn esc(s: &str) -> String {
         .replace('>', "&gt;")
 }
 
-fn html(r: &Report, _md: &str) -> String {
+fn html(r: &Report, charts: &[(String, String)]) -> String {
     let mut h = String::from(
         "<!doctype html><html><head><meta charset=\"utf-8\"><title>hvprof report</title><style>\
          body{font-family:sans-serif;margin:2em;max-width:1200px}table{border-collapse:collapse;margin:1em 0}\
          td,th{border:1px solid #ccc;padding:4px 8px;text-align:right}th{background:#eee}td:first-child{text-align:left}\
          .sw{display:inline-block;width:1em;height:1em;margin-right:4px;vertical-align:middle}\
          .bar{display:flex;height:24px;width:100%;margin:8px 0}.bar div{height:100%}\
-         object{width:100%;border:1px solid #ddd}</style></head><body><h1>hvprof report</h1>",
+         object{width:100%;border:1px solid #ddd}.stacked{height:16px;background:#f4f4f4}td.flag{color:#c0392b;font-weight:bold}\
+         figure.chart{display:inline-block;margin:0 1em 1em 0}</style></head><body><h1>hvprof report</h1>",
     );
     h.push_str("<p>Layers: ");
     for l in Layer::ALL {
@@ -421,6 +716,91 @@ fn html(r: &Report, _md: &str) -> String {
         );
     }
     h.push_str("</p>");
+    if !charts.is_empty() {
+        h.push_str("<h2>Benchmark</h2><div class=\"charts\">");
+        for (name, svg) in charts {
+            let _ = write!(
+                h,
+                "<figure class=\"chart\" id=\"{}\">{svg}</figure>",
+                esc(name)
+            );
+        }
+        h.push_str("</div>");
+    }
+    if !r.topologies.is_empty() {
+        h.push_str("<h2>Loss against native, layer by layer</h2><p>Each bar: the measured loss at one size split into the layers that explain it (percentage points); the residual is what the layer costs do not explain.</p><table><tr><th>topology</th><th>size</th><th>conn/s</th><th>measured loss %</th><th>predicted %</th><th>residual</th><th>layers</th><th>bottleneck</th></tr>");
+        for t in &r.topologies {
+            for z in &t.sizes {
+                let mut bar = String::from("<div class=\"bar stacked\">");
+                for l in z.layers.iter().filter(|l| l.loss_points > 0.0) {
+                    let (r_, g, b) = reports::flamegraph::layer_color(l.layer);
+                    let _ = write!(
+                        bar,
+                        "<div title=\"{} {:.1} points\" style=\"width:{:.2}%;background:rgb({r_},{g},{b})\"></div>",
+                        l.layer,
+                        l.loss_points,
+                        l.loss_points.min(100.0)
+                    );
+                }
+                bar.push_str("</div>");
+                let _ = write!(
+                    h,
+                    "<tr><td>{}</td><td>{}</td><td>{:.0}</td><td>{:.1}</td><td>{:.1}</td><td class=\"{}\">{:+.1}{}</td><td style=\"min-width:240px\">{bar}</td><td>{}</td></tr>",
+                    esc(&t.name),
+                    loadgen::size::SizeLabel(z.size),
+                    z.conn_per_s,
+                    z.loss_pct,
+                    z.predicted_loss_pct,
+                    if z.residual_flagged { "flag" } else { "" },
+                    z.residual_pct,
+                    if z.residual_flagged {
+                        " ⚠ residual over 5 points"
+                    } else {
+                        ""
+                    },
+                    esc(&z.bottleneck)
+                );
+            }
+        }
+        h.push_str("</table><h3>Per-layer cost and latency</h3><table><tr><th>topology</th><th>size</th><th>layer</th><th>CPU µs/conn</th><th>native µs/conn</th><th>loss points</th><th>latency p50 µs</th><th>latency p99 µs</th></tr>");
+        for t in &r.topologies {
+            for z in &t.sizes {
+                for l in z
+                    .layers
+                    .iter()
+                    .filter(|l| l.cpu_us_per_conn > 0.0 || l.native_cpu_us_per_conn > 0.0)
+                {
+                    let lat = |v: Option<f64>| v.map_or("–".to_string(), |x| format!("{x:.0}"));
+                    let _ = write!(
+                        h,
+                        "<tr><td>{}</td><td>{}</td><td>{}</td><td>{:.1}</td><td>{:.1}</td><td>{:+.1}</td><td>{}</td><td>{}</td></tr>",
+                        esc(&t.name),
+                        loadgen::size::SizeLabel(z.size),
+                        l.layer,
+                        l.cpu_us_per_conn,
+                        l.native_cpu_us_per_conn,
+                        l.loss_points,
+                        lat(l.latency_us_p50),
+                        lat(l.latency_us_p99)
+                    );
+                }
+            }
+        }
+        h.push_str(
+            "</table><h3>Flamegraphs (CPU per 1000 connections; differential against native)</h3>",
+        );
+        for t in &r.topologies {
+            for z in &t.sizes {
+                for f in [&z.flamegraph, &z.diff_flamegraph].into_iter().flatten() {
+                    let _ = write!(
+                        h,
+                        "<object class=\"flamegraph\" type=\"image/svg+xml\" data=\"{}\"></object>",
+                        esc(f)
+                    );
+                }
+            }
+        }
+    }
     for run in &r.runs {
         let _ = write!(
             h,

@@ -269,33 +269,7 @@ pub fn bench_load(a: &BenchLoadArgs) -> Result<()> {
             bail!("{tool} is not installed: run cargo xtask setup (Debian package {tool})");
         }
     }
-    // The stand: origin + HAProxy in the seed's mode, up until we stop it.
-    let mut serve = Command::new(&bin)
-        .args([
-            "bench",
-            "--serve",
-            "--haproxy-threads",
-            &a.haproxy_threads.to_string(),
-        ])
-        .stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::inherit())
-        .spawn()
-        .context("cannot start hvprof bench --serve")?;
-    let stdout = serve.stdout.take().context("no stdout")?;
-    let mut stand = Guard(Some(serve));
-    let mut proxy = None;
-    for line in BufReader::new(stdout).lines() {
-        let line = line?;
-        if let Some(rest) = line.strip_prefix("proxy ") {
-            proxy = rest
-                .split_whitespace()
-                .next()
-                .map(|u| u.trim_end_matches('/').to_string());
-            break;
-        }
-    }
-    let proxy = proxy.context("hvprof bench --serve printed no proxy address")?;
+    let (mut stand, proxy) = start_stand(&bin, a.haproxy_threads)?;
     println!(
         "close mode through HAProxy ({} thread(s)) + hvprof origin; client: {} thread(s), {} connections, {} s per run, {} alternating rounds",
         a.haproxy_threads, a.threads, a.concurrency, a.duration, a.rounds
@@ -351,6 +325,162 @@ pub fn bench_load(a: &BenchLoadArgs) -> Result<()> {
     stand.stop();
     if !a.no_origins {
         compare_origins(&bin, a)?;
+    }
+    Ok(())
+}
+
+/// Starts origin + HAProxy in the seed's mode (`hvprof bench --serve`),
+/// up until the guard stops it; returns the proxy's base URL.
+fn start_stand(bin: &Path, haproxy_threads: usize) -> Result<(Guard, String)> {
+    let mut serve = Command::new(bin)
+        .args([
+            "bench",
+            "--serve",
+            "--haproxy-threads",
+            &haproxy_threads.to_string(),
+        ])
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::inherit())
+        .spawn()
+        .context("cannot start hvprof bench --serve")?;
+    let stdout = serve.stdout.take().context("no stdout")?;
+    let stand = Guard(Some(serve));
+    let mut proxy = None;
+    for line in BufReader::new(stdout).lines() {
+        let line = line?;
+        if let Some(rest) = line.strip_prefix("proxy ") {
+            proxy = rest
+                .split_whitespace()
+                .next()
+                .map(|u| u.trim_end_matches('/').to_string());
+            break;
+        }
+    }
+    let proxy = proxy.context("hvprof bench --serve printed no proxy address")?;
+    Ok((stand, proxy))
+}
+
+/// Options of `cargo xtask bench overhead`.
+#[derive(clap::Args, Debug, Clone)]
+pub struct OverheadArgs {
+    /// Seconds per measurement.
+    #[arg(short, long, default_value_t = 5)]
+    pub duration: u64,
+    /// A/B rounds (each round runs both once, alternating which first).
+    #[arg(short, long, default_value_t = 3)]
+    pub rounds: usize,
+    /// Connections in flight.
+    #[arg(short, long, default_value_t = 64)]
+    pub concurrency: usize,
+    /// Don't rebuild hvprof first.
+    #[arg(long)]
+    pub no_build: bool,
+}
+
+/// Probe overhead, A/B: the 0-byte close-mode benchmark through HAProxy
+/// on `native`, plain (A) and under `hvprof record` with every probe
+/// available here plus the loopback device (B). Prints conn/s of each, the
+/// overhead and per-program ns per run from the kernel's BPF statistics.
+pub fn bench_overhead(o: &OverheadArgs) -> Result<()> {
+    let root = crate::root();
+    if !o.no_build {
+        crate::build_release()?;
+    }
+    let bin = root.join("target/release/hvprof");
+    let a = BenchLoadArgs {
+        duration: o.duration,
+        threads: 1,
+        concurrency: o.concurrency,
+        rounds: o.rounds,
+        haproxy_threads: 1,
+        no_build: true,
+        no_origins: true,
+    };
+    let (mut stand, proxy) = start_stand(&bin, 1)?;
+    let url = format!("{proxy}/?s=0");
+    let tmp = std::env::temp_dir().join(format!("hvprof-overhead-{}", std::process::id()));
+    let _cleanup = DirGuard(tmp.clone());
+    let (mut plain, mut probed) = (Vec::new(), Vec::new());
+    let mut programs: std::collections::BTreeMap<String, (f64, f64)> = Default::default();
+    let mut lost = 0.0;
+    println!(
+        "probe overhead: 0-byte close mode through HAProxy on native, {} s per run, {} A/B rounds",
+        o.duration, o.rounds
+    );
+    for round in 0..o.rounds {
+        let mut b_run = || -> Result<f64> {
+            let dir = tmp.join(format!("run{round}"));
+            let json = tmp.join(format!("load{round}.json"));
+            let status = Command::new(&bin)
+                .args(["record", "-q", "--dev", "lo", "-o"])
+                .arg(&dir)
+                .arg("--")
+                .arg(&bin)
+                .args([
+                    "load",
+                    &url,
+                    "-q",
+                    "-c",
+                    &o.concurrency.to_string(),
+                    "-d",
+                    &format!("{}s", o.duration),
+                    "--json",
+                ])
+                .arg(&json)
+                .status()
+                .context("running hvprof record")?;
+            if !status.success() {
+                bail!("hvprof record failed: {status}");
+            }
+            let text = std::fs::read_to_string(&json)?;
+            let cps = json_number(&text, "conn_per_s").context("no conn_per_s")?;
+            let summary: serde_json::Value =
+                serde_json::from_slice(&std::fs::read(dir.join("summary.json"))?)?;
+            for p in summary["probes"].as_array().into_iter().flatten() {
+                let name = p["program"].as_str().unwrap_or("?").to_string();
+                let e = programs.entry(name).or_default();
+                e.0 += p["run_time_ns"].as_f64().unwrap_or(0.0);
+                e.1 += p["run_count"].as_f64().unwrap_or(0.0);
+            }
+            lost += summary["lost"]
+                .as_object()
+                .into_iter()
+                .flatten()
+                .filter_map(|(_, v)| v.as_f64())
+                .sum::<f64>();
+            Ok(cps)
+        };
+        if round % 2 == 0 {
+            plain.push(hvprof_load(&bin, &url, &a)?.rate);
+            probed.push(b_run()?);
+        } else {
+            probed.push(b_run()?);
+            plain.push(hvprof_load(&bin, &url, &a)?.rate);
+        }
+        println!(
+            "  round {}: plain {:.0} conn/s, probed {:.0} conn/s",
+            round + 1,
+            plain[round],
+            probed[round]
+        );
+    }
+    stand.stop();
+    let (pa, pb) = (median(&mut plain), median(&mut probed));
+    println!(
+        "plain {pa:.0} conn/s, with every probe {pb:.0} conn/s: overhead {:.1}% (medians); lost events {lost:.0}",
+        100.0 * (1.0 - pb / pa)
+    );
+    println!(
+        "{:<20} {:>14} {:>12} {:>9}",
+        "program", "runs", "run time ms", "ns/run"
+    );
+    for (name, (ns, runs)) in &programs {
+        println!(
+            "{name:<20} {runs:>14.0} {:>12.1} {:>9.0}",
+            ns / 1e6,
+            if *runs > 0.0 { ns / runs } else { 0.0 }
+        );
     }
     Ok(())
 }

@@ -33,12 +33,12 @@ enum Cmd {
     /// Benchmarks (not tests): numbers side by side.
     #[command(subcommand)]
     Bench(BenchCmd),
-    /// Setup, build, then the main job: record a short loopback workload
-    /// with hvprof and print its summary.
+    /// Setup, build, test bed, then the main job: `hvprof profile` (native
+    /// vs bridge-nf vs QEMU guests, recorded and explained) and its report.
     Run {
-        /// Where the run directory goes.
-        #[arg(short, long, default_value = "runs")]
-        output: PathBuf,
+        /// Extra arguments for `hvprof profile` (e.g. `--sizes all`).
+        #[arg(last = true)]
+        args: Vec<String>,
     },
     /// Build (or confirm, when cached) the QEMU test bed for the `vm-*`
     /// topologies: Debian kernel + modules, busybox, HAProxy, static hvprof.
@@ -50,6 +50,9 @@ enum BenchCmd {
     /// `hvprof load` vs `wrk -H 'Connection: close'` through HAProxy at 0
     /// and 64K, and hvprof origin vs nginx vs HAProxy as origins.
     Load(bench::BenchLoadArgs),
+    /// Probe overhead: the 0-byte close-mode benchmark on `native` with the
+    /// full catalog attached vs nothing, alternating A/B.
+    Overhead(bench::OverheadArgs),
 }
 
 fn main() {
@@ -58,7 +61,8 @@ fn main() {
         Cmd::Setup => setup::run(),
         Cmd::Test { args } => setup::run().and_then(|()| test::run(&args)),
         Cmd::Bench(BenchCmd::Load(a)) => bench::bench_load(&a),
-        Cmd::Run { output } => setup::run().and_then(|()| run_main_job(&output)),
+        Cmd::Bench(BenchCmd::Overhead(a)) => bench::bench_overhead(&a),
+        Cmd::Run { args } => setup::run().and_then(|()| run_main_job(&args)),
         Cmd::Testbed(args) => testbed::run(&args),
     };
     if let Err(e) = res {
@@ -93,32 +97,17 @@ pub fn build_release() -> Result<()> {
     )
 }
 
-fn run_main_job(output: &std::path::Path) -> Result<()> {
+fn run_main_job(args: &[String]) -> Result<()> {
     build_release()?;
-    let bin = root().join("target/release/hvprof");
-    let stamp = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| d.as_secs())
-        .unwrap_or(0);
-    let dir = output.join(format!("record-{stamp}"));
-    // A built-in loopback workload: the origin plus a bounded close-mode load.
-    let workload = format!(
-        "{bin} origin --listen 127.0.0.1:18480 & o=$!; sleep 0.3; \
-         {bin} load 'http://127.0.0.1:18480/?s=1k' -c 16 -n 20000 -q; rc=$?; kill $o; wait $o 2>/dev/null; exit $rc",
-        bin = bin.display()
-    );
+    testbed::run(&testbed::TestbedArgs {
+        dir: None,
+        kernel: None,
+        force: false,
+    })?;
     run_cmd(
-        Command::new(&bin)
-            .arg("record")
-            .arg("-o")
-            .arg(&dir)
-            .args(["--", "sh", "-c", &workload])
+        Command::new(root().join("target/release/hvprof"))
+            .arg("profile")
+            .args(args)
             .current_dir(root()),
-    )?;
-    println!(
-        "run directory: {}  (try `hvprof dump {} | head`)",
-        dir.display(),
-        dir.display()
-    );
-    Ok(())
+    )
 }

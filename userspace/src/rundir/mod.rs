@@ -6,6 +6,8 @@
 //! - `summary.json` — counts, lost events and per-program BPF stats
 //! - `stacks.folded` — symbolised CPU samples (inferno's folded format)
 //! - `threads.json` — per-thread on-CPU and run-queue time, per-CPU idle
+//! - `bench-point.json`, `environment.json` — with `bench --record`
+//! - `guest-N/` — a guest agent's recording, same layout
 
 pub mod log;
 pub mod meta;
@@ -19,6 +21,10 @@ pub const EVENTS: &str = "events.log";
 pub const SUMMARY: &str = "summary.json";
 pub const STACKS: &str = "stacks.folded";
 pub const THREADS: &str = "threads.json";
+/// With `bench --record`: the benchmark point measured during the capture.
+pub const BENCH_POINT: &str = "bench-point.json";
+/// With `bench --record`: where the topology ran (accelerator, NIC, ...).
+pub const ENVIRONMENT: &str = "environment.json";
 
 /// Creates (or reuses, if empty of runs) `dir` and checks it is writable,
 /// before anything is attached.
