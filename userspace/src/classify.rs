@@ -109,7 +109,10 @@ mod tests {
         );
         assert_eq!(l("haproxy-10/10;main;http_parse"), Layer::Proxy);
         assert_eq!(l("load-0-7/8;tcp_sendmsg_[k]"), Layer::Loadgen);
-        assert_eq!(l("load-0-7/8;tcp_sendmsg_[k];nf_hook_slow_[k]"), Layer::Netfilter);
+        assert_eq!(
+            l("load-0-7/8;tcp_sendmsg_[k];nf_hook_slow_[k]"),
+            Layer::Netfilter
+        );
         assert_eq!(l("CPU 0/TCG-5/6;cpu_exec"), Layer::Vmexit);
         assert_eq!(
             l("qemu-system-x86-5/5;main;tun_get_user_[k]"),

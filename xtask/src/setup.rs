@@ -30,6 +30,8 @@ const PACKAGES: &[&str] = &[
     "haproxy",
     "wrk",
     "nginx-light",
+    // The report test opens index.html in headless Chromium.
+    "chromium",
     "iproute2",
     "iptables",
     // The VM test bed: static glibc for the guest's hvprof, strip, and
