@@ -98,19 +98,7 @@ impl OriginArgs {
             origin.local_addr(),
             if threads == 1 { "" } else { "s" }
         );
-        let rt = tokio::runtime::Builder::new_current_thread()
-            .enable_all()
-            .build()
-            .context("cannot build signal runtime")?;
-        rt.block_on(async {
-            use tokio::signal::unix::{SignalKind, signal};
-            let mut term = signal(SignalKind::terminate()).context("cannot catch SIGTERM")?;
-            tokio::select! {
-                _ = term.recv() => {},
-                r = tokio::signal::ctrl_c() => r.context("cannot catch SIGINT")?,
-            }
-            anyhow::Ok(())
-        })?;
+        wait_for_stop_signal()?;
         let stats = origin.stop();
         let mut out = std::io::stdout().lock();
         serde_json::to_writer(&mut out, &stats)?;
@@ -237,4 +225,22 @@ mod tests {
         assert!(parse_duration("abc").is_err());
         assert!(parse_rate("0").is_err());
     }
+}
+
+/// Blocks until SIGINT or SIGTERM: for commands that keep servers up until
+/// they are told to stop.
+pub fn wait_for_stop_signal() -> anyhow::Result<()> {
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .context("cannot build signal runtime")?;
+    rt.block_on(async {
+        use tokio::signal::unix::{SignalKind, signal};
+        let mut term = signal(SignalKind::terminate()).context("cannot catch SIGTERM")?;
+        tokio::select! {
+            _ = term.recv() => {},
+            r = tokio::signal::ctrl_c() => r.context("cannot catch SIGINT")?,
+        }
+        anyhow::Ok(())
+    })
 }

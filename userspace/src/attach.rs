@@ -20,7 +20,7 @@ use hvprof_common::MAX_PROBES;
 use crate::{
     catalog::{self, Hook, Method, ProbeSpec},
     kernel::{btf as kbtf, features::Features, tracefs},
-    paths::{dev, sched, tcp},
+    paths::{dev, sched, tcp, vmexit},
     rundir::meta::ProbeStatus,
 };
 
@@ -234,6 +234,7 @@ pub fn load(opts: &LoadOptions) -> Result<Ebpf> {
         .override_global(tcp::TP_GLOBAL, &tp, true)
         .override_global(tcp::KERNEL_GLOBAL, &koff, true)
         .override_global(sched::TP_GLOBAL, &sched_tp, true)
+        .override_global(vmexit::TP_GLOBAL, &vmexit::tp_offsets(), true)
         .map_max_entries(EVENTS_MAP, opts.ringbuf_bytes)
         .load(OBJECT)
         .context("loading hvprof's eBPF object")

@@ -3,8 +3,9 @@
 //! against `native` at the same size split into layer shares that add up
 //! to the predicted loss, with the residual against the measured loss.
 //!
-//! Costs come from CPU samples (host, and each guest's agent): every
-//! sample is charged to one layer (`classify`). A guest vCPU thread's host
+//! Costs come from CPU samples (host, and each guest's agent) of the
+//! benchmark's processes and the kernel's threads: every sample is charged
+//! to one layer (`classify`); unrelated programs are left out. A guest vCPU thread's host
 //! time is split across the guest's layers by the guest's own samples
 //! ("guest time in host terms"); under software emulation the part of
 //! that time beyond what the same layers cost natively is the emulation
@@ -88,6 +89,13 @@ fn layer_samples(dir: &Path, c: &Classifier) -> (BTreeMap<Layer, u64>, u64) {
             vcpu += n;
             continue;
         }
+        // Only the benchmark's own processes and the kernel's threads
+        // (softirq, workers, idle) are costs of the run; an unrelated
+        // program that happened to run (a compiler, a daemon) is not.
+        let kernel_thread = frames[1..].iter().all(|f| f.ends_with("_[k]"));
+        if Classifier::thread(comm).is_none() && !kernel_thread {
+            continue;
+        }
         *out.entry(c.stack(&frames)).or_insert(0) += n;
     }
     (out, vcpu)
@@ -134,6 +142,18 @@ pub fn point_costs(dir: &Path, c: &Classifier, native: Option<&PointCosts>) -> R
                 .map(|(l, n)| (l.name(), vcpu_us * *n as f64 / gtotal as f64))
                 .collect();
             let tcg = env.vm.as_ref().is_some_and(|v| v.accel == "tcg");
+            // Under KVM the exits are discrete: their time is vmexit, the
+            // rest of the vCPU threads' time is the guest's.
+            let exited_us = std::fs::read(dir.join(rundir::KVM))
+                .ok()
+                .and_then(|b| serde_json::from_slice::<crate::paths::vmexit::KvmSnapshot>(&b).ok())
+                .map_or(0.0, |k| k.exit_ns() as f64 / 1000.0 / conns);
+            let exited_us = exited_us.min(vcpu_us);
+            let share: BTreeMap<&str, f64> = share
+                .into_iter()
+                .map(|(l, v)| (l, v * (1.0 - exited_us / vcpu_us.max(1e-9))))
+                .collect();
+            *cost.entry(Layer::Vmexit.name().into()).or_insert(0.0) += exited_us;
             match (tcg, native) {
                 // Under emulation, what the guest's layers cost beyond
                 // their native cost is emulation, charged to vmexit; the

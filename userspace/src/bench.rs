@@ -300,19 +300,7 @@ fn serve(topology: &dyn sweep::Topology, config: &SweepConfig) -> anyhow::Result
     println!("haproxy pid {}", stand.haproxy.pid());
     use std::io::Write as _;
     std::io::stdout().flush()?;
-    let rt = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-        .context("cannot build signal runtime")?;
-    rt.block_on(async {
-        use tokio::signal::unix::{SignalKind, signal};
-        let mut term = signal(SignalKind::terminate()).context("cannot catch SIGTERM")?;
-        tokio::select! {
-            _ = term.recv() => {},
-            r = tokio::signal::ctrl_c() => r.context("cannot catch SIGINT")?,
-        }
-        anyhow::Ok(())
-    })?;
+    loadgen::cli::wait_for_stop_signal()?;
     drop(stand);
     Ok(ExitCode::SUCCESS)
 }

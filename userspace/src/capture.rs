@@ -123,6 +123,9 @@ pub async fn run_until<F: Future>(
     if let Some(sched) = &fin.sched {
         rundir::write_json(&dir.join(rundir::THREADS), sched)?;
     }
+    if let Some(kvm) = &fin.kvm {
+        rundir::write_json(&dir.join(rundir::KVM), kvm)?;
+    }
     let tl = timeline::Timeline::read(dir)?;
     let summary = Summary {
         connections: tl.connections.len() as u64,

@@ -21,6 +21,7 @@ use crate::{
     paths::{
         dev,
         sched::{self, SchedSnapshot},
+        vmexit,
     },
     rundir::meta::{self, Meta, Status},
     stacks::Stacks,
@@ -80,6 +81,7 @@ pub struct Finished {
     pub stats: Vec<ProgramStats>,
     pub lost: BTreeMap<String, u64>,
     pub sched: Option<SchedSnapshot>,
+    pub kvm: Option<vmexit::KvmSnapshot>,
     pub stacks: Stacks,
 }
 
@@ -193,6 +195,12 @@ impl Recorder {
             .contains_key("sched:sched_switch")
             .then(|| sched::snapshot(&self.session.ebpf))
             .transpose()?;
+        let kvm = self
+            .session
+            .programs
+            .contains_key("kvm:kvm_exit")
+            .then(|| vmexit::snapshot(&self.session.ebpf))
+            .transpose()?;
         self.session.detach();
         let drained = drain_ring(self.ring.get_mut(), &mut self.stacks, &mut sink);
         let lost = self.session.lost().unwrap_or_default();
@@ -209,6 +217,7 @@ impl Recorder {
             stats,
             lost,
             sched,
+            kvm,
             stacks: self.stacks,
         })
     }

@@ -363,19 +363,41 @@ fn expand(args: &[PathBuf]) -> Result<Vec<PathBuf>> {
     Ok(out)
 }
 
-/// Folded stacks scaled to integer counts per `per` connections.
+/// Folded stacks of a run and its guests, scaled to integer counts per
+/// `per` connections, each stack's root frame marked `[host]` or
+/// `[guest]`.
 fn scaled_folded(dir: &Path, connections: u64, per: f64) -> Vec<String> {
-    let Ok(text) = std::fs::read_to_string(dir.join(rundir::STACKS)) else {
-        return Vec::new();
-    };
     let k = per / connections.max(1) as f64;
-    text.lines()
-        .filter_map(|l| {
+    let mut sources = vec![("[host]", dir.to_path_buf())];
+    if let Ok(entries) = std::fs::read_dir(dir) {
+        let mut guests: Vec<PathBuf> = entries
+            .flatten()
+            .filter(|e| e.file_name().to_string_lossy().starts_with("guest-"))
+            .map(|e| e.path())
+            .collect();
+        guests.sort();
+        sources.extend(guests.into_iter().map(|g| ("[guest]", g)));
+    }
+    let mut out = Vec::new();
+    for (origin, d) in sources {
+        let Ok(text) = std::fs::read_to_string(d.join(rundir::STACKS)) else {
+            continue;
+        };
+        out.extend(text.lines().filter_map(|l| {
             let (stack, n) = l.rsplit_once(' ')?;
             let n = (n.parse::<f64>().ok()? * k).round() as u64;
-            (n > 0).then(|| format!("{stack} {n}"))
-        })
-        .collect()
+            (n > 0).then(|| format!("{origin} {stack} {n}"))
+        }));
+    }
+    out
+}
+
+/// A root frame without its `[host]`/`[guest]` mark.
+fn unmarked(frame: &str) -> &str {
+    frame
+        .strip_prefix("[host] ")
+        .or_else(|| frame.strip_prefix("[guest] "))
+        .unwrap_or(frame)
 }
 
 /// The loss of every recorded topology against native, per size.
@@ -459,7 +481,10 @@ fn explain(
             for line in &lines {
                 let stack = line.rsplit_once(' ').map_or(line.as_str(), |(s, _)| s);
                 for f in stack.split(';') {
-                    if let Some(l) = c.frame(f).or_else(|| Classifier::thread(thread_comm(f))) {
+                    if let Some(l) = c
+                        .frame(f)
+                        .or_else(|| Classifier::thread(thread_comm(unmarked(f))))
+                    {
                         frame_layers
                             .entry(f.to_string())
                             .or_insert_with(|| l.name().to_string());

@@ -46,7 +46,7 @@ pub fn run(extra: &[String]) -> Result<()> {
     let _ = std::fs::remove_file(&skip_file);
     eprintln!("[test] cargo test --release");
     let mut child = Command::new("cargo")
-        .args(["test", "--release"])
+        .args(["test", "--release", "--no-fail-fast"])
         .args(extra)
         .env("HVPROF_BIN", root.join("target/release/hvprof"))
         .env("HVPROF_SKIP_FILE", &skip_file)

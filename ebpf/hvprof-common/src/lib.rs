@@ -32,6 +32,28 @@ pub mod probe {
     /// Kernel function entries (kprobe or fentry), one program for all;
     /// the function is told by the event's instruction pointer.
     pub const FUNC: u16 = 6;
+    /// `kvm:kvm_exit` and `kvm:kvm_entry`: time vCPUs spend exited.
+    pub const KVM_EXIT: u16 = 7;
+    pub const KVM_ENTRY: u16 = 8;
+}
+
+/// Per-vCPU-thread VM-exit accounting, aggregated in the kernel.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct VcpuExits {
+    pub exits: u64,
+    /// Time from each exit to the next entry.
+    pub exit_ns: u64,
+    /// When the last exit happened (0: in the guest).
+    pub last_exit_ns: u64,
+}
+
+/// Offset of `exit_reason` in the `kvm:kvm_exit` record.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct KvmTpOffsets {
+    pub exit_reason: u32,
+    pub _pad: u32,
 }
 
 /// Event kinds: what follows the [`EventHeader`].
@@ -263,6 +285,8 @@ mod pod {
     unsafe impl aya::Pod for super::DevOffsets {}
     unsafe impl aya::Pod for super::DevPacketEvent {}
     unsafe impl aya::Pod for super::FuncEvent {}
+    unsafe impl aya::Pod for super::VcpuExits {}
+    unsafe impl aya::Pod for super::KvmTpOffsets {}
 }
 
 /// Decoding helpers for user space (the ring buffer and the event log hand

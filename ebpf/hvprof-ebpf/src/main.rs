@@ -15,6 +15,8 @@ mod features;
 #[cfg(target_arch = "bpf")]
 mod func;
 #[cfg(target_arch = "bpf")]
+mod kvm;
+#[cfg(target_arch = "bpf")]
 mod maps;
 #[cfg(target_arch = "bpf")]
 mod sampler;

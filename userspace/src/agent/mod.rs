@@ -242,8 +242,24 @@ async fn sleep_until(deadline: Option<tokio::time::Instant>) {
     }
 }
 
+/// Interfaces that carry a default route: the way out, never the test
+/// network.
+fn default_route_interfaces() -> Vec<String> {
+    std::fs::read_to_string("/proc/net/route")
+        .unwrap_or_default()
+        .lines()
+        .skip(1)
+        .filter_map(|l| {
+            let mut f = l.split_whitespace();
+            let (iface, dest) = (f.next()?, f.next()?);
+            (dest == "00000000").then(|| iface.to_string())
+        })
+        .collect()
+}
+
 /// The agent talks only on the test network: loopback, or an address
-/// inside the subnet of one of this machine's interfaces (no gateway).
+/// inside the subnet of one of this machine's interfaces that is not the
+/// way out (no default route through it).
 fn check_test_network(ip: IpAddr) -> Result<()> {
     if ip.is_loopback() {
         return Ok(());
@@ -252,6 +268,7 @@ fn check_test_network(ip: IpAddr) -> Result<()> {
         bail!("collector {ip}: the agent speaks IPv4 on the test network only");
     };
     let target = u32::from(v4);
+    let outward = default_route_interfaces();
     let mut ifap: *mut libc::ifaddrs = std::ptr::null_mut();
     // SAFETY: getifaddrs fills a list we free below.
     if unsafe { libc::getifaddrs(&mut ifap) } != 0 {
@@ -279,9 +296,12 @@ fn check_test_network(ip: IpAddr) -> Result<()> {
                     (None, 0)
                 }
             };
+            // SAFETY: ifa_name is a NUL-terminated interface name.
+            let name = unsafe { std::ffi::CStr::from_ptr(ifa.ifa_name) }.to_string_lossy();
             if let Some(a) = addr
                 && mask != 0
                 && a & mask == target & mask
+                && !outward.iter().any(|o| *o == name)
             {
                 ok = true;
             }

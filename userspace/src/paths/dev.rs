@@ -11,53 +11,41 @@ use aya::{Ebpf, maps::HashMap};
 use hvprof_common::{DevOffsets, DevPacketEvent, probe};
 use serde::Serialize;
 
-use super::Path;
+use super::{Path, tp, traced};
 use crate::{
-    catalog::{Hook, Layer, ProbeSpec, Programs},
+    catalog::Layer,
     kernel::{btf, tracefs},
 };
 
-const fn dev_row(
-    name: &'static str,
-    tp: &'static str,
-    program: &'static str,
-    id: u16,
-) -> ProbeSpec {
-    ProbeSpec {
-        name,
-        layer: Layer::Backend,
-        path: "dev",
-        hook: Hook::Tracepoint {
-            category: "net",
-            name: tp,
-            module: None,
-        },
-        fields: &[
-            "dev", "netns", "saddr", "sport", "daddr", "dport", "seq", "ack", "flags", "payload",
-        ],
-        programs: Programs {
-            fentry: None,
-            kprobe: None,
-            tracepoint: Some(program),
-            perf_event: None,
-        },
-        id: Some(id),
-    }
-}
+const FIELDS: &[&str] = &[
+    "dev", "netns", "saddr", "sport", "daddr", "dport", "seq", "ack", "flags", "payload",
+];
 
 pub const PATH: Path = Path {
     name: "dev",
     frames: &[],
     rows: &[
-        dev_row(
-            "dev:net_dev_start_xmit",
-            "net_dev_start_xmit",
+        traced(
+            tp(
+                "dev:net_dev_start_xmit",
+                Layer::Backend,
+                "dev",
+                "net",
+                "net_dev_start_xmit",
+                FIELDS,
+            ),
             "hvp_dev_xmit",
             probe::DEV_XMIT,
         ),
-        dev_row(
-            "dev:netif_receive_skb",
-            "netif_receive_skb",
+        traced(
+            tp(
+                "dev:netif_receive_skb",
+                Layer::Backend,
+                "dev",
+                "net",
+                "netif_receive_skb",
+                FIELDS,
+            ),
             "hvp_dev_recv",
             probe::DEV_RECV,
         ),

@@ -76,6 +76,19 @@ pub(crate) const fn func(
     }
 }
 
+/// `spec` with its tracepoint program and counter id: a row hvprof
+/// records.
+pub(crate) const fn traced(spec: ProbeSpec, program: &'static str, id: u16) -> ProbeSpec {
+    ProbeSpec {
+        programs: crate::catalog::Programs {
+            tracepoint: Some(program),
+            ..spec.programs
+        },
+        id: Some(id),
+        ..spec
+    }
+}
+
 /// The one kprobe program behind every function row.
 pub const FUNC_PROGRAM: &str = "hvp_fn_entry";
 

@@ -12,41 +12,13 @@ use aya::{
 use hvprof_common::{CpuIdle, SchedTpOffsets, ThreadStats, probe};
 use serde::{Deserialize, Serialize};
 
-use super::{Path, tp};
+use super::{Path, tp, traced};
 use crate::{
-    catalog::{
-        Hook,
-        Layer::{Irq, Sched},
-        ProbeSpec, Programs,
-    },
+    catalog::Layer::{Irq, Sched},
     kernel::tracefs,
 };
 
-const fn sched_row(
-    name: &'static str,
-    tp_name: &'static str,
-    program: &'static str,
-    id: u16,
-) -> ProbeSpec {
-    ProbeSpec {
-        name,
-        layer: Sched,
-        path: "sched",
-        hook: Hook::Tracepoint {
-            category: "sched",
-            name: tp_name,
-            module: None,
-        },
-        fields: &["tid", "tgid", "comm", "oncpu_ns", "runq_ns"],
-        programs: Programs {
-            fentry: None,
-            kprobe: None,
-            tracepoint: Some(program),
-            perf_event: None,
-        },
-        id: Some(id),
-    }
-}
+const FIELDS: &[&str] = &["tid", "tgid", "comm", "oncpu_ns", "runq_ns"];
 
 pub const PATH: Path = Path {
     name: "sched",
@@ -68,15 +40,27 @@ pub const PATH: Path = Path {
         ("ksoftirqd", Irq),
     ],
     rows: &[
-        sched_row(
-            "sched:sched_switch",
-            "sched_switch",
+        traced(
+            tp(
+                "sched:sched_switch",
+                Sched,
+                "sched",
+                "sched",
+                "sched_switch",
+                FIELDS,
+            ),
             "hvp_sched_switch",
             probe::SCHED_SWITCH,
         ),
-        sched_row(
-            "sched:sched_wakeup",
-            "sched_wakeup",
+        traced(
+            tp(
+                "sched:sched_wakeup",
+                Sched,
+                "sched",
+                "sched",
+                "sched_wakeup",
+                FIELDS,
+            ),
             "hvp_sched_wakeup",
             probe::SCHED_WAKEUP,
         ),

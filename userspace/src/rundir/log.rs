@@ -209,7 +209,10 @@ mod tests {
     use super::*;
 
     fn log_bytes(records: &[&[u8]]) -> Vec<u8> {
-        let dir = std::env::temp_dir().join(format!("hvprof-log-test-{}", std::process::id()));
+        // Tests run in parallel threads: one file each.
+        static N: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+        let n = N.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+        let dir = std::env::temp_dir().join(format!("hvprof-log-test-{}-{n}", std::process::id()));
         let _ = std::fs::remove_file(&dir);
         let mut w = LogWriter::create(&dir).expect("create");
         for r in records {

@@ -21,6 +21,8 @@ pub const EVENTS: &str = "events.log";
 pub const SUMMARY: &str = "summary.json";
 pub const STACKS: &str = "stacks.folded";
 pub const THREADS: &str = "threads.json";
+/// VM exits per vCPU thread and by reason, when KVM ran guests.
+pub const KVM: &str = "kvm.json";
 /// With `bench --record`: the benchmark point measured during the capture.
 pub const BENCH_POINT: &str = "bench-point.json";
 /// With `bench --record`: where the topology ran (accelerator, NIC, ...).
