@@ -209,24 +209,6 @@ fn write_json(path: &std::path::Path, report: &LoadReport) -> anyhow::Result<()>
     Ok(())
 }
 
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn value_parsers() {
-        assert_eq!(parse_concurrency("8"), Ok(8));
-        assert!(parse_concurrency("0").unwrap_err().contains("concurrency"));
-        assert!(parse_concurrency("-1").unwrap_err().contains("positive"));
-        assert!(parse_concurrency("x").is_err());
-        assert_eq!(parse_duration("3s"), Ok(Duration::from_secs(3)));
-        assert_eq!(parse_duration("1.5"), Ok(Duration::from_millis(1500)));
-        assert!(parse_duration("0s").is_err());
-        assert!(parse_duration("abc").is_err());
-        assert!(parse_rate("0").is_err());
-    }
-}
-
 /// Blocks until SIGINT or SIGTERM: for commands that keep servers up until
 /// they are told to stop.
 pub fn wait_for_stop_signal() -> anyhow::Result<()> {
@@ -243,4 +225,22 @@ pub fn wait_for_stop_signal() -> anyhow::Result<()> {
         }
         anyhow::Ok(())
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn value_parsers() {
+        assert_eq!(parse_concurrency("8"), Ok(8));
+        assert!(parse_concurrency("0").unwrap_err().contains("concurrency"));
+        assert!(parse_concurrency("-1").unwrap_err().contains("positive"));
+        assert!(parse_concurrency("x").is_err());
+        assert_eq!(parse_duration("3s"), Ok(Duration::from_secs(3)));
+        assert_eq!(parse_duration("1.5"), Ok(Duration::from_millis(1500)));
+        assert!(parse_duration("0s").is_err());
+        assert!(parse_duration("abc").is_err());
+        assert!(parse_rate("0").is_err());
+    }
 }
