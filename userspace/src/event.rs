@@ -80,31 +80,19 @@ pub fn decode(bytes: &[u8], ctx: &Context) -> Result<Event, DecodeError> {
     let mut probe = Cow::Borrowed(probe_name(h.probe));
     let body = match h.kind {
         kind::SOCK_STATE => {
-            let ev = SockStateEvent::read(bytes).ok_or(DecodeError::Truncated {
-                kind: "sock_state",
-                len: bytes.len(),
-            })?;
+            let ev = sized(SockStateEvent::read(bytes), "sock_state", bytes)?;
             Body::SockState(tcp::decode(&ev))
         }
         kind::CPU_SAMPLE => {
-            let ev = SampleEvent::read(bytes).ok_or(DecodeError::Truncated {
-                kind: "cpu_sample",
-                len: bytes.len(),
-            })?;
+            let ev = sized(SampleEvent::read(bytes), "cpu_sample", bytes)?;
             Body::CpuSample(cpu::decode(&ev))
         }
         kind::DEV_PACKET => {
-            let ev = DevPacketEvent::read(bytes).ok_or(DecodeError::Truncated {
-                kind: "dev_packet",
-                len: bytes.len(),
-            })?;
+            let ev = sized(DevPacketEvent::read(bytes), "dev_packet", bytes)?;
             Body::DevPacket(dev::decode(&ev))
         }
         kind::FUNC => {
-            let ev = FuncEvent::read(bytes).ok_or(DecodeError::Truncated {
-                kind: "func",
-                len: bytes.len(),
-            })?;
+            let ev = sized(FuncEvent::read(bytes), "func", bytes)?;
             let f = ctx.function(ev.ip);
             if let Some((_, _, p)) = f {
                 probe = Cow::Owned(p.clone());
@@ -125,6 +113,14 @@ pub fn decode(bytes: &[u8], ctx: &Context) -> Result<Event, DecodeError> {
         tid: h.tid,
         comm: comm(&h.comm),
         body,
+    })
+}
+
+/// A record's body, or why it is too short for its kind.
+fn sized<T>(body: Option<T>, kind: &'static str, bytes: &[u8]) -> Result<T, DecodeError> {
+    body.ok_or(DecodeError::Truncated {
+        kind,
+        len: bytes.len(),
     })
 }
 

@@ -170,7 +170,7 @@ impl RecordArgs {
             // Only this future touches the child from here on.
             let mut child = child.borrow_mut().take();
             tokio::select! {
-                _ = sleep_until(deadline) => ExitCode::SUCCESS,
+                _ = recorder::sleep_until(deadline) => ExitCode::SUCCESS,
                 status = wait_child(&mut child) => match status {
                     Ok(Some(st)) if !st.success() => {
                         eprintln!("hvprof: command exited with {st}");
@@ -234,13 +234,6 @@ fn find_program(cmd: &str) -> Result<()> {
         bail!("command {cmd:?} not found or not executable; check the command after `--`");
     }
     Ok(())
-}
-
-async fn sleep_until(deadline: Option<tokio::time::Instant>) {
-    match deadline {
-        Some(d) => tokio::time::sleep_until(d).await,
-        None => std::future::pending().await,
-    }
 }
 
 async fn wait_child(

@@ -241,6 +241,15 @@ fn drain_ring(
     Ok(())
 }
 
+/// Sleeps until `deadline`, forever without one (a `select!` arm for an
+/// optional duration).
+pub async fn sleep_until(deadline: Option<tokio::time::Instant>) {
+    match deadline {
+        Some(d) => tokio::time::sleep_until(d).await,
+        None => std::future::pending().await,
+    }
+}
+
 /// (wall clock ns since epoch, CLOCK_MONOTONIC ns), read back to back.
 pub fn clocks() -> (u64, u64) {
     let wall = SystemTime::now()

@@ -1,5 +1,5 @@
 //! CPU samples to folded stacks: aggregates samples by thread and stack,
-//! symbolises kernel frames from `/proc/kallsyms` and user frames with
+//! symbolises kernel frames from `/proc/kallsyms` (`kernel::kallsyms`) and user frames with
 //! blazesym while the sampled processes are still alive (addresses mean
 //! nothing later), and writes `stacks.folded` (inferno's input format,
 //! `comm-pid/tid;outer;...;inner count`, kernel frames suffixed `_[k]`).
@@ -32,23 +32,11 @@ struct KernelSymbols(Vec<(u64, Arc<str>)>);
 
 impl KernelSymbols {
     fn load() -> Self {
-        let mut v: Vec<(u64, Arc<str>)> = Vec::new();
-        if let Ok(text) = std::fs::read_to_string("/proc/kallsyms") {
-            for line in text.lines() {
-                let mut it = line.split_ascii_whitespace();
-                let (Some(addr), Some(kind), Some(name)) = (it.next(), it.next(), it.next()) else {
-                    continue;
-                };
-                if !matches!(kind, "t" | "T" | "W" | "w") {
-                    continue;
-                }
-                if let Ok(a) = u64::from_str_radix(addr, 16)
-                    && a != 0
-                {
-                    v.push((a, Arc::from(name)));
-                }
-            }
-        }
+        let mut v: Vec<(u64, Arc<str>)> = crate::kernel::kallsyms::text_symbols()
+            .iter()
+            .filter(|s| s.addr != 0)
+            .map(|s| (s.addr, s.name.clone()))
+            .collect();
         v.sort_unstable_by_key(|(a, _)| *a);
         Self(v)
     }

@@ -145,7 +145,7 @@ impl AgentArgs {
                         Some(Frame::Stop) | None => break,
                         Some(other) => bail!("collector sent an unexpected {} frame", other.name()),
                     },
-                    _ = sleep_until(deadline) => break,
+                    _ = recorder::sleep_until(deadline) => break,
                     _ = sigint.recv() => { exit = ExitCode::from(130); break }
                     _ = sigterm.recv() => { exit = ExitCode::from(143); break }
                 }
@@ -232,13 +232,6 @@ async fn connect(addr: SocketAddr, patience: Duration) -> Result<TcpStream> {
             }
             Err(_) => tokio::time::sleep(Duration::from_millis(200)).await,
         }
-    }
-}
-
-async fn sleep_until(deadline: Option<tokio::time::Instant>) {
-    match deadline {
-        Some(d) => tokio::time::sleep_until(d).await,
-        None => std::future::pending().await,
     }
 }
 

@@ -66,31 +66,18 @@ impl Features {
     }
 }
 
-/// Text symbols from `/proc/kallsyms`. Requires root to see addresses but
-/// names are listed regardless.
+/// Function symbols of the kernel and its modules by name (the base name:
+/// local symbols may carry a `.cold`/`.isra` suffix).
 fn kallsyms_functions() -> HashMap<String, Vec<(String, u64)>> {
-    let Ok(text) = std::fs::read_to_string("/proc/kallsyms") else {
-        return HashMap::new();
-    };
-    let mut out = HashMap::with_capacity(200_000);
-    for line in text.lines() {
-        let mut it = line.split_ascii_whitespace();
-        let (Some(addr), Some(kind), Some(name)) = (it.next(), it.next(), it.next()) else {
-            continue;
-        };
-        if !matches!(kind, "t" | "T") {
+    let mut out: HashMap<String, Vec<(String, u64)>> = HashMap::with_capacity(200_000);
+    for sym in super::kallsyms::text_symbols() {
+        if !matches!(sym.kind, 't' | 'T') {
             continue;
         }
-        let module = it
-            .next()
-            .map(|m| m.trim_start_matches('[').trim_end_matches(']').to_string())
-            .unwrap_or_default();
-        // Local symbols may carry a `.cold`/`.isra` suffix; keep the base too.
-        let base = name.split('.').next().unwrap_or(name);
-        let addr = u64::from_str_radix(addr, 16).unwrap_or(0);
-        let defs: &mut Vec<(String, u64)> = out.entry(base.to_string()).or_default();
-        if !defs.iter().any(|(m, _)| *m == module) {
-            defs.push((module, addr));
+        let base = sym.name.split('.').next().unwrap_or(&sym.name);
+        let defs = out.entry(base.to_string()).or_default();
+        if !defs.iter().any(|(m, _)| **m == *sym.module) {
+            defs.push((sym.module.to_string(), sym.addr));
         }
     }
     out

@@ -4,6 +4,7 @@
 
 pub mod btf;
 pub mod features;
+pub mod kallsyms;
 pub mod tracefs;
 
 /// `uname -r` of the running kernel.
