@@ -198,63 +198,90 @@ pub fn run_point(
     config: &SweepConfig,
     size: u64,
 ) -> Result<PointResult, SweepError> {
-    let stand = Stand::start(topology, config)?;
-    let url = stand.url(size);
-    let target = Target::parse(&url)?;
-    let load = LoadConfig {
-        target,
-        concurrency: config.concurrency,
-        threads: config.client_threads,
-        stop: Stop::After(config.duration),
-        requests_per_conn: 1,
-        rate: None,
-        timeout: config.timeout,
-    };
-    let cpu0 = stand.haproxy.cpu_time()?;
-    let report = client::run(&load, None)?;
-    let cpu1 = stand.haproxy.cpu_time()?;
-    let counters = stand.haproxy.counters()?;
-    let Stand {
-        origin, haproxy, ..
-    } = stand;
-    haproxy.stop();
-    let ostats = origin.stop();
-    if report.requests == 0 {
-        return Err(SweepError::NothingServed {
-            size: SizeLabel(size).to_string(),
-            url,
-            detail: report
-                .first_error
-                .unwrap_or_else(|| "no error recorded".into()),
-        });
+    Stand::start(topology, config)?.measure(topology, config, size)
+}
+
+impl Stand {
+    /// Loads the stand at `size` for `config.duration`, then stops it.
+    pub fn measure(
+        self,
+        topology: &dyn Topology,
+        config: &SweepConfig,
+        size: u64,
+    ) -> Result<PointResult, SweepError> {
+        self.measure_observed(topology, config, size, &mut |_| {})
     }
-    let cpu = cpu1.saturating_sub(cpu0).as_secs_f64();
-    Ok(PointResult {
-        topology: topology.name().to_string(),
-        size,
-        size_label: SizeLabel(size).to_string(),
-        conn_per_s: report.conn_per_s,
-        req_per_s: report.req_per_s,
-        body_mbps: report.body_mbps,
-        connections: report.connections,
-        requests: report.requests,
-        duration_s: report.duration_s,
-        errors: report.errors,
-        latency_us: report.latency_us,
-        haproxy_cpu_s: cpu,
-        haproxy_cpu_util: cpu / report.duration_s.max(1e-9),
-        haproxy_cpu_us_per_conn: if report.connections > 0 {
-            cpu * 1e6 / report.connections as f64
-        } else {
-            0.0
-        },
-        haproxy: counters,
-        origin_connections: ostats.connections,
-        origin_requests: ostats.requests,
-        concurrency: report.concurrency,
-        client_threads: report.threads,
-        haproxy_threads: config.haproxy_threads,
-    })
+
+    /// [`Stand::measure`], telling `on_load` when the load starts (`true`)
+    /// and ends (`false`), so that a recording can count that window alone.
+    pub fn measure_observed(
+        self,
+        topology: &dyn Topology,
+        config: &SweepConfig,
+        size: u64,
+        on_load: &mut dyn FnMut(bool),
+    ) -> Result<PointResult, SweepError> {
+        let stand = self;
+        let url = stand.url(size);
+        let target = Target::parse(&url)?;
+        let load = LoadConfig {
+            target,
+            concurrency: config.concurrency,
+            threads: config.client_threads,
+            stop: Stop::After(config.duration),
+            requests_per_conn: 1,
+            rate: None,
+            timeout: config.timeout,
+        };
+        let cpu0 = stand.haproxy.cpu_time()?;
+        on_load(true);
+        let report = client::run(&load, None);
+        on_load(false);
+        let report = report?;
+        let cpu1 = stand.haproxy.cpu_time()?;
+        let counters = stand.haproxy.counters()?;
+        let Stand {
+            origin, haproxy, ..
+        } = stand;
+        haproxy.stop();
+        let ostats = origin.stop();
+        if report.requests == 0 {
+            return Err(SweepError::NothingServed {
+                size: SizeLabel(size).to_string(),
+                url,
+                detail: report
+                    .first_error
+                    .unwrap_or_else(|| "no error recorded".into()),
+            });
+        }
+        let cpu = cpu1.saturating_sub(cpu0).as_secs_f64();
+        Ok(PointResult {
+            topology: topology.name().to_string(),
+            size,
+            size_label: SizeLabel(size).to_string(),
+            conn_per_s: report.conn_per_s,
+            req_per_s: report.req_per_s,
+            body_mbps: report.body_mbps,
+            connections: report.connections,
+            requests: report.requests,
+            duration_s: report.duration_s,
+            errors: report.errors,
+            latency_us: report.latency_us,
+            haproxy_cpu_s: cpu,
+            haproxy_cpu_util: cpu / report.duration_s.max(1e-9),
+            haproxy_cpu_us_per_conn: if report.connections > 0 {
+                cpu * 1e6 / report.connections as f64
+            } else {
+                0.0
+            },
+            haproxy: counters,
+            origin_connections: ostats.connections,
+            origin_requests: ostats.requests,
+            concurrency: report.concurrency,
+            client_threads: report.threads,
+            haproxy_threads: config.haproxy_threads,
+        })
+    }
 }
 
 /// Runs `sizes` one after the other. With `progress`, shows a bar over the

@@ -276,7 +276,14 @@ pub fn attach(
     let mut statuses = Vec::new();
     let mut programs = BTreeMap::new();
     let mut functions = Vec::new();
-    for mut r in resolved {
+    // The CPU sampler and the scheduler accounting go last, so that the
+    // window they measure starts when everything is attached (loading
+    // the other programs takes a while), like the recording's duration.
+    let mut resolved: Vec<(usize, Resolution)> = resolved.into_iter().enumerate().collect();
+    resolved.sort_by_key(|(_, r)| {
+        matches!(r.spec.hook, Hook::PerfEvent) || r.spec.path == sched::PATH.name
+    });
+    for (index, mut r) in resolved {
         let required = required.contains(&r.spec.name);
         if let Some(method) = r.obtained {
             if let Err(e) = attach_one(&mut ebpf, r.spec, method, sample_hz, features) {
@@ -304,8 +311,10 @@ pub fn attach(
                 r.reasons.join("; ")
             );
         }
-        statuses.push(r.status());
+        statuses.push((index, r.status()));
     }
+    statuses.sort_by_key(|(i, _)| *i);
+    let statuses = statuses.into_iter().map(|(_, s)| s).collect();
     if programs.is_empty() {
         bail!("no probe could be attached on this kernel; see `hvprof probes list`");
     }
@@ -393,7 +402,9 @@ fn attach_one(
                 prog.attach(
                     PerfEventConfig::Software(SoftwareEvent::CpuClock),
                     PerfEventScope::AllProcessesOneCpu { cpu },
-                    SamplePolicy::Frequency(sample_hz),
+                    // A fixed period, not a frequency the kernel adapts:
+                    // every sample then stands for the same CPU time.
+                    SamplePolicy::Period(1_000_000_000 / sample_hz.max(1)),
                     false,
                 )
                 .with_context(|| format!("sampling CPU {cpu} at {sample_hz} Hz"))?;
@@ -468,7 +479,11 @@ impl Session {
 
     /// Detaches and unloads every program; maps stay readable.
     pub fn detach(&mut self) {
-        let names: Vec<&str> = self.programs.values().copied().collect();
+        // The sampler and the scheduler accounting first: their window is
+        // the recording's.
+        let mut names: Vec<(&str, &str)> = self.programs.iter().map(|(p, n)| (*p, *n)).collect();
+        names.sort_by_key(|(probe, _)| !(*probe == "cpu:samples" || probe.starts_with("sched:")));
+        let names: Vec<&str> = names.into_iter().map(|(_, n)| n).collect();
         for name in names {
             let Some(p) = self.ebpf.program_mut(name) else {
                 continue;

@@ -37,6 +37,13 @@ pub struct PointCosts {
     pub accel: Option<String>,
     /// Emulation slowdown of the guest's layers against native (TCG only).
     pub emulation_factor: Option<f64>,
+    /// CPUs' worth of time the benchmark's work used (samples over the
+    /// recording's duration); none without a duration.
+    #[serde(default)]
+    pub busy_cpus: Option<f64>,
+    /// CPUs' worth of time unrelated work took meanwhile.
+    #[serde(default)]
+    pub unrelated_cpus: Option<f64>,
 }
 
 impl PointCosts {
@@ -70,13 +77,22 @@ struct VmEnv {
     accel: String,
 }
 
-/// Samples per layer of one run directory's `stacks.folded`, and the
-/// samples of vCPU threads (`CPU n/TCG|KVM`) separately.
-fn layer_samples(dir: &Path, c: &Classifier) -> (BTreeMap<Layer, u64>, u64) {
-    let mut out = BTreeMap::new();
-    let mut vcpu = 0;
+/// What one run directory's `stacks.folded` says: samples per layer of
+/// the benchmark's own work, of the vCPU threads (`CPU n/TCG|KVM`), and of
+/// everything else that took CPU meanwhile.
+#[derive(Default)]
+struct Samples {
+    layers: BTreeMap<Layer, u64>,
+    vcpu: u64,
+    /// Unrelated programs and kernel threads doing unrelated work: CPU
+    /// the benchmark could not have.
+    unrelated: u64,
+}
+
+fn layer_samples(dir: &Path, c: &Classifier) -> Samples {
+    let mut out = Samples::default();
     let Ok(text) = std::fs::read_to_string(dir.join(rundir::STACKS)) else {
-        return (out, 0);
+        return out;
     };
     for line in text.lines() {
         let Some((stack, n)) = line.rsplit_once(' ') else {
@@ -86,19 +102,23 @@ fn layer_samples(dir: &Path, c: &Classifier) -> (BTreeMap<Layer, u64>, u64) {
         let frames: Vec<&str> = stack.split(';').collect();
         let comm = frames.first().map_or("", |h| thread_comm(h));
         if comm.starts_with("CPU ") && (comm.ends_with("/TCG") || comm.ends_with("/KVM")) {
-            vcpu += n;
+            out.vcpu += n;
             continue;
         }
-        // Only the benchmark's own processes and the kernel's threads
-        // (softirq, workers, idle) are costs of the run; an unrelated
-        // program that happened to run (a compiler, a daemon) is not.
+        // Only the benchmark's own processes and the kernel's work for
+        // them (softirq, the network path in any thread) are costs of the
+        // run; an unrelated program (a compiler, a daemon) or a kernel
+        // thread busy with something else (memory management, ...) is not.
+        let layer = c.stack(&frames);
         let kernel_thread = frames[1..].iter().all(|f| f.ends_with("_[k]"));
-        if Classifier::thread(comm).is_none() && !kernel_thread {
-            continue;
+        let ours = Classifier::thread(comm).is_some() || (kernel_thread && layer != Layer::Other);
+        if ours {
+            *out.layers.entry(layer).or_insert(0) += n;
+        } else {
+            out.unrelated += n;
         }
-        *out.entry(c.stack(&frames)).or_insert(0) += n;
     }
-    (out, vcpu)
+    out
 }
 
 /// Per-layer costs of a `bench --record` run directory.
@@ -120,10 +140,33 @@ pub fn point_costs(dir: &Path, c: &Classifier, native: Option<&PointCosts>) -> R
         .unwrap_or_default();
     let hz = meta.sample_hz.unwrap_or(crate::paths::cpu::DEFAULT_HZ) as f64;
     let conns = point.connections.max(1) as f64;
-    let us = |samples: u64| samples as f64 / hz * 1e6 / conns;
-    let (host, vcpu) = layer_samples(dir, c);
+    // Timer samples go missing now and then (a CPU with interrupts off, a
+    // vCPU the hypervisor took away): each sample stands for its share of
+    // the CPUs' time over the window, idle samples included.
+    let taken = std::fs::read(dir.join(rundir::SUMMARY))
+        .ok()
+        .and_then(|b| serde_json::from_slice::<serde_json::Value>(&b).ok())
+        .and_then(|s| s["samples"].as_u64())
+        .filter(|n| *n > 0);
+    let scale = match (taken, meta.cpus, meta.duration_s) {
+        (Some(n), Some(cpus), Some(d)) => (f64::from(cpus) * hz * d / n as f64).clamp(0.5, 2.0),
+        _ => 1.0,
+    };
+    let us = |samples: u64| samples as f64 * scale / hz * 1e6 / conns;
+    let Samples {
+        layers: host,
+        vcpu,
+        unrelated,
+    } = layer_samples(dir, c);
     let mut cost: BTreeMap<String, f64> = BTreeMap::new();
     let samples: u64 = host.values().sum::<u64>() + vcpu;
+    // CPUs' worth of time (CPU-seconds per second) the benchmark had, and
+    // that unrelated work took.
+    let cpus = |samples: u64| {
+        meta.duration_s
+            .filter(|d| *d > 0.0)
+            .map(|d| samples as f64 * scale / hz / d)
+    };
     for (l, n) in &host {
         *cost.entry(l.name().into()).or_insert(0.0) += us(*n);
     }
@@ -131,7 +174,7 @@ pub fn point_costs(dir: &Path, c: &Classifier, native: Option<&PointCosts>) -> R
     let mut emulation_factor = None;
     if vcpu > 0 {
         let guest_dir = dir.join("guest-0");
-        let (guest, _) = layer_samples(&guest_dir, c);
+        let guest = layer_samples(&guest_dir, c).layers;
         let gtotal: u64 = guest.values().sum();
         let vcpu_us = us(vcpu);
         if gtotal == 0 {
@@ -191,6 +234,8 @@ pub fn point_costs(dir: &Path, c: &Classifier, native: Option<&PointCosts>) -> R
         samples,
         accel,
         emulation_factor,
+        busy_cpus: cpus(samples),
+        unrelated_cpus: cpus(unrelated),
     })
 }
 
@@ -216,11 +261,30 @@ pub struct Attribution {
     pub layers: Vec<LayerShare>,
 }
 
+/// Of the CPUs the benchmark lost (`lost`, negative: gained), the part
+/// other work took (`others`: how much more CPU unrelated work had). What
+/// others took from idle CPUs was not the benchmark's; what the benchmark
+/// lost to idle (it waited on something else) is not contention.
+fn taken_by_others(lost: f64, others: f64) -> f64 {
+    if lost >= 0.0 {
+        others.clamp(0.0, lost)
+    } else {
+        others.clamp(lost, 0.0)
+    }
+}
+
 /// Residuals beyond this many points are flagged.
 pub const RESIDUAL_FLAG_POINTS: f64 = 5.0;
 
 /// `t` against `n`: measured loss `1 − X_T/X_N`; layer shares
 /// `(c_T,l − c_N,l)/c_T`, adding up to the predicted loss `1 − c_N/c_T`.
+///
+/// Throughput is the CPU the benchmark gets over its cost per connection,
+/// `X = U/c`, so a loss also comes from CPU taken away: when unrelated work
+/// took `o_T − o_N` more CPUs than natively, the benchmark's threads waited
+/// for a CPU (run-queue delay), and `(c_N/c_T)·(o_T − o_N)/U_N` is charged
+/// to `sched` (no more than the CPU the benchmark lost, `U_N − U_T`). CPUs
+/// left idle (latency-bound) are not charged: they stay in the residual.
 pub fn attribute(t: &PointCosts, n: &PointCosts) -> Attribution {
     let loss = if n.conn_per_s > 0.0 {
         100.0 * (1.0 - t.conn_per_s / n.conn_per_s)
@@ -230,9 +294,18 @@ pub fn attribute(t: &PointCosts, n: &PointCosts) -> Attribution {
     let ct = t.total();
     let mut layers = Vec::new();
     let mut predicted = 0.0;
+    let contention = match (t.unrelated_cpus, n.unrelated_cpus, t.busy_cpus, n.busy_cpus) {
+        (Some(ot), Some(on), Some(ut), Some(un)) if ct > 0.0 && un > 0.0 => {
+            100.0 * (n.total() / ct) * taken_by_others(un - ut, ot - on) / un
+        }
+        _ => 0.0,
+    };
     for l in Layer::ALL {
         let (a, b) = (t.layer(l.name()), n.layer(l.name()));
-        let points = if ct > 0.0 { 100.0 * (a - b) / ct } else { 0.0 };
+        let mut points = if ct > 0.0 { 100.0 * (a - b) / ct } else { 0.0 };
+        if l == Layer::Sched {
+            points += contention;
+        }
         predicted += points;
         layers.push(LayerShare {
             layer: l.name(),
@@ -266,6 +339,8 @@ mod tests {
             samples: 1,
             accel: None,
             emulation_factor: None,
+            busy_cpus: None,
+            unrelated_cpus: None,
         }
     }
 
@@ -294,5 +369,33 @@ mod tests {
             &[("proxy", 100.0), ("socket", 100.0), ("netfilter", 200.0)],
         );
         assert!(attribute(&slow, &native).residual_flagged);
+    }
+
+    #[test]
+    fn cpu_taken_by_other_work_is_sched() {
+        // Natively the benchmark had 1.8 CPUs; beside a hog, 0.9: half the
+        // throughput at the same cost per connection.
+        let mut native = point(1000.0, &[("proxy", 100.0), ("socket", 100.0)]);
+        native.busy_cpus = Some(1.8);
+        native.unrelated_cpus = Some(0.1);
+        let mut t = point(500.0, &[("proxy", 100.0), ("socket", 100.0)]);
+        t.busy_cpus = Some(0.9);
+        t.unrelated_cpus = Some(1.1);
+        let a = attribute(&t, &native);
+        let sched = a.layers.iter().find(|l| l.layer == "sched").expect("row");
+        assert!(
+            (sched.loss_points - 50.0).abs() < 1e-9,
+            "{}",
+            sched.loss_points
+        );
+        assert!(a.residual_pct.abs() < 1e-9);
+        // Others also took idle CPU: only what the benchmark lost counts.
+        t.unrelated_cpus = Some(1.2);
+        let a = attribute(&t, &native);
+        assert!((a.predicted_loss_pct - 50.0).abs() < 1e-9);
+        // The benchmark lost CPU to idle, not to others: not sched.
+        t.unrelated_cpus = Some(0.1);
+        let a = attribute(&t, &native);
+        assert!(a.predicted_loss_pct.abs() < 1e-9 && a.residual_flagged);
     }
 }

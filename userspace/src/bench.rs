@@ -69,6 +69,25 @@ pub struct BenchArgs {
     /// them up until SIGINT/SIGTERM (to point another load generator at).
     #[arg(long)]
     pub serve: bool,
+    /// Name the results and run directories NAME instead of the
+    /// topology's name: a variant of a topology (say `native` beside a
+    /// noisy neighbour) then compares against plain `native` in one
+    /// report (`hvprof report A/runs/* B/runs/*`). One --topology only.
+    #[arg(long, value_name = "NAME", value_parser = parse_label)]
+    pub label: Option<String>,
+}
+
+fn parse_label(s: &str) -> Result<String, String> {
+    if s.is_empty()
+        || !s
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.'))
+    {
+        return Err(format!(
+            "{s:?}: use letters, digits, '-', '_' or '.' (it names files)"
+        ));
+    }
+    Ok(s.to_string())
 }
 
 impl BenchArgs {
@@ -101,6 +120,9 @@ impl BenchArgs {
         }
         std::fs::create_dir_all(&self.output)
             .with_context(|| format!("cannot create output directory {}", self.output.display()))?;
+        if self.label.is_some() && specs.len() != 1 {
+            anyhow::bail!("--label names one topology's results: give exactly one --topology");
+        }
         let mut results = Vec::new();
         let mut envs = Vec::new();
         let mut failed = Vec::new();
@@ -108,9 +130,15 @@ impl BenchArgs {
             let record = self.record.then(|| Recording {
                 dir: self.output.join("runs"),
                 freq: self.freq,
+                label: self.label.clone(),
             });
             match run_topology(spec, &config, &self.sizes.0, record.as_ref()) {
-                Ok((r, env)) => {
+                Ok((mut r, env)) => {
+                    if let Some(label) = &self.label {
+                        for p in &mut r {
+                            p.topology.clone_from(label);
+                        }
+                    }
                     results.extend(r);
                     envs.push(env);
                 }
@@ -210,6 +238,8 @@ fn run_topology(
 pub struct Recording {
     pub dir: PathBuf,
     pub freq: u64,
+    /// `--label`: the name results and run directories get.
+    pub label: Option<String>,
 }
 
 /// One point of the sweep with a capture around it: host probes on the
@@ -222,7 +252,10 @@ fn record_point(
     size: u64,
     rec: &Recording,
 ) -> anyhow::Result<PointResult> {
-    let name = sweep::Topology::name(up).to_string();
+    let name = rec
+        .label
+        .clone()
+        .unwrap_or_else(|| sweep::Topology::name(up).to_string());
     let dir = rec.dir.join(format!(
         "{name}-{}",
         SizeLabel(size).to_string().to_lowercase()
@@ -253,28 +286,72 @@ fn record_point(
         devices: up.host_devices(),
         ringbuf_mib: 16,
         freq: rec.freq,
+        load_window: true,
     };
-    let cap = crate::capture::Background::start(
-        dir.clone(),
-        opts,
-        name.clone(),
-        agents.map(|l| (l, token.clone())),
-    )?;
-    if let (Some(vm), Some(addr)) = (up.vm(), collector) {
-        vm.start_agent(addr, &token)?;
-        // The workload starts once the guest's probes are attached (the
-        // agent sends its meta.json right after attaching).
-        let t0 = std::time::Instant::now();
-        while !dir.join("guest-0").join(crate::rundir::META).exists() {
-            if t0.elapsed() > Duration::from_secs(60) {
-                anyhow::bail!("{name}: the guest agent did not start: {}", vm.agent_log());
+    let start_capture = || -> anyhow::Result<crate::capture::Background> {
+        let cap = crate::capture::Background::start(
+            dir.clone(),
+            opts,
+            name.clone(),
+            agents.map(|l| (l, token.clone())),
+        )?;
+        if let (Some(vm), Some(addr)) = (up.vm(), collector) {
+            vm.start_agent(addr, &token)?;
+            // The workload starts once the guest's probes are attached (the
+            // agent sends its meta.json right after attaching).
+            let t0 = std::time::Instant::now();
+            while !dir.join("guest-0").join(crate::rundir::META).exists() {
+                if t0.elapsed() > Duration::from_secs(60) {
+                    anyhow::bail!("{name}: the guest agent did not start: {}", vm.agent_log());
+                }
+                std::thread::sleep(Duration::from_millis(100));
             }
-            std::thread::sleep(Duration::from_millis(100));
         }
-    }
-    let point = up.run_inside(|| sweep::run_point(up, config, size))?;
-    let summary = cap.stop()?;
-    let point = point?;
+        Ok(cap)
+    };
+    // The stand (origin, HAProxy) comes up before the probes attach and the
+    // capture stops with the load, so that the recording covers the load
+    // alone: costs per connection and the CPU the benchmark had are
+    // measured over the load's window. The stand lives in one thread (in
+    // the client's namespace) from start to stop: HAProxy goes with the
+    // thread that started it.
+    let (ready_tx, ready_rx) = std::sync::mpsc::channel::<()>();
+    let (go_tx, go_rx) = std::sync::mpsc::channel::<std::sync::Arc<crate::recorder::Window>>();
+    let (point, summary) = std::thread::scope(|s| -> anyhow::Result<_> {
+        let load = s.spawn(move || {
+            up.run_inside(move || -> Result<Option<PointResult>, sweep::SweepError> {
+                let stand = sweep::Stand::start(up, config)?;
+                let _ = ready_tx.send(());
+                let Ok(window) = go_rx.recv() else {
+                    return Ok(None);
+                };
+                stand
+                    .measure_observed(up, config, size, &mut |loading| {
+                        if loading {
+                            window.open();
+                        } else {
+                            window.close();
+                        }
+                    })
+                    .map(Some)
+            })
+        });
+        let cap = ready_rx.recv().ok().map(|()| start_capture()).transpose();
+        if let Ok(Some(c)) = &cap {
+            let _ = go_tx.send(c.window.clone());
+        }
+        drop(go_tx);
+        let point = match load.join() {
+            Ok(r) => r,
+            Err(panic) => std::panic::resume_unwind(panic),
+        };
+        let summary = cap?.map(|c| c.stop()).transpose()?;
+        Ok((point??, summary))
+    })?;
+    let (Some(mut point), Some(summary)) = (point, summary) else {
+        anyhow::bail!("{name}: the recording did not start");
+    };
+    point.topology.clone_from(&name);
     crate::rundir::write_json(&dir.join(crate::rundir::BENCH_POINT), &point)?;
     crate::rundir::write_json(&dir.join(crate::rundir::ENVIRONMENT), up.environment())?;
     eprintln!(

@@ -146,6 +146,8 @@ pub async fn run_until<F: Future>(
 pub struct Background {
     stop: Option<tokio::sync::oneshot::Sender<()>>,
     thread: Option<std::thread::JoinHandle<Result<Summary>>>,
+    /// Mark the load's start and end here to count only its CPU samples.
+    pub window: std::sync::Arc<recorder::Window>,
 }
 
 impl Background {
@@ -160,7 +162,8 @@ impl Background {
     ) -> Result<Self> {
         let dir = rundir::create(&dir)?;
         let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
-        let (ready_tx, ready_rx) = std::sync::mpsc::channel::<Result<(), String>>();
+        let (ready_tx, ready_rx) =
+            std::sync::mpsc::channel::<Result<std::sync::Arc<recorder::Window>, String>>();
         let d = dir.clone();
         let thread = std::thread::Builder::new()
             .name("hvprof-capture".into())
@@ -187,8 +190,8 @@ impl Background {
                         &topology,
                         &[],
                         collector,
-                        |_| {
-                            let _ = ready.send(Ok(()));
+                        |rec| {
+                            let _ = ready.send(Ok(rec.window.clone()));
                         },
                         async {
                             let _ = stop_rx.await;
@@ -203,9 +206,10 @@ impl Background {
             })
             .context("starting the capture thread")?;
         match ready_rx.recv() {
-            Ok(Ok(())) => Ok(Self {
+            Ok(Ok(window)) => Ok(Self {
                 stop: Some(stop_tx),
                 thread: Some(thread),
+                window,
             }),
             Ok(Err(e)) => {
                 let _ = thread.join();

@@ -86,6 +86,16 @@ impl Classifier {
     }
 }
 
+/// Whether a sample of the idle task (pid 0) caught the idle loop itself
+/// rather than interrupt work running on top of it (softirq, NAPI, a
+/// hard interrupt): only the latter is a cost of anything.
+pub fn idle_loop<'a>(kernel_frames: impl IntoIterator<Item = &'a str>) -> bool {
+    const INTERRUPT_WORK: [&str; 4] = ["irq", "interrupt", "napi", "net_rx_action"];
+    !kernel_frames
+        .into_iter()
+        .any(|f| INTERRUPT_WORK.iter().any(|m| f.contains(m)))
+}
+
 /// `comm-pid/tid` → `comm` (comm may itself contain '-').
 pub fn thread_comm(head: &str) -> &str {
     head.rsplit_once('-').map_or(head, |(c, _)| c)
@@ -94,6 +104,22 @@ pub fn thread_comm(head: &str) -> &str {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn idle_loop_samples_are_told_from_softirq_work_on_the_idle_task() {
+        assert!(idle_loop([
+            "do_idle",
+            "default_idle_call",
+            "pv_native_safe_halt"
+        ]));
+        assert!(!idle_loop([
+            "do_idle",
+            "asm_sysvec_apic_timer_interrupt",
+            "handle_softirqs",
+            "net_rx_action",
+            "br_handle_frame",
+        ]));
+    }
 
     #[test]
     fn innermost_known_frame_wins_and_loadgen_is_never_charged() {

@@ -91,6 +91,7 @@ impl ProfileArgs {
             record: true,
             freq: self.freq,
             serve: false,
+            label: None,
         };
         let bench_exit = bench.run()?;
         let report = output.join("report");

@@ -129,6 +129,7 @@ impl RecordArgs {
             devices: self.devices.clone(),
             ringbuf_mib: self.ringbuf_mib,
             freq: self.freq,
+            load_window: false,
         };
         // The command starts once the probes are attached.
         let child: RefCell<Option<tokio::process::Child>> = RefCell::new(None);
@@ -162,8 +163,10 @@ impl RecordArgs {
                 }
             }
         };
-        let deadline = self.duration.map(|d| tokio::time::Instant::now() + d);
         let stop = async {
+            // First polled once the probes are attached: the duration
+            // counts from there.
+            let deadline = duration.map(|d| tokio::time::Instant::now() + d);
             if spawn_err.borrow().is_some() {
                 return ExitCode::FAILURE;
             }

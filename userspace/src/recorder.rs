@@ -6,6 +6,10 @@
 
 use std::{
     collections::BTreeMap,
+    sync::{
+        Arc,
+        atomic::{AtomicU64, Ordering},
+    },
     time::{Duration, Instant, SystemTime, UNIX_EPOCH},
 };
 
@@ -36,6 +40,9 @@ pub struct Options {
     pub devices: Vec<String>,
     pub ringbuf_mib: u32,
     pub freq: u64,
+    /// Count CPU samples only between [`Window::open`] and
+    /// [`Window::close`] (a benchmark's load), not from the start.
+    pub load_window: bool,
 }
 
 /// Catalog rows for `names` (all rows when empty), and the names of the
@@ -73,6 +80,51 @@ pub struct Recorder {
     pub stacks: Stacks,
     pub meta: Meta,
     started: Instant,
+    pub window: Arc<Window>,
+}
+
+/// The part of a recording CPU samples are counted for: all of it, unless
+/// a benchmark marks its load's start and end (from any thread), so that
+/// costs per connection and the CPU the load had come from the load alone.
+#[derive(Debug)]
+pub struct Window {
+    start_ns: AtomicU64,
+    end_ns: AtomicU64,
+}
+
+impl Window {
+    /// Shut until opened (`gated`), else open from the start.
+    fn new(gated: bool) -> Self {
+        Self {
+            start_ns: AtomicU64::new(if gated { u64::MAX } else { 0 }),
+            end_ns: AtomicU64::new(0),
+        }
+    }
+
+    /// The load starts now.
+    pub fn open(&self) {
+        self.start_ns
+            .store(kernel::monotonic_ns(), Ordering::SeqCst);
+    }
+
+    /// The load ended now.
+    pub fn close(&self) {
+        self.end_ns.store(kernel::monotonic_ns(), Ordering::SeqCst);
+    }
+
+    fn contains(&self, ts_ns: u64) -> bool {
+        let end = self.end_ns.load(Ordering::SeqCst);
+        ts_ns >= self.start_ns.load(Ordering::SeqCst) && (end == 0 || ts_ns <= end)
+    }
+
+    /// Seconds between the marks, when both were made.
+    fn span_s(&self) -> Option<f64> {
+        let (s, e) = (
+            self.start_ns.load(Ordering::SeqCst),
+            self.end_ns.load(Ordering::SeqCst),
+        );
+        (s != 0 && s != u64::MAX && e > s).then(|| (e - s) as f64 / 1e9)
+    }
 }
 
 /// What a stopped recording leaves.
@@ -149,6 +201,9 @@ impl Recorder {
                 .programs
                 .contains_key("cpu:samples")
                 .then_some(opts.freq),
+            cpus: aya::util::online_cpus()
+                .ok()
+                .and_then(|c| u32::try_from(c.len()).ok()),
             probes: session.statuses.clone(),
             functions: session.functions.clone(),
             lost: BTreeMap::new(),
@@ -160,6 +215,7 @@ impl Recorder {
             stacks: Stacks::new(),
             meta,
             started: Instant::now(),
+            window: Arc::new(Window::new(opts.load_window)),
         })
     }
 
@@ -175,19 +231,36 @@ impl Recorder {
         mut sink: impl FnMut(&[u8]) -> Result<()>,
     ) -> Result<()> {
         let mut guard = self.ring.readable_mut().await?;
-        drain_ring(guard.get_inner_mut(), &mut self.stacks, &mut sink)?;
+        drain_ring(
+            guard.get_inner_mut(),
+            &mut self.stacks,
+            &self.window,
+            &mut sink,
+        )?;
         guard.clear_ready();
         Ok(())
     }
 
     /// Moves every available event into `sink`.
     pub fn drain(&mut self, mut sink: impl FnMut(&[u8]) -> Result<()>) -> Result<()> {
-        drain_ring(self.ring.get_mut(), &mut self.stacks, &mut sink)
+        drain_ring(
+            self.ring.get_mut(),
+            &mut self.stacks,
+            &self.window,
+            &mut sink,
+        )
     }
 
     /// Stops: statistics first (programs still loaded), then detach, then
     /// the final drain and the lost counts.
     pub fn finish(mut self, mut sink: impl FnMut(&[u8]) -> Result<()>) -> Result<Finished> {
+        // The recording's window ends here: the sampler and the scheduler
+        // accounting are detached first (see `Session::detach`).
+        let duration_s = self
+            .window
+            .span_s()
+            .unwrap_or_else(|| self.started.elapsed().as_secs_f64());
+        log::debug!("recording stops after {duration_s:.3}s");
         let stats = self.session.program_stats();
         let sched = self
             .session
@@ -202,7 +275,12 @@ impl Recorder {
             .then(|| vmexit::snapshot(&self.session.ebpf))
             .transpose()?;
         self.session.detach();
-        let drained = drain_ring(self.ring.get_mut(), &mut self.stacks, &mut sink);
+        let drained = drain_ring(
+            self.ring.get_mut(),
+            &mut self.stacks,
+            &self.window,
+            &mut sink,
+        );
         let lost = self.session.lost().unwrap_or_default();
         drop(self.ring);
         drop(self.session);
@@ -210,7 +288,7 @@ impl Recorder {
         let mut meta = self.meta;
         meta.status = Status::Complete;
         meta.ended_unix_ns = Some(clocks().0);
-        meta.duration_s = Some(self.started.elapsed().as_secs_f64());
+        meta.duration_s = Some(duration_s);
         meta.lost = lost.clone();
         Ok(Finished {
             meta,
@@ -230,11 +308,14 @@ pub const DRAIN_EVERY: Duration = Duration::from_millis(50);
 fn drain_ring(
     ring: &mut RingBuf<MapData>,
     stacks: &mut Stacks,
+    window: &Window,
     sink: &mut dyn FnMut(&[u8]) -> Result<()>,
 ) -> Result<()> {
     while let Some(item) = ring.next() {
         sink(&item)?;
-        if EventHeader::read(&item).is_some_and(|h| h.kind == kind::CPU_SAMPLE) {
+        if EventHeader::read(&item)
+            .is_some_and(|h| h.kind == kind::CPU_SAMPLE && window.contains(h.ts_ns))
+        {
             stacks.add(&item);
         }
     }

@@ -112,6 +112,8 @@ pub struct ThreadReport {
     /// On-CPU time over the recording, % of one CPU.
     pub busy_pct: f64,
     pub runq_ms: f64,
+    /// Run-queue delay (runnable, waiting for a CPU) over the recording, %.
+    pub runq_pct: f64,
 }
 
 #[derive(Debug, Serialize)]
@@ -257,6 +259,7 @@ fn analyse(dir: &Path, index: usize, out: &Path, classifier: &Classifier) -> Res
                 layer: Classifier::thread(&t.comm).unwrap_or(Layer::Other).name(),
                 busy_pct: pct(t.oncpu_ns as f64 / 1e9, duration_s),
                 runq_ms: t.runq_ns as f64 / 1e6,
+                runq_pct: pct(t.runq_ns as f64 / 1e9, duration_s),
             });
         }
         if !s.cpu_idle_ns.is_empty() && duration_s > 0.0 {
@@ -580,24 +583,27 @@ fn percentiles(v: &mut [f64]) -> Percentiles {
     }
 }
 
-/// "haproxy thread 1234 98% busy (proxy); load generator load-0 71%; CPUs 3% idle".
+/// "haproxy thread 1234 98% busy (proxy), 1% waiting for a CPU; load
+/// generator load-0 71%; CPUs 3% idle". The bottleneck is a thread of the
+/// system under test (proxy, QEMU, softirq): another program's thread is
+/// contention, not the bottleneck.
 fn bottleneck(threads: &[ThreadReport], idle: Option<f64>) -> String {
     let mut parts = Vec::new();
-    let sut = threads
-        .iter()
-        .filter(|t| t.layer != "loadgen")
-        .max_by(|a, b| a.busy_pct.total_cmp(&b.busy_pct));
+    let busiest = |keep: &dyn Fn(&ThreadReport) -> bool| {
+        threads
+            .iter()
+            .filter(|t| keep(t))
+            .max_by(|a, b| a.busy_pct.total_cmp(&b.busy_pct))
+    };
+    let sut = busiest(&|t| t.layer != "loadgen" && t.layer != "other")
+        .or_else(|| busiest(&|t| t.layer != "loadgen"));
     if let Some(t) = sut {
         parts.push(format!(
-            "{} thread {} {:.0}% busy ({})",
-            t.comm, t.tid, t.busy_pct, t.layer
+            "{} thread {} {:.0}% busy ({}), {:.0}% waiting for a CPU",
+            t.comm, t.tid, t.busy_pct, t.layer, t.runq_pct
         ));
     }
-    let lg = threads
-        .iter()
-        .filter(|t| t.layer == "loadgen")
-        .max_by(|a, b| a.busy_pct.total_cmp(&b.busy_pct));
-    if let Some(t) = lg {
+    if let Some(t) = busiest(&|t| t.layer == "loadgen") {
         parts.push(format!("load generator {} {:.0}%", t.comm, t.busy_pct));
     }
     if let Some(i) = idle {

@@ -153,8 +153,12 @@ impl Stacks {
                     .map_or("[unknown]", |s| s.as_ref());
                 push(name.replace(';', ":"));
             }
-            for a in k.kstack.iter().rev() {
-                push(format!("{}_[k]", self.kernel.name(*a)));
+            let kernel: Vec<Arc<str>> = k.kstack.iter().map(|a| self.kernel.name(*a)).collect();
+            if k.pid == 0 && crate::classify::idle_loop(kernel.iter().map(|f| f.as_ref())) {
+                continue;
+            }
+            for f in kernel.iter().rev() {
+                push(format!("{f}_[k]"));
             }
             *lines.entry(frames.join(";")).or_insert(0) += n;
         }

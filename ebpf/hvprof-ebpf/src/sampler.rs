@@ -3,22 +3,18 @@
 //! reach here (no kprobe, no fentry) are still attributed from these.
 
 use aya_ebpf::{
-    EbpfContext, Global, bindings::BPF_F_USER_STACK, helpers::generated::bpf_get_stack,
-    macros::perf_event, programs::PerfEventContext,
+    EbpfContext, bindings::BPF_F_USER_STACK, helpers::generated::bpf_get_stack, macros::perf_event,
+    programs::PerfEventContext,
 };
 use hvprof_common::{MAX_FRAMES, SampleEvent, kind, probe};
 
 use crate::maps::{EVENTS, count_lost, header, submit_flags};
 
-/// Non-zero: also record samples of the idle task.
-#[unsafe(no_mangle)]
-static HVP_SAMPLE_IDLE: Global<u32> = Global::new(0);
-
 #[perf_event]
 pub fn hvp_cpu_sample(ctx: PerfEventContext) -> u32 {
-    if ctx.pid() == 0 && HVP_SAMPLE_IDLE.load() == 0 {
-        return 0;
-    }
+    // The idle task is sampled too: softirq work (bridge, netfilter, the
+    // stack's receive path) often runs on top of it. User space drops the
+    // samples of the idle loop itself.
     let Some(mut entry) = EVENTS.reserve::<SampleEvent>(0) else {
         count_lost(probe::CPU_SAMPLE);
         return 0;

@@ -111,6 +111,7 @@ impl AgentArgs {
             devices: self.devices.clone(),
             ringbuf_mib: self.ringbuf_mib,
             freq: self.freq,
+            load_window: false,
         };
         let mut rec = Recorder::start(&opts, "guest", &[])?;
         proto::write_frame(&mut wr, &Frame::Meta(serde_json::to_vec(&rec.meta)?)).await?;

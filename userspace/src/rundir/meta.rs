@@ -56,6 +56,9 @@ pub struct Meta {
     /// CPU sampling frequency per CPU, when the sampler ran.
     #[serde(default)]
     pub sample_hz: Option<u64>,
+    /// Online CPUs (each sampled at `sample_hz`).
+    #[serde(default)]
+    pub cpus: Option<u32>,
     /// Every probe considered, attached or not.
     pub probes: Vec<ProbeStatus>,
     /// Addresses of the functions probed on entry, to name their events.
@@ -80,19 +83,20 @@ impl Meta {
             );
         }
         let text = std::fs::read(path).with_context(|| format!("reading {}", path.display()))?;
-        let meta: Meta = serde_json::from_slice(&text)
-            .with_context(|| format!("{} is not a valid hvprof meta.json", path.display()))?;
+        Self::parse(&text, &path.display().to_string())
+    }
+
+    /// Parses and checks the bytes of a `meta.json`; `origin` (a path)
+    /// names it in errors. [`Meta::read`] adds the size limit.
+    pub fn parse(text: &[u8], origin: &str) -> Result<Self> {
+        let meta: Meta = serde_json::from_slice(text)
+            .with_context(|| format!("{origin} is not a valid hvprof meta.json"))?;
         if meta.format != FORMAT {
-            bail!(
-                "{}: format {:?} is not {FORMAT:?}",
-                path.display(),
-                meta.format
-            );
+            bail!("{origin}: format {:?} is not {FORMAT:?}", meta.format);
         }
         if meta.version != VERSION {
             bail!(
-                "{}: run format version {} is not supported (this hvprof reads {VERSION})",
-                path.display(),
+                "{origin}: run format version {} is not supported (this hvprof reads {VERSION})",
                 meta.version
             );
         }
