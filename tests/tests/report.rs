@@ -148,6 +148,120 @@ fn more_netfilter_rules_move_the_loss_into_netfilter_and_shares_add_up() {
     assert!(again.join("report.json").exists());
 }
 
+/// Busy loops, one per CPU, stopped (by pid) when dropped.
+struct Hogs(Vec<std::process::Child>);
+
+impl Hogs {
+    fn start() -> Self {
+        let cpus = std::thread::available_parallelism().map_or(1, |n| n.get());
+        Self(
+            (0..cpus)
+                .map(|_| {
+                    Command::new("sh")
+                        .args(["-c", "while :; do :; done"])
+                        .spawn()
+                        .expect("sh runs")
+                })
+                .collect(),
+        )
+    }
+}
+
+impl Drop for Hogs {
+    fn drop(&mut self) {
+        for c in &mut self.0 {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+}
+
+/// `hvprof bench --record` of native at size 0 into `out`, named `label`.
+fn bench_native(out: &Path, label: &str) {
+    let o = Command::new(hvprof_bin())
+        .args([
+            "bench",
+            "--topology",
+            "native",
+            "--label",
+            label,
+            "--sizes",
+            "0",
+            "-d",
+            "2s",
+            "-c",
+            "16",
+            "--record",
+            "-F",
+            "499",
+            "-o",
+        ])
+        .arg(out)
+        .output()
+        .expect("hvprof runs");
+    assert!(
+        o.status.success(),
+        "bench failed: {}",
+        String::from_utf8_lossy(&o.stderr)
+    );
+}
+
+#[test]
+fn a_cpu_hog_beside_the_proxy_shows_as_sched() {
+    if let Some(why) = bpf_unavailable() {
+        skip("report_cpu_hog", &why);
+        return;
+    }
+    let _g = bpf_lock();
+    let tmp = tempfile::tempdir().expect("tempdir");
+    bench_native(&tmp.path().join("quiet"), "native");
+    {
+        // A busy loop on every CPU: whichever the proxy runs on, it shares.
+        let _hogs = Hogs::start();
+        bench_native(&tmp.path().join("hog"), "native-hog");
+    }
+    let rep = tmp.path().join("report");
+    let out = hvprof(&[
+        "report",
+        tmp.path().join("quiet/runs/native-0").to_str().expect("utf8"),
+        tmp.path().join("hog/runs/native-hog-0").to_str().expect("utf8"),
+        "-o",
+        rep.to_str().expect("utf8"),
+    ]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let r: Value =
+        serde_json::from_slice(&std::fs::read(rep.join("report.json")).expect("report.json"))
+            .expect("JSON");
+    let p = point(&r, "native-hog");
+    let loss = p["loss_pct"].as_f64().expect("loss");
+    assert!(loss > 20.0, "a hog on every CPU should cost throughput: {p}");
+    let sched = points(p, "sched");
+    let top = p["layers"]
+        .as_array()
+        .expect("layers")
+        .iter()
+        .max_by(|a, b| {
+            let v = |l: &Value| l["loss_points"].as_f64().unwrap_or(0.0);
+            v(a).total_cmp(&v(b))
+        })
+        .expect("a layer");
+    assert_eq!(top["layer"], "sched", "sched should explain most: {p}");
+    assert!(sched > loss / 2.0, "sched {sched:.1} of {loss:.1} points: {p}");
+    let residual = p["residual_pct"].as_f64().expect("residual");
+    assert!(residual.abs() <= 5.0, "residual {residual} points: {p}");
+    assert!(
+        p["bottleneck"]
+            .as_str()
+            .is_some_and(|b| b.contains("waiting for a CPU")),
+        "{p}"
+    );
+    assert!(our_bpf_programs().is_empty(), "programs left attached");
+}
+
 /// Headless Chromium, as the machine's tools document it: no sandbox (root),
 /// no GPU, no background networking.
 fn chromium(args: &[&str], profile: &Path) -> Option<std::process::Output> {
