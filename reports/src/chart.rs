@@ -89,6 +89,12 @@ const PALETTE: [&str; 8] = [
     "#1f77b4", "#d62728", "#2ca02c", "#ff7f0e", "#9467bd", "#8c564b", "#e377c2", "#17becf",
 ];
 
+/// The palette's `i`-th colour (cycling): give a series the colour of its
+/// subject's index, so that it keeps it from chart to chart.
+pub fn palette(i: usize) -> &'static str {
+    PALETTE[i % PALETTE.len()]
+}
+
 /// Escapes text for SVG.
 fn esc(s: &str) -> String {
     s.replace('&', "&amp;")
@@ -290,10 +296,7 @@ pub fn line_chart_svg(chart: &Chart, series: &[Series]) -> String {
     }
     // Lines and points.
     for (i, s) in series.iter().enumerate() {
-        let color = s
-            .color
-            .clone()
-            .unwrap_or_else(|| PALETTE[i % PALETTE.len()].to_string());
+        let color = s.color.clone().unwrap_or_else(|| palette(i).to_string());
         let hi = if s.axis == Axis::Right { ry_hi } else { ly_hi };
         let pts: Vec<String> = s
             .points
@@ -321,10 +324,7 @@ pub fn line_chart_svg(chart: &Chart, series: &[Series]) -> String {
     let mut lx = ml;
     let ly = mt + ph + 70.0;
     for (i, s) in series.iter().enumerate() {
-        let color = s
-            .color
-            .clone()
-            .unwrap_or_else(|| PALETTE[i % PALETTE.len()].to_string());
+        let color = s.color.clone().unwrap_or_else(|| palette(i).to_string());
         let dash = if s.dashed {
             r#" stroke-dasharray="6,4""#
         } else {

@@ -15,7 +15,7 @@ use clap::Args;
 use loadgen::size::{self, SizeLabel};
 use loadgen::stats::fmt_us;
 use loadgen::sweep::{self, PointResult, SweepConfig};
-use reports::chart::{Chart, Series, line_chart_svg};
+use reports::chart::{Chart, Series, line_chart_svg, palette};
 
 use crate::topology::{Environment, Spec, Up};
 
@@ -537,8 +537,9 @@ pub fn loss_chart(results: &[PointResult]) -> Option<String> {
     );
     let series: Vec<Series> = names
         .iter()
-        .filter(|n| **n != "native")
-        .map(|n| {
+        .enumerate()
+        .filter(|(_, n)| **n != "native")
+        .map(|(i, n)| {
             let pts = results
                 .iter()
                 .filter(|r| r.topology == *n)
@@ -546,7 +547,8 @@ pub fn loss_chart(results: &[PointResult]) -> Option<String> {
                     base(r.size).map(|b| (r.size as f64, (1.0 - r.conn_per_s / b) * 100.0))
                 })
                 .collect();
-            Series::new(*n, pts)
+            // The topology's colour in every chart (see `charts`).
+            Series::new(*n, pts).color(palette(i))
         })
         .collect();
     Some(line_chart_svg(&c, &series))
@@ -619,12 +621,8 @@ pub fn markdown_table(results: &[PointResult]) -> String {
 /// (conn/s and bandwidth on two axes, conn/s per topology, bandwidth per
 /// topology).
 pub fn charts(results: &[PointResult]) -> (String, String, String) {
-    let mut topologies: Vec<&str> = Vec::new();
-    for r in results {
-        if !topologies.contains(&r.topology.as_str()) {
-            topologies.push(&r.topology);
-        }
-    }
+    // A topology has one colour (its index's) in every chart.
+    let topologies = topology_names(results);
     let mut sizes: Vec<u64> = results.iter().map(|r| r.size).collect();
     sizes.sort_unstable();
     sizes.dedup();
@@ -655,12 +653,13 @@ pub fn charts(results: &[PointResult]) -> (String, String, String) {
     both.y2_label = "bandwidth (Mbit/s)".into();
     both.x_ticks = Some(x_ticks.clone());
     let mut both_series = Vec::new();
-    for t in &topologies {
-        both_series.push(Series::new(format!("{t} conn/s"), points(t, conn)));
+    for (i, t) in topologies.iter().enumerate() {
+        both_series.push(Series::new(format!("{t} conn/s"), points(t, conn)).color(palette(i)));
         both_series.push(
             Series::new(format!("{t} Mbit/s"), points(t, mbps))
                 .on_right_axis()
-                .dashed(),
+                .dashed()
+                .color(palette(i)),
         );
     }
 
@@ -672,14 +671,16 @@ pub fn charts(results: &[PointResult]) -> (String, String, String) {
     c.x_ticks = Some(x_ticks.clone());
     let conn_series: Vec<Series> = topologies
         .iter()
-        .map(|t| Series::new(*t, points(t, conn)))
+        .enumerate()
+        .map(|(i, t)| Series::new(*t, points(t, conn)).color(palette(i)))
         .collect();
 
     let mut b = Chart::new("Bandwidth", "object size", "bandwidth (Mbit/s)");
     b.x_ticks = Some(x_ticks);
     let bw_series: Vec<Series> = topologies
         .iter()
-        .map(|t| Series::new(*t, points(t, mbps)))
+        .enumerate()
+        .map(|(i, t)| Series::new(*t, points(t, mbps)).color(palette(i)))
         .collect();
 
     (
