@@ -223,8 +223,14 @@ fn a_cpu_hog_beside_the_proxy_shows_as_sched() {
     let rep = tmp.path().join("report");
     let out = hvprof(&[
         "report",
-        tmp.path().join("quiet/runs/native-0").to_str().expect("utf8"),
-        tmp.path().join("hog/runs/native-hog-0").to_str().expect("utf8"),
+        tmp.path()
+            .join("quiet/runs/native-0")
+            .to_str()
+            .expect("utf8"),
+        tmp.path()
+            .join("hog/runs/native-hog-0")
+            .to_str()
+            .expect("utf8"),
         "-o",
         rep.to_str().expect("utf8"),
     ]);
@@ -238,7 +244,10 @@ fn a_cpu_hog_beside_the_proxy_shows_as_sched() {
             .expect("JSON");
     let p = point(&r, "native-hog");
     let loss = p["loss_pct"].as_f64().expect("loss");
-    assert!(loss > 20.0, "a hog on every CPU should cost throughput: {p}");
+    assert!(
+        loss > 20.0,
+        "a hog on every CPU should cost throughput: {p}"
+    );
     let sched = points(p, "sched");
     let top = p["layers"]
         .as_array()
@@ -250,7 +259,10 @@ fn a_cpu_hog_beside_the_proxy_shows_as_sched() {
         })
         .expect("a layer");
     assert_eq!(top["layer"], "sched", "sched should explain most: {p}");
-    assert!(sched > loss / 2.0, "sched {sched:.1} of {loss:.1} points: {p}");
+    assert!(
+        sched > loss / 2.0,
+        "sched {sched:.1} of {loss:.1} points: {p}"
+    );
     let residual = p["residual_pct"].as_f64().expect("residual");
     assert!(residual.abs() <= 5.0, "residual {residual} points: {p}");
     assert!(
