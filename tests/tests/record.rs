@@ -131,6 +131,80 @@ fn record_sees_exactly_500_connections_with_monotone_timestamps_and_no_loss() {
     assert!(our_bpf_programs().is_empty(), "programs left attached");
 }
 
+/// A busy loop, killed (by pid) when dropped.
+struct Spin(std::process::Child);
+
+impl Drop for Spin {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+/// `hvprof record` with `filter` around a burst of `n` connections.
+fn record_burst(run: &std::path::Path, filter: &[&str], n: u32) -> Vec<Value> {
+    let out = Command::new(hvprof_bin())
+        .args(["record", "-F", "499", "-o"])
+        .arg(run)
+        .args(filter)
+        .arg("--")
+        .arg(helper_bin("tcp-burst"))
+        .arg(n.to_string())
+        .arg(run.with_extension("port"))
+        .output()
+        .expect("hvprof runs");
+    assert!(
+        out.status.success(),
+        "record failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let dump = hvprof(&["dump", run.to_str().expect("utf8 path")]);
+    assert!(dump.status.success());
+    json_lines(&dump.stdout)
+}
+
+#[test]
+fn pid_and_comm_filters_keep_only_those_tasks_in_the_kernel() {
+    require_bpf!("record_task_filter");
+    let _g = bpf_lock();
+    let tmp = tempfile::tempdir().expect("tempdir");
+    // --pid of a busy loop: its samples, none of the burst's events.
+    let spin = Spin(
+        Command::new("sh")
+            .args(["-c", "while :; do :; done"])
+            .spawn()
+            .expect("sh runs"),
+    );
+    let pid = spin.0.id();
+    let events = record_burst(&tmp.path().join("pid"), &["--pid", &pid.to_string()], 300);
+    drop(spin);
+    assert!(
+        events.iter().any(|e| e["kind"] == "cpu_sample"),
+        "no samples of the busy loop"
+    );
+    let others: Vec<&Value> = events
+        .iter()
+        .filter(|e| e["pid"].as_u64() != Some(u64::from(pid)))
+        .collect();
+    assert!(
+        others.is_empty(),
+        "events of other tasks: {:?}",
+        others.first()
+    );
+
+    // --comm of the burst: its socket events, nobody else's.
+    let events = record_burst(&tmp.path().join("comm"), &["--comm", "tcp-burst"], 300);
+    let sock = events.iter().filter(|e| e["kind"] == "sock_state").count();
+    assert!(sock >= 300, "only {sock} socket events of tcp-burst");
+    let others: Vec<&Value> = events.iter().filter(|e| e["comm"] != "tcp-burst").collect();
+    assert!(
+        others.is_empty(),
+        "events of other tasks: {:?}",
+        others.first()
+    );
+    assert!(our_bpf_programs().is_empty(), "programs left attached");
+}
+
 #[test]
 fn probes_are_attached_while_recording_and_gone_after_sigint_and_sigterm() {
     require_bpf!("record_signals");

@@ -15,7 +15,7 @@ use aya::{
         perf_event::{PerfEventConfig, PerfEventScope, SamplePolicy, SoftwareEvent},
     },
 };
-use hvprof_common::MAX_PROBES;
+use hvprof_common::{COMM_LEN, MAX_PROBES, task_filter};
 
 use crate::{
     catalog::{self, Hook, Method, ProbeSpec},
@@ -215,11 +215,86 @@ fn one_error(e: &dyn std::error::Error) -> String {
 }
 
 /// Options for loading.
-pub struct LoadOptions {
+pub struct LoadOptions<'a> {
     pub ringbuf_bytes: u32,
     /// Trace only the devices put in the device filter (else every device).
     pub dev_filter: bool,
+    /// Only these tasks' samples, function and socket events.
+    pub tasks: &'a TaskFilter,
 }
+
+/// `--pid` / `--comm`: the tasks whose CPU samples, function-entry and
+/// socket events are kept, decided in the kernel by the current task
+/// (so packet events handled in softirq on another task's time stay
+/// with the device filter). Empty: every task.
+#[derive(Debug, Clone, Default)]
+pub struct TaskFilter {
+    /// Thread-group ids (the pids `ps` shows).
+    pub pids: Vec<u32>,
+    /// Thread names (`comm`, at most 15 bytes).
+    pub comms: Vec<String>,
+}
+
+impl TaskFilter {
+    fn bits(&self) -> u32 {
+        let mut b = 0;
+        if !self.pids.is_empty() {
+            b |= task_filter::PIDS;
+        }
+        if !self.comms.is_empty() {
+            b |= task_filter::COMMS;
+        }
+        b
+    }
+
+    /// Checks the filter as given on the command line.
+    pub fn validate(&self) -> Result<()> {
+        for pid in &self.pids {
+            if !std::path::Path::new(&format!("/proc/{pid}")).exists() {
+                bail!("--pid {pid}: no such process; `ps -e` lists them");
+            }
+        }
+        for c in &self.comms {
+            if c.is_empty() || c.len() >= COMM_LEN {
+                bail!(
+                    "--comm {c:?}: a thread name has 1 to {} bytes (as `ps -L -o comm` shows it)",
+                    COMM_LEN - 1
+                );
+            }
+        }
+        if self.pids.len() > task_filter::MAX_PIDS as usize
+            || self.comms.len() > task_filter::MAX_COMMS as usize
+        {
+            bail!(
+                "at most {} --pid and {} --comm",
+                task_filter::MAX_PIDS,
+                task_filter::MAX_COMMS
+            );
+        }
+        Ok(())
+    }
+
+    fn install(&self, ebpf: &mut Ebpf) -> Result<()> {
+        let map = |name: &str| anyhow!("map {name} missing from the object");
+        let mut pids: aya::maps::HashMap<_, u32, u8> =
+            aya::maps::HashMap::try_from(ebpf.map_mut(PIDS_MAP).ok_or_else(|| map(PIDS_MAP))?)?;
+        for pid in &self.pids {
+            pids.insert(pid, 1, 0)?;
+        }
+        let mut comms: aya::maps::HashMap<_, [u8; COMM_LEN], u8> =
+            aya::maps::HashMap::try_from(ebpf.map_mut(COMMS_MAP).ok_or_else(|| map(COMMS_MAP))?)?;
+        for c in &self.comms {
+            let mut key = [0u8; COMM_LEN];
+            key[..c.len()].copy_from_slice(c.as_bytes());
+            comms.insert(key, 1, 0)?;
+        }
+        Ok(())
+    }
+}
+
+const PIDS_MAP: &str = "HVP_PIDS";
+const COMMS_MAP: &str = "HVP_COMMS";
+const TASK_FILTER_GLOBAL: &str = "HVP_TASK_FILTER";
 
 /// Loads the object with this kernel's offsets as globals. Nothing is
 /// attached yet.
@@ -229,15 +304,20 @@ pub fn load(opts: &LoadOptions) -> Result<Ebpf> {
     let koff = tcp::kernel_offsets(btf.as_ref());
     let sched_tp = sched::tp_offsets()?;
     let dev_off = dev::offsets(btf.as_ref(), opts.dev_filter);
-    EbpfLoader::new()
+    let mut ebpf = EbpfLoader::new()
         .override_global(dev::OFFSETS_GLOBAL, &dev_off, true)
         .override_global(tcp::TP_GLOBAL, &tp, true)
         .override_global(tcp::KERNEL_GLOBAL, &koff, true)
         .override_global(sched::TP_GLOBAL, &sched_tp, true)
         .override_global(vmexit::TP_GLOBAL, &vmexit::tp_offsets(), true)
+        .override_global(TASK_FILTER_GLOBAL, &opts.tasks.bits(), true)
         .map_max_entries(EVENTS_MAP, opts.ringbuf_bytes)
         .load(OBJECT)
-        .context("loading hvprof's eBPF object")
+        .context("loading hvprof's eBPF object")?;
+    opts.tasks
+        .install(&mut ebpf)
+        .context("filling the task filter")?;
+    Ok(ebpf)
 }
 
 /// Attached probes. Dropping it detaches them.

@@ -287,6 +287,7 @@ fn record_point(
         ringbuf_mib: 16,
         freq: rec.freq,
         load_window: true,
+        tasks: Default::default(),
     };
     let start_capture = || -> anyhow::Result<crate::capture::Background> {
         let cap = crate::capture::Background::start(

@@ -171,6 +171,7 @@ impl ListArgs {
         let mut ebpf = attach::load(&LoadOptions {
             ringbuf_bytes: 4096 * 16,
             dev_filter: true,
+            tasks: &attach::TaskFilter::default(),
         })?;
         let probe = Probe::detect(&mut ebpf);
         drop(ebpf);

@@ -23,7 +23,7 @@ use crate::{
 /// Record probes on a live system into a run directory.
 #[derive(Args, Debug)]
 #[command(
-    after_help = "Examples:\n  hvprof record -o run/ --duration 30s\n  hvprof record -o run/ -- curl -s http://127.0.0.1:8080/\n  hvprof record -o run/ --probe tcp --duration 10s"
+    after_help = "Examples:\n  hvprof record -o run/ --duration 30s\n  hvprof record -o run/ -- curl -s http://127.0.0.1:8080/\n  hvprof record -o run/ --probe tcp --duration 10s\n  hvprof record -o run/ --comm haproxy --duration 10s"
 )]
 pub struct RecordArgs {
     /// Run directory to create (must not hold a recording yet).
@@ -48,6 +48,14 @@ pub struct RecordArgs {
     /// Shared token file agents must prove they hold (with --collect).
     #[arg(long, value_name = "FILE", requires = "collect")]
     pub token: Option<PathBuf>,
+    /// Keep only this process's CPU samples, function-entry and socket
+    /// events (decided in the kernel; packets keep to --dev); repeatable.
+    #[arg(long, value_name = "PID")]
+    pub pid: Vec<u32>,
+    /// Keep only the events of threads with this name (`comm`, as `ps -L
+    /// -o comm` shows it), like --pid; repeatable, adds to --pid.
+    #[arg(long, value_name = "NAME")]
+    pub comm: Vec<String>,
     /// Size of the kernel event ring buffer in MiB (a power of two).
     #[arg(long, value_name = "MIB", default_value_t = 16, value_parser = parse_ringbuf_mib)]
     pub ringbuf_mib: u32,
@@ -88,8 +96,10 @@ impl RecordArgs {
                 "nothing to record: give --duration D, or a command after `--` (e.g. `hvprof record -o run/ -- sleep 5`)"
             );
         }
-        // Validate probe names and the command before touching the kernel.
+        // Validate probe names, filters and the command before touching
+        // the kernel.
         recorder::select(&self.probes)?;
+        self.tasks().validate()?;
         let token = self
             .token
             .as_deref()
@@ -111,6 +121,13 @@ impl RecordArgs {
         res
     }
 
+    fn tasks(&self) -> crate::attach::TaskFilter {
+        crate::attach::TaskFilter {
+            pids: self.pid.clone(),
+            comms: self.comm.clone(),
+        }
+    }
+
     async fn record(self, dir: PathBuf, token: Option<Vec<u8>>) -> Result<ExitCode> {
         let mut sigint = tokio::signal::unix::signal(SignalKind::interrupt())?;
         let mut sigterm = tokio::signal::unix::signal(SignalKind::terminate())?;
@@ -130,6 +147,7 @@ impl RecordArgs {
             ringbuf_mib: self.ringbuf_mib,
             freq: self.freq,
             load_window: false,
+            tasks: self.tasks(),
         };
         // The command starts once the probes are attached.
         let child: RefCell<Option<tokio::process::Child>> = RefCell::new(None);

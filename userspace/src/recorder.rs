@@ -43,6 +43,8 @@ pub struct Options {
     /// Count CPU samples only between [`Window::open`] and
     /// [`Window::close`] (a benchmark's load), not from the start.
     pub load_window: bool,
+    /// `--pid` / `--comm`.
+    pub tasks: attach::TaskFilter,
 }
 
 /// Catalog rows for `names` (all rows when empty), and the names of the
@@ -151,6 +153,7 @@ impl Recorder {
         let mut ebpf = attach::load(&LoadOptions {
             ringbuf_bytes: opts.ringbuf_mib * 1024 * 1024,
             dev_filter: !all_devices,
+            tasks: &opts.tasks,
         })?;
         dev::install(&mut ebpf, &devices)?;
         let probe = Probe::detect(&mut ebpf);

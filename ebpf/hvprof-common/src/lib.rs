@@ -14,6 +14,17 @@ pub const COMM_LEN: usize = 16;
 /// Size of the per-probe counter arrays (lost events, hits).
 pub const MAX_PROBES: u32 = 64;
 
+/// The task filter (`record --pid`, `--comm`): the `HVP_TASK_FILTER`
+/// global's bits and the sizes of its sets.
+pub mod task_filter {
+    /// Keep tasks whose thread-group id is in `HVP_PIDS`.
+    pub const PIDS: u32 = 1;
+    /// Keep tasks whose name (`comm`) is in `HVP_COMMS`.
+    pub const COMMS: u32 = 2;
+    pub const MAX_PIDS: u32 = 1024;
+    pub const MAX_COMMS: u32 = 64;
+}
+
 /// Probe ids: index into the per-probe counter maps and tag on every event.
 /// Stable numbers: they are written into run directories.
 pub mod probe {

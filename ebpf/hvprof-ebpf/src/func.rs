@@ -8,10 +8,14 @@ use aya_ebpf::{
 };
 use hvprof_common::{FuncEvent, kind, probe};
 
+use crate::filter::task_wanted;
 use crate::maps::{EVENTS, count_lost, header, submit_flags};
 
 #[kprobe]
 pub fn hvp_fn_entry(ctx: ProbeContext) -> u32 {
+    if !task_wanted() {
+        return 0;
+    }
     let Some(mut entry) = EVENTS.reserve::<FuncEvent>(0) else {
         count_lost(probe::FUNC);
         return 0;

@@ -13,6 +13,8 @@ mod dev;
 #[cfg(target_arch = "bpf")]
 mod features;
 #[cfg(target_arch = "bpf")]
+mod filter;
+#[cfg(target_arch = "bpf")]
 mod func;
 #[cfg(target_arch = "bpf")]
 mod kvm;

@@ -8,6 +8,7 @@ use aya_ebpf::{
 };
 use hvprof_common::{MAX_FRAMES, SampleEvent, kind, probe};
 
+use crate::filter::task_wanted;
 use crate::maps::{EVENTS, count_lost, header, submit_flags};
 
 #[perf_event]
@@ -15,6 +16,9 @@ pub fn hvp_cpu_sample(ctx: PerfEventContext) -> u32 {
     // The idle task is sampled too: softirq work (bridge, netfilter, the
     // stack's receive path) often runs on top of it. User space drops the
     // samples of the idle loop itself.
+    if !task_wanted() {
+        return 0;
+    }
     let Some(mut entry) = EVENTS.reserve::<SampleEvent>(0) else {
         count_lost(probe::CPU_SAMPLE);
         return 0;

@@ -7,6 +7,7 @@ use aya_ebpf::{
 };
 use hvprof_common::{KernelOffsets, SockStateEvent, SockStateTpOffsets, kind, probe};
 
+use crate::filter::task_wanted;
 use crate::maps::{EVENTS, count_lost, header, submit_flags};
 
 #[unsafe(no_mangle)]
@@ -46,7 +47,7 @@ fn try_sock_state(ctx: &TracePointContext) -> Result<(), i32> {
     let off = HVP_SOCK_STATE_TP.load();
     // SAFETY: offsets come from this kernel's tracepoint format.
     let protocol: u16 = unsafe { ctx.read_at(off.protocol as usize)? };
-    if protocol != IPPROTO_TCP {
+    if protocol != IPPROTO_TCP || !task_wanted() {
         return Ok(());
     }
     let Some(mut entry) = EVENTS.reserve::<SockStateEvent>(0) else {

@@ -112,6 +112,7 @@ impl AgentArgs {
             ringbuf_mib: self.ringbuf_mib,
             freq: self.freq,
             load_window: false,
+            tasks: Default::default(),
         };
         let mut rec = Recorder::start(&opts, "guest", &[])?;
         proto::write_frame(&mut wr, &Frame::Meta(serde_json::to_vec(&rec.meta)?)).await?;

@@ -1,0 +1,45 @@
+//! Which tasks' events are wanted (`record --pid`, `--comm`): a set of
+//! thread-group ids and a set of thread names, filled by user space before
+//! attaching. Without either, every task is wanted.
+
+use aya_ebpf::{
+    Global,
+    helpers::{bpf_get_current_comm, bpf_get_current_pid_tgid},
+    macros::map,
+    maps::HashMap,
+};
+use hvprof_common::{COMM_LEN, task_filter};
+
+/// `task_filter::PIDS | task_filter::COMMS`: which sets are in force.
+#[unsafe(no_mangle)]
+static HVP_TASK_FILTER: Global<u32> = Global::new(0);
+
+#[map(name = "HVP_PIDS")]
+static PIDS: HashMap<u32, u8> = HashMap::with_max_entries(task_filter::MAX_PIDS, 0);
+
+#[map(name = "HVP_COMMS")]
+static COMMS: HashMap<[u8; COMM_LEN], u8> = HashMap::with_max_entries(task_filter::MAX_COMMS, 0);
+
+/// Whether the current task's events are wanted.
+#[inline(always)]
+pub fn task_wanted() -> bool {
+    let f = HVP_TASK_FILTER.load();
+    if f == 0 {
+        return true;
+    }
+    if f & task_filter::PIDS != 0 {
+        let tgid = (bpf_get_current_pid_tgid() >> 32) as u32;
+        // SAFETY: read-only lookup.
+        if unsafe { PIDS.get(&tgid) }.is_some() {
+            return true;
+        }
+    }
+    if f & task_filter::COMMS != 0
+        && let Ok(comm) = bpf_get_current_comm()
+        // SAFETY: read-only lookup.
+        && unsafe { COMMS.get(&comm) }.is_some()
+    {
+        return true;
+    }
+    false
+}
