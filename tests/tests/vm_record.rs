@@ -192,3 +192,83 @@ fn guests_record_their_own_nic_drivers_matched_with_the_host_tap() {
     }
     assert!(our_bpf_programs().is_empty(), "programs left attached");
 }
+
+/// `hvprof record --topology NAME -- sh -c '… load $HVPROF_PROXY …'`:
+/// returns the run directory and the recording's pid (for leftovers).
+fn record_topology(topology: &str, out: &Path) -> (std::path::PathBuf, u32) {
+    let run = out.join("run");
+    let load = r#""$HVPROF_BIN" load "$HVPROF_PROXY/?s=0" -d 2s -c 4 -q"#;
+    let child = Command::new(hvprof_bin())
+        .args(["record", "--topology", topology, "-F", "499", "-q", "-o"])
+        .arg(&run)
+        .args(["--", "sh", "-c", load])
+        .env("HVPROF_BIN", hvprof_bin())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("hvprof runs");
+    let pid = child.id();
+    let output = child.wait_with_output().expect("hvprof ends");
+    assert!(
+        output.status.success(),
+        "{topology}: {}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    (run, pid)
+}
+
+#[test]
+fn record_topology_brings_a_path_up_records_it_and_tears_it_down() {
+    if let Some(why) = bpf_unavailable() {
+        skip("record_topology_netns", &why);
+        return;
+    }
+    let _g = bpf_lock();
+    let _cleanup = CleanupGuard;
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let (run, pid) = record_topology("bridge", tmp.path());
+    let meta = json(&run.join("meta.json"));
+    assert_eq!(meta["topology"], "bridge");
+    let summary = json(&run.join("summary.json"));
+    assert!(
+        summary["connections"].as_u64().unwrap_or(0) >= 100,
+        "the load through the proxy was recorded: {summary}"
+    );
+    // The path's device is traced without being named.
+    let out = hvprof(&["dump", run.to_str().expect("utf8")]);
+    assert!(out.status.success());
+    assert!(
+        json_lines(&out.stdout)
+            .iter()
+            .any(|e| e["kind"] == "dev_packet"),
+        "no packets of the path's device"
+    );
+    hvprof_tests::topology_support::assert_nothing_left(pid);
+    assert!(our_bpf_programs().is_empty(), "programs left attached");
+}
+
+#[test]
+fn record_topology_on_a_guest_merges_host_and_guest() {
+    if let Some(why) = bpf_unavailable().or_else(vm_unavailable) {
+        skip("record_topology_vm", &why);
+        return;
+    }
+    let _g = bpf_lock();
+    let _cleanup = CleanupGuard;
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let (run, pid) = record_topology("vm-virtio", tmp.path());
+    let guest = run.join("guest-0");
+    assert_eq!(json(&guest.join("meta.json"))["status"], "complete");
+    let fns = functions(&guest);
+    assert!(
+        fns.get("start_xmit").copied().unwrap_or(0) > 0,
+        "no virtio_net events in the guest: {fns:?}"
+    );
+    let summary = json(&run.join("summary.json"));
+    assert!(
+        summary["guests"][0]["clock_error_ns"].as_u64().is_some(),
+        "no clock offset for the guest: {summary}"
+    );
+    hvprof_tests::topology_support::assert_nothing_left(pid);
+    assert!(our_bpf_programs().is_empty(), "programs left attached");
+}

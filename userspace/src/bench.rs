@@ -262,25 +262,6 @@ fn record_point(
     ));
     std::fs::create_dir_all(&rec.dir)
         .with_context(|| format!("cannot create {}", rec.dir.display()))?;
-    let mut token = [0u8; 24];
-    getrandom::fill(&mut token)
-        .map_err(|e| anyhow::anyhow!("no randomness for the agent token: {e}"))?;
-    let token: Vec<u8> = token
-        .iter()
-        .map(|b| format!("{b:02x}"))
-        .collect::<String>()
-        .into_bytes();
-    let agents = match up.vm() {
-        Some(vm) => {
-            let host = vm.host_ip();
-            let l = crate::topology::netns::run_in(vm.netns(), move || {
-                std::net::TcpListener::bind((host, 0))
-            })??;
-            Some(l)
-        }
-        None => None,
-    };
-    let collector = agents.as_ref().map(|l| l.local_addr()).transpose()?;
     let opts = crate::recorder::Options {
         probes: Vec::new(),
         devices: up.host_devices(),
@@ -289,27 +270,7 @@ fn record_point(
         load_window: true,
         tasks: Default::default(),
     };
-    let start_capture = || -> anyhow::Result<crate::capture::Background> {
-        let cap = crate::capture::Background::start(
-            dir.clone(),
-            opts,
-            name.clone(),
-            agents.map(|l| (l, token.clone())),
-        )?;
-        if let (Some(vm), Some(addr)) = (up.vm(), collector) {
-            vm.start_agent(addr, &token)?;
-            // The workload starts once the guest's probes are attached (the
-            // agent sends its meta.json right after attaching).
-            let t0 = std::time::Instant::now();
-            while !dir.join("guest-0").join(crate::rundir::META).exists() {
-                if t0.elapsed() > Duration::from_secs(60) {
-                    anyhow::bail!("{name}: the guest agent did not start: {}", vm.agent_log());
-                }
-                std::thread::sleep(Duration::from_millis(100));
-            }
-        }
-        Ok(cap)
-    };
+    let start_capture = || start_capture(up, &dir, opts, &name);
     // The stand (origin, HAProxy) comes up before the probes attach and the
     // capture stops with the load, so that the recording covers the load
     // alone: costs per connection and the CPU the benchmark had are
@@ -369,6 +330,55 @@ fn record_point(
         dir.display()
     );
     Ok(point)
+}
+
+/// Starts recording `up` into `dir` (host probes with `opts`; in a guest,
+/// the agent streaming to a collector on the host side of its TAP, with a
+/// fresh token) and returns once both sides have attached.
+pub fn start_capture(
+    up: &Up,
+    dir: &Path,
+    opts: crate::recorder::Options,
+    name: &str,
+) -> anyhow::Result<crate::capture::Background> {
+    let mut token = [0u8; 24];
+    getrandom::fill(&mut token)
+        .map_err(|e| anyhow::anyhow!("no randomness for the agent token: {e}"))?;
+    let token: Vec<u8> = token
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect::<String>()
+        .into_bytes();
+    let agents = match up.vm() {
+        Some(vm) => {
+            let host = vm.host_ip();
+            let l = crate::topology::netns::run_in(vm.netns(), move || {
+                std::net::TcpListener::bind((host, 0))
+            })??;
+            Some(l)
+        }
+        None => None,
+    };
+    let collector = agents.as_ref().map(|l| l.local_addr()).transpose()?;
+    let cap = crate::capture::Background::start(
+        dir.to_path_buf(),
+        opts,
+        name.to_string(),
+        agents.map(|l| (l, token.clone())),
+    )?;
+    if let (Some(vm), Some(addr)) = (up.vm(), collector) {
+        vm.start_agent(addr, &token)?;
+        // The workload starts once the guest's probes are attached (the
+        // agent sends its meta.json right after attaching).
+        let t0 = std::time::Instant::now();
+        while !dir.join("guest-0").join(crate::rundir::META).exists() {
+            if t0.elapsed() > Duration::from_secs(60) {
+                anyhow::bail!("{name}: the guest agent did not start: {}", vm.agent_log());
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    }
+    Ok(cap)
 }
 
 fn serve(topology: &dyn sweep::Topology, config: &SweepConfig) -> anyhow::Result<ExitCode> {

@@ -23,7 +23,7 @@ use crate::{
 /// Record probes on a live system into a run directory.
 #[derive(Args, Debug)]
 #[command(
-    after_help = "Examples:\n  hvprof record -o run/ --duration 30s\n  hvprof record -o run/ -- curl -s http://127.0.0.1:8080/\n  hvprof record -o run/ --probe tcp --duration 10s\n  hvprof record -o run/ --comm haproxy --duration 10s"
+    after_help = "Examples:\n  hvprof record -o run/ --duration 30s\n  hvprof record -o run/ -- curl -s http://127.0.0.1:8080/\n  hvprof record -o run/ --probe tcp --duration 10s\n  hvprof record -o run/ --comm haproxy --duration 10s\n  hvprof record -o run/ --topology bridge-nf -- sh -c 'hvprof load $HVPROF_PROXY/?s=4k -d 5s'"
 )]
 pub struct RecordArgs {
     /// Run directory to create (must not hold a recording yet).
@@ -48,6 +48,14 @@ pub struct RecordArgs {
     /// Shared token file agents must prove they hold (with --collect).
     #[arg(long, value_name = "FILE", requires = "collect")]
     pub token: Option<PathBuf>,
+    /// Bring this topology up (see `hvprof topologies`) with origin and
+    /// HAProxy in it (and, in a `vm-*` topology, the guest agent), record
+    /// host and guest including the path's devices, and tear it all down
+    /// at the end. Prints the proxy's address: point a load at it, or give
+    /// the load as the command (run in the client's namespace, with
+    /// $HVPROF_PROXY set to the proxy's URL).
+    #[arg(long, value_name = "NAME", conflicts_with_all = ["collect", "token"])]
+    pub topology: Option<String>,
     /// Keep only this process's CPU samples, function-entry and socket
     /// events (decided in the kernel; packets keep to --dev); repeatable.
     #[arg(long, value_name = "PID")]
@@ -108,6 +116,9 @@ impl RecordArgs {
         if let Some(cmd) = self.command.first() {
             find_program(cmd)?;
         }
+        if let Some(name) = self.topology.clone() {
+            return self.run_topology(&name);
+        }
         let dir = rundir::create(&self.output)?;
         let rt = tokio::runtime::Builder::new_current_thread()
             .enable_all()
@@ -118,6 +129,84 @@ impl RecordArgs {
             // Leave no empty run directory behind; a started one is kept.
             let _ = std::fs::remove_dir(&dir);
         }
+        res
+    }
+
+    /// `--topology`: the topology up with its stand, recorded, torn down.
+    fn run_topology(self, name: &str) -> Result<ExitCode> {
+        let spec = crate::topology::TopologyArgs {
+            topologies: vec![name.to_string()],
+            ..Default::default()
+        }
+        .specs()?
+        .pop()
+        .context("no topology")?;
+        let dir = rundir::create(&self.output)?;
+        let up = crate::topology::Up::start(&spec)
+            .with_context(|| format!("bringing up topology {name}"))?;
+        let mut devices = up.host_devices();
+        devices.extend(self.devices.iter().cloned());
+        let opts = recorder::Options {
+            probes: self.probes.clone(),
+            devices,
+            ringbuf_mib: self.ringbuf_mib,
+            freq: self.freq,
+            load_window: false,
+            tasks: self.tasks(),
+        };
+        let config = loadgen::sweep::SweepConfig::default();
+        let (ready_tx, ready_rx) =
+            std::sync::mpsc::channel::<Result<std::net::SocketAddr, String>>();
+        let (done_tx, done_rx) = std::sync::mpsc::channel::<()>();
+        let up_ref = &up;
+        let res = std::thread::scope(|s| {
+            // The stand lives in one thread in the client's namespace from
+            // start to stop (HAProxy goes with the thread that started it).
+            s.spawn(move || {
+                up_ref.run_inside(
+                    move || match loadgen::sweep::Stand::start(up_ref, &config) {
+                        Ok(stand) => {
+                            let _ = ready_tx.send(Ok(stand.proxy));
+                            let _ = done_rx.recv();
+                            drop(stand);
+                        }
+                        Err(e) => {
+                            let _ = ready_tx.send(Err(e.to_string()));
+                        }
+                    },
+                )
+            });
+            let res = (|| -> Result<ExitCode> {
+                let proxy = ready_rx
+                    .recv()
+                    .map_err(|_| anyhow::anyhow!("{name}: the stand did not start"))?
+                    .map_err(|e| anyhow::anyhow!("{name}: {e}"))?;
+                let cap = crate::bench::start_capture(up_ref, &dir, opts, name)?;
+                let url = format!("http://{proxy}");
+                if !self.quiet {
+                    eprintln!(
+                        "hvprof: {name} up, proxy {url}/ (GET /?s=SIZE){}; recording into {} ({}); Ctrl-C to stop",
+                        up_ref.client_netns().map_or(String::new(), |ns| format!(
+                            ", reachable from namespace {ns} (ip netns exec {ns} ...)"
+                        )),
+                        dir.display(),
+                        match self.duration {
+                            Some(d) => format!("for {}", humantime::format_duration(d)),
+                            None => format!("while `{}` runs", self.command.join(" ")),
+                        }
+                    );
+                }
+                let exit = wait_for_end(self.duration, &self.command, up_ref.client_netns(), &url);
+                let summary = cap.stop()?;
+                if !self.quiet {
+                    print_summary(&dir, &summary);
+                }
+                exit
+            })();
+            drop(done_tx);
+            res
+        });
+        up.stop();
         res
     }
 
@@ -235,6 +324,60 @@ impl RecordArgs {
         }
         Ok(exit)
     }
+}
+
+/// Waits for the end of a `--topology` recording: the duration, the
+/// command's exit (run in `netns`, with $HVPROF_PROXY), or Ctrl-C/SIGTERM.
+fn wait_for_end(
+    duration: Option<Duration>,
+    command: &[String],
+    netns: Option<&str>,
+    proxy_url: &str,
+) -> Result<ExitCode> {
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .context("starting the async runtime")?;
+    rt.block_on(async {
+        let mut sigint = tokio::signal::unix::signal(SignalKind::interrupt())?;
+        let mut sigterm = tokio::signal::unix::signal(SignalKind::terminate())?;
+        let mut child = match command.split_first() {
+            None => None,
+            Some((prog, args)) => {
+                let mut cmd = match netns {
+                    Some(ns) => {
+                        let mut c = tokio::process::Command::new("ip");
+                        c.args(["netns", "exec", ns]).arg(prog);
+                        c
+                    }
+                    None => tokio::process::Command::new(prog),
+                };
+                let c = cmd
+                    .args(args)
+                    .env("HVPROF_PROXY", proxy_url)
+                    .kill_on_drop(true)
+                    .spawn()
+                    .with_context(|| format!("cannot run command {prog:?}"))?;
+                Some(c)
+            }
+        };
+        let deadline = duration.map(|d| tokio::time::Instant::now() + d);
+        Ok(tokio::select! {
+            _ = recorder::sleep_until(deadline) => {
+                stop_child(&mut child, libc::SIGTERM).await;
+                ExitCode::SUCCESS
+            }
+            status = wait_child(&mut child) => match status? {
+                Some(st) if !st.success() => {
+                    eprintln!("hvprof: command exited with {st}");
+                    ExitCode::from(st.code().map_or(1, |c| c.clamp(1, 255) as u8))
+                }
+                _ => ExitCode::SUCCESS,
+            },
+            _ = sigint.recv() => { stop_child(&mut child, libc::SIGINT).await; ExitCode::from(130) }
+            _ = sigterm.recv() => { stop_child(&mut child, libc::SIGTERM).await; ExitCode::from(143) }
+        })
+    })
 }
 
 /// Checks that `cmd` names an executable (directly or through `PATH`)

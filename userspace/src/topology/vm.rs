@@ -856,16 +856,19 @@ impl GuestHaproxyArgs {
                 )
             };
         }
-        let stream = UnixStream::connect(&self.ctl).with_context(|| {
-            format!(
-                "cannot reach the guest control socket {}",
-                self.ctl.display()
-            )
-        })?;
-        let mut ctl = Control::new(stream, &self.ctl)?;
-        let pids = ctl
-            .request("start", Duration::from_secs(60))
-            .context("starting HAProxy in the guest")?;
+        // The control port takes one connection at a time: hold it only
+        // per request, so that others (the agent, power-off) get through
+        // while HAProxy runs.
+        let request = |line: &str, limit: Duration| -> anyhow::Result<String> {
+            let stream = UnixStream::connect(&self.ctl).with_context(|| {
+                format!(
+                    "cannot reach the guest control socket {}",
+                    self.ctl.display()
+                )
+            })?;
+            Ok(Control::new(stream, &self.ctl)?.request(line, limit)?)
+        };
+        let pids = request("start", Duration::from_secs(60)).context("starting HAProxy in the guest")?;
         log::info!("guest haproxy pids {pids}");
         // Forward the host-side stats socket to the guest's.
         let listener = match &socket {
@@ -888,8 +891,7 @@ impl GuestHaproxyArgs {
             }
             std::thread::sleep(Duration::from_millis(20));
         }
-        ctl.request("stop", Duration::from_secs(15))
-            .context("stopping HAProxy in the guest")?;
+        request("stop", Duration::from_secs(15)).context("stopping HAProxy in the guest")?;
         Ok(ExitCode::SUCCESS)
     }
 }
