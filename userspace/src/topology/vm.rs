@@ -868,7 +868,8 @@ impl GuestHaproxyArgs {
             })?;
             Ok(Control::new(stream, &self.ctl)?.request(line, limit)?)
         };
-        let pids = request("start", Duration::from_secs(60)).context("starting HAProxy in the guest")?;
+        let pids =
+            request("start", Duration::from_secs(60)).context("starting HAProxy in the guest")?;
         log::info!("guest haproxy pids {pids}");
         // Forward the host-side stats socket to the guest's.
         let listener = match &socket {
