@@ -111,6 +111,23 @@ fn more_netfilter_rules_move_the_loss_into_netfilter_and_shares_add_up() {
     );
     let loss = |r: &Value| point(r, "bridge-nf")["loss_pct"].as_f64().unwrap_or(0.0);
     assert!(loss(&many) > loss(&few), "more rules, more loss");
+    // Packets cross the bridge (and its rules) slower with more rules: the
+    // crossing is timed between the two ends of the path.
+    let crossing = |r: &Value| {
+        point(r, "bridge-nf")["layers"]
+            .as_array()
+            .expect("layers")
+            .iter()
+            .find(|l| l["layer"] == "switch")
+            .and_then(|l| l["latency_us_p50"].as_f64())
+            .unwrap_or_else(|| panic!("no switch latency in {r}"))
+    };
+    assert!(
+        crossing(&many) > crossing(&few),
+        "crossing the bridge: {:.1} µs with 3000 rules vs {:.1} µs with 10",
+        crossing(&many),
+        crossing(&few)
+    );
     // The report files.
     let rep = tmp.path().join("many/report");
     for f in [

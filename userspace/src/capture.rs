@@ -38,6 +38,9 @@ pub struct Summary {
     pub stacks: usize,
     /// Guests whose agents delivered a recording.
     pub guests: Vec<GuestSummary>,
+    /// The one-way delay between the two devices traced on a host path
+    /// (a namespace topology's ends), when there were two.
+    pub crossing: Option<crate::correlate::Crossing>,
 }
 
 #[derive(Debug, Clone, Serialize)]
@@ -137,6 +140,10 @@ pub async fn run_until<F: Future>(
         samples: fin.stacks.samples,
         stacks: n_stacks,
         guests,
+        crossing: crate::correlate::crossing(dir).unwrap_or_else(|e| {
+            log::warn!("matching packets across the path: {e:#}");
+            None
+        }),
     };
     rundir::write_json(&dir.join(rundir::SUMMARY), &summary)?;
     Ok((summary, out))

@@ -4,9 +4,14 @@
 //! Matched pairs in both directions give the guest clock's offset
 //! NTP-style: host→guest pairs bound `offset + delay`, guest→host pairs
 //! `−offset + delay`; the minima of each give the offset and an error
-//! bound that needs no assumption about the delays.
+//! bound that needs no assumption about the delays. Packets seen at both
+//! ends of a host path (two devices of one run) give that path's one-way
+//! delay ([`crossing`]).
 
-use std::{collections::HashMap, path::Path};
+use std::{
+    collections::{BTreeMap, HashMap},
+    path::Path,
+};
 
 use anyhow::Result;
 use serde::Serialize;
@@ -51,26 +56,49 @@ fn key(p: &DevPacket) -> Key {
     )
 }
 
-/// Each packet seen exactly once in its direction on the device (keys
-/// seen more than once — duplicate ACKs, retransmissions — are ambiguous
-/// and dropped), with its timestamp.
-fn packets(dir: &Path) -> Result<(Seen, Seen, u64)> {
-    let (x, r, n) = sightings(dir)?;
-    let once = |m: HashMap<Key, (u64, u32)>| -> HashMap<Key, u64> {
-        m.into_iter()
-            .filter(|(_, (_, c))| *c == 1)
-            .map(|(k, (t, _))| (k, t))
-            .collect()
-    };
-    Ok((once(x), once(r), n))
+/// Each packet seen exactly once in its direction (keys seen more than
+/// once — duplicate ACKs, retransmissions — are ambiguous and dropped),
+/// with its timestamp.
+fn once(m: HashMap<Key, (u64, u32)>) -> Seen {
+    m.into_iter()
+        .filter(|(_, (_, c))| *c == 1)
+        .map(|(k, (t, _))| (k, t))
+        .collect()
 }
 
-/// Per direction: first timestamp and number of sightings of each key.
-#[allow(clippy::type_complexity)]
-fn sightings(dir: &Path) -> Result<(HashMap<Key, (u64, u32)>, HashMap<Key, (u64, u32)>, u64)> {
+/// The packets of a run's devices taken together: transmitted, received,
+/// and how many packet events there were.
+fn packets(dir: &Path) -> Result<(Seen, Seen, u64)> {
     let mut xmit = HashMap::new();
     let mut recv = HashMap::new();
     let mut n = 0;
+    for d in sightings(dir)?.into_values() {
+        n += d.events;
+        for (k, (t, c)) in d.xmit {
+            let e = xmit.entry(k).or_insert((t, 0));
+            e.1 += c;
+        }
+        for (k, (t, c)) in d.recv {
+            let e = recv.entry(k).or_insert((t, 0));
+            e.1 += c;
+        }
+    }
+    Ok((once(xmit), once(recv), n))
+}
+
+/// What one device saw: per direction, the first timestamp and the number
+/// of sightings of each key.
+#[derive(Default)]
+struct Device {
+    name: String,
+    xmit: HashMap<Key, (u64, u32)>,
+    recv: HashMap<Key, (u64, u32)>,
+    events: u64,
+}
+
+/// The packet events of a run, per device (netns, ifindex).
+fn sightings(dir: &Path) -> Result<BTreeMap<(u32, u32), Device>> {
+    let mut devices: BTreeMap<(u32, u32), Device> = BTreeMap::new();
     let mut r = LogReader::open(&dir.join(rundir::EVENTS))?;
     let ctx = event::Context::default();
     while let Some(rec) = r.next_record()? {
@@ -78,16 +106,59 @@ fn sightings(dir: &Path) -> Result<(HashMap<Key, (u64, u32)>, HashMap<Key, (u64,
             continue;
         };
         if let Body::DevPacket(p) = &ev.body {
-            n += 1;
+            let d = devices.entry((p.netns, p.ifindex)).or_default();
+            if d.name.is_empty() {
+                d.name.clone_from(&p.dev);
+            }
+            d.events += 1;
             let map = if p.dir == "xmit" {
-                &mut xmit
+                &mut d.xmit
             } else {
-                &mut recv
+                &mut d.recv
             };
             map.entry(key(p)).or_insert((ev.ts_ns, 0)).1 += 1;
         }
     }
-    Ok((xmit, recv, n))
+    Ok(devices)
+}
+
+/// The one-way delay across a host path between the two devices a run
+/// traced (a namespace topology's client and proxy ends: veth, bridge and
+/// its netfilter hooks in between), both directions, on one clock.
+#[derive(Debug, Clone, Serialize, PartialEq)]
+pub struct Crossing {
+    pub devices: [String; 2],
+    pub matched: u64,
+    pub one_way_us_p50: f64,
+    pub one_way_us_p99: f64,
+}
+
+/// The crossing between the run's two devices; `None` unless exactly two
+/// devices saw packets that match.
+pub fn crossing(dir: &Path) -> Result<Option<Crossing>> {
+    let devices: Vec<Device> = sightings(dir)?.into_values().collect();
+    let Ok([a, b]) = <[Device; 2]>::try_from(devices) else {
+        return Ok(None);
+    };
+    let (ax, ar, bx, br) = (once(a.xmit), once(a.recv), once(b.xmit), once(b.recv));
+    let across = |from: &Seen, to: &Seen| -> Vec<u64> {
+        from.iter()
+            .filter_map(|(k, t0)| to.get(k).and_then(|t1| t1.checked_sub(*t0)))
+            .collect()
+    };
+    let mut delays: Vec<u64> = across(&ax, &br);
+    delays.extend(across(&bx, &ar));
+    if delays.is_empty() {
+        return Ok(None);
+    }
+    delays.sort_unstable();
+    let q = |p: f64| delays[((delays.len() - 1) as f64 * p).round() as usize] as f64 / 1000.0;
+    Ok(Some(Crossing {
+        devices: [a.name, b.name],
+        matched: delays.len() as u64,
+        one_way_us_p50: q(0.5),
+        one_way_us_p99: q(0.99),
+    }))
 }
 
 /// Matches the host run in `host` with the guest run in `guest`;

@@ -434,10 +434,13 @@ fn explain(
         let summary: Option<serde_json::Value> = std::fs::read(d.join(rundir::SUMMARY))
             .ok()
             .and_then(|b| serde_json::from_slice(&b).ok());
-        let vnic_lat = summary.as_ref().and_then(|s| {
-            let p = &s["guests"][0]["packets"];
+        let one_way = |p: &serde_json::Value| {
             Some((p["one_way_us_p50"].as_f64()?, p["one_way_us_p99"].as_f64()?))
-        });
+        };
+        let vnic_lat = summary
+            .as_ref()
+            .and_then(|s| one_way(&s["guests"][0]["packets"]));
+        let switch_lat = summary.as_ref().and_then(|s| one_way(&s["crossing"]));
         let layers = Layer::ALL
             .iter()
             .map(|l| {
@@ -451,6 +454,7 @@ fn explain(
                         .map(|p| (p.p50, p.p99))
                         .unzip(),
                     Layer::Vnic => vnic_lat.unzip(),
+                    Layer::Switch => switch_lat.unzip(),
                     _ => (None, None),
                 };
                 SizeLayer {

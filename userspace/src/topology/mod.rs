@@ -344,7 +344,8 @@ impl Up {
     }
 
     /// Host-side devices of the path, as `NETNS:IFNAME` for `--dev`: the
-    /// TAP of a guest, the client-side veth of a namespace topology.
+    /// TAP of a guest, both ends of a namespace topology (so that a
+    /// packet's crossing is timed).
     pub fn host_devices(&self) -> Vec<String> {
         match &self.placement {
             Placement::Native(_) => Vec::new(),
@@ -352,6 +353,11 @@ impl Up {
                 .client_devices()
                 .into_iter()
                 .map(|d| format!("{}:{d}", net.client_ns()))
+                .chain(
+                    net.proxy_devices()
+                        .into_iter()
+                        .map(|d| format!("{}:{d}", net.proxy_ns())),
+                )
                 .collect(),
             Placement::Vm(vm) => vec![format!("{}:{}", vm.netns(), vm.tap())],
         }

@@ -285,6 +285,10 @@ impl NetnsSet {
     pub fn client_devices(&self) -> Vec<&'static str> {
         vec!["hvpc0"]
     }
+    /// The proxy namespace's end of the path (always `hvpp0`).
+    pub fn proxy_devices(&self) -> Vec<&'static str> {
+        vec!["hvpp0"]
+    }
 
     pub fn names(&self) -> Vec<String> {
         [Some(&self.client), Some(&self.proxy), self.bridge.as_ref()]
