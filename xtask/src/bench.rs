@@ -242,7 +242,7 @@ fn wrk(url: &str, a: &BenchLoadArgs) -> Result<Run> {
     Ok(Run::new(rps, errors, cpu, a))
 }
 
-fn median(v: &mut [f64]) -> f64 {
+pub(crate) fn median(v: &mut [f64]) -> f64 {
     v.sort_by(|a, b| a.total_cmp(b));
     if v.is_empty() { 0.0 } else { v[v.len() / 2] }
 }
@@ -347,8 +347,9 @@ fn start_stand(bin: &Path, haproxy_threads: usize) -> Result<(Guard, String)> {
     let stdout = serve.stdout.take().context("no stdout")?;
     let stand = Guard(Some(serve));
     let mut proxy = None;
-    for line in BufReader::new(stdout).lines() {
-        let line = line?;
+    let mut lines = BufReader::new(stdout);
+    let mut line = String::new();
+    while lines.read_line(&mut line)? > 0 {
         if let Some(rest) = line.strip_prefix("proxy ") {
             proxy = rest
                 .split_whitespace()
@@ -356,7 +357,10 @@ fn start_stand(bin: &Path, haproxy_threads: usize) -> Result<(Guard, String)> {
                 .map(|u| u.trim_end_matches('/').to_string());
             break;
         }
+        line.clear();
     }
+    // Keep reading what it prints next, or its writes would fail.
+    std::thread::spawn(move || std::io::copy(&mut lines, &mut std::io::sink()));
     let proxy = proxy.context("hvprof bench --serve printed no proxy address")?;
     Ok((stand, proxy))
 }
@@ -569,7 +573,7 @@ fn tree_cpu_seconds(pid: u32) -> f64 {
     total / 100.0
 }
 
-struct DirGuard(PathBuf);
+pub(crate) struct DirGuard(pub(crate) PathBuf);
 
 impl Drop for DirGuard {
     fn drop(&mut self) {

@@ -3,7 +3,10 @@
 //! from user space (read from the running kernel), never compiled in.
 
 use aya_ebpf::{
-    Global, helpers::bpf_probe_read_kernel, macros::tracepoint, programs::TracePointContext,
+    EbpfContext, Global,
+    helpers::{bpf_probe_read_kernel, bpf_probe_read_kernel_buf},
+    macros::tracepoint,
+    programs::TracePointContext,
 };
 use hvprof_common::{KernelOffsets, SockStateEvent, SockStateTpOffsets, kind, probe};
 
@@ -46,7 +49,10 @@ pub fn hvp_sock_state(ctx: TracePointContext) -> u32 {
 fn try_sock_state(ctx: &TracePointContext) -> Result<(), i32> {
     let off = HVP_SOCK_STATE_TP.load();
     // SAFETY: offsets come from this kernel's tracepoint format.
-    let protocol: u16 = unsafe { ctx.read_at(off.protocol as usize)? };
+    let Some(rec) = Record::copy(ctx) else {
+        return Ok(());
+    };
+    let protocol: u16 = rec.get(ctx, off.protocol);
     if protocol != IPPROTO_TCP || !task_wanted() {
         return Ok(());
     }
@@ -54,19 +60,47 @@ fn try_sock_state(ctx: &TracePointContext) -> Result<(), i32> {
         count_lost(probe::SOCK_STATE);
         return Ok(());
     };
-    let ev = fill(ctx, &off);
+    let ev = fill(ctx, &rec, &off);
     entry.write(ev);
     entry.submit(submit_flags());
     Ok(())
 }
 
+/// The start of the tracepoint record, copied to the stack with one
+/// helper call; fields are then read from the copy (a helper call per
+/// field would cost more than the rest of the program).
+struct Record([u8; RECORD_BYTES]);
+
+const RECORD_BYTES: usize = 64;
+
+impl Record {
+    #[inline(always)]
+    fn copy(ctx: &TracePointContext) -> Option<Self> {
+        let mut r = Record([0; RECORD_BYTES]);
+        // SAFETY: probe_read tolerates faults; the destination is ours.
+        let rc = unsafe { bpf_probe_read_kernel_buf(ctx.as_ptr() as *const u8, &mut r.0) };
+        rc.ok().map(|()| r)
+    }
+
+    /// The `T` at `off`, from the copy (or the record itself beyond it).
+    #[inline(always)]
+    fn get<T: Copy + Default>(&self, ctx: &TracePointContext, off: u32) -> T {
+        let off = off as usize;
+        if off > RECORD_BYTES - core::mem::size_of::<T>() {
+            // SAFETY: the offset comes from this kernel's tracepoint format.
+            return unsafe { ctx.read_at::<T>(off) }.unwrap_or_default();
+        }
+        // SAFETY: bounds checked above; unaligned read from the stack.
+        unsafe { core::ptr::read_unaligned(self.0.as_ptr().add(off).cast::<T>()) }
+    }
+}
+
 #[inline(always)]
-fn fill(ctx: &TracePointContext, off: &SockStateTpOffsets) -> SockStateEvent {
-    // SAFETY (all reads): offsets come from this kernel's tracepoint format;
-    // a failed read leaves the field zero.
-    let read_u16 = |o: u32| unsafe { ctx.read_at::<u16>(o as usize) }.unwrap_or(0);
-    let read_i32 = |o: u32| unsafe { ctx.read_at::<i32>(o as usize) }.unwrap_or(0);
-    let skaddr: u64 = unsafe { ctx.read_at(off.skaddr as usize) }.unwrap_or(0);
+fn fill(ctx: &TracePointContext, rec: &Record, off: &SockStateTpOffsets) -> SockStateEvent {
+    // Offsets come from this kernel's tracepoint format.
+    let read_u16 = |o: u32| rec.get::<u16>(ctx, o);
+    let read_i32 = |o: u32| rec.get::<i32>(ctx, o);
+    let skaddr: u64 = rec.get(ctx, off.skaddr);
     let family = read_u16(off.family);
     let mut ev = SockStateEvent {
         header: header(kind::SOCK_STATE, probe::SOCK_STATE),
@@ -85,10 +119,10 @@ fn fill(ctx: &TracePointContext, off: &SockStateTpOffsets) -> SockStateEvent {
         ev.saddr = unsafe { ctx.read_at(off.saddr_v6 as usize) }.unwrap_or([0; 16]);
         ev.daddr = unsafe { ctx.read_at(off.daddr_v6 as usize) }.unwrap_or([0; 16]);
     } else {
-        let s: [u8; 4] = unsafe { ctx.read_at(off.saddr as usize) }.unwrap_or([0; 4]);
-        let d: [u8; 4] = unsafe { ctx.read_at(off.daddr as usize) }.unwrap_or([0; 4]);
-        ev.saddr[..4].copy_from_slice(&s);
-        ev.daddr[..4].copy_from_slice(&d);
+        let s: u32 = rec.get(ctx, off.saddr);
+        let d: u32 = rec.get(ctx, off.daddr);
+        ev.saddr[..4].copy_from_slice(&s.to_ne_bytes());
+        ev.daddr[..4].copy_from_slice(&d.to_ne_bytes());
     }
     let k = HVP_KERNEL_OFFSETS.load();
     if k.valid != 0 && skaddr != 0 {
