@@ -205,6 +205,179 @@ fn pid_and_comm_filters_keep_only_those_tasks_in_the_kernel() {
     assert!(our_bpf_programs().is_empty(), "programs left attached");
 }
 
+/// Where cgroup v2 is mounted, if it is.
+fn cgroup2_mount() -> Option<std::path::PathBuf> {
+    std::fs::read_to_string("/proc/mounts")
+        .ok()?
+        .lines()
+        .find_map(|l| {
+            let f: Vec<&str> = l.split_whitespace().collect();
+            (f.get(2) == Some(&"cgroup2")).then(|| std::path::PathBuf::from(f[1]))
+        })
+}
+
+/// A cgroup of the test's own, removed (after its processes) when dropped.
+struct Cgroup(std::path::PathBuf, Option<Spin>);
+
+impl Drop for Cgroup {
+    fn drop(&mut self) {
+        drop(self.1.take());
+        let _ = std::fs::remove_dir(&self.0);
+    }
+}
+
+#[test]
+fn cgroup_filter_keeps_only_that_cgroups_tasks() {
+    require_bpf!("record_cgroup_filter");
+    let Some(root) = cgroup2_mount() else {
+        skip("record_cgroup_filter", "no cgroup v2 hierarchy mounted");
+        return;
+    };
+    let _g = bpf_lock();
+    let dir = root.join(format!("hvprof-test-{}", std::process::id()));
+    if let Err(e) = std::fs::create_dir(&dir) {
+        skip(
+            "record_cgroup_filter",
+            &format!("cannot create a cgroup: {e}"),
+        );
+        return;
+    }
+    let mut cg = Cgroup(dir.clone(), None);
+    let spin = Spin(
+        Command::new("sh")
+            .args(["-c", "while :; do :; done"])
+            .spawn()
+            .expect("sh runs"),
+    );
+    let pid = spin.0.id();
+    cg.1 = Some(spin);
+    std::fs::write(dir.join("cgroup.procs"), pid.to_string()).expect("moved into the cgroup");
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let run = tmp.path().join("run");
+    let out = Command::new(hvprof_bin())
+        .args(["record", "-q", "-F", "499", "-d", "2s", "--cgroup"])
+        .arg(&dir)
+        .arg("-o")
+        .arg(&run)
+        .output()
+        .expect("hvprof runs");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let dump = hvprof(&["dump", run.to_str().expect("utf8")]);
+    let events = json_lines(&dump.stdout);
+    assert!(
+        events.len() > 100,
+        "samples of the busy loop: {}",
+        events.len()
+    );
+    let others: Vec<&Value> = events
+        .iter()
+        .filter(|e| e["pid"].as_u64() != Some(u64::from(pid)))
+        .collect();
+    assert!(
+        others.is_empty(),
+        "events of other tasks: {:?}",
+        others.first()
+    );
+    drop(cg);
+    let bad = hvprof(&[
+        "record",
+        "-d",
+        "1s",
+        "--cgroup",
+        "/nonexistent",
+        "-o",
+        tmp.path().join("bad").to_str().expect("utf8"),
+    ]);
+    assert!(!bad.status.success());
+    assert!(String::from_utf8_lossy(&bad.stderr).contains("--cgroup /nonexistent"));
+}
+
+/// `GET /metrics` on `port`, as text.
+fn scrape(port: u16) -> String {
+    use std::io::{Read as _, Write as _};
+    let mut s = std::net::TcpStream::connect(("127.0.0.1", port)).expect("metrics endpoint");
+    s.write_all(b"GET /metrics HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+        .expect("request");
+    let mut text = String::new();
+    s.read_to_string(&mut text).expect("response");
+    text
+}
+
+fn metric(text: &str, name: &str) -> u64 {
+    text.lines()
+        .find_map(|l| l.strip_prefix(name)?.trim().parse().ok())
+        .unwrap_or_else(|| panic!("no {name} in {text}"))
+}
+
+#[test]
+fn live_view_and_metrics_follow_a_running_system_and_quit_on_ctrl_c() {
+    require_bpf!("record_live_metrics");
+    let _g = bpf_lock();
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .expect("a free port")
+        .port();
+    let child = Command::new(hvprof_bin())
+        .args([
+            "record",
+            "--live",
+            "--metrics",
+            &format!("127.0.0.1:{port}"),
+        ])
+        .stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap_or_else(|e| panic!("{}: {e}", hvprof_bin().display()));
+    let live = Spin(child);
+    // Attached once the endpoint answers.
+    let t0 = std::time::Instant::now();
+    while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
+        assert!(t0.elapsed().as_secs() < 30, "no metrics endpoint");
+        std::thread::sleep(std::time::Duration::from_millis(100));
+    }
+    std::thread::sleep(std::time::Duration::from_millis(1500));
+    let out = Command::new(helper_bin("tcp-burst"))
+        .arg("300")
+        .arg(tmp.path().join("port"))
+        .output()
+        .expect("tcp-burst runs");
+    assert!(out.status.success());
+    std::thread::sleep(std::time::Duration::from_millis(1500));
+    let text = scrape(port);
+    assert!(
+        metric(&text, "hvprof_tcp_connections_total") >= 300,
+        "{text}"
+    );
+    assert!(
+        metric(
+            &text,
+            "hvprof_events_total{probe=\"tcp:inet_sock_set_state\"}"
+        ) >= 300 * 4,
+        "{text}"
+    );
+    assert!(text.contains("hvprof_cpu_samples_total{layer=\"socket\"}"));
+    assert!(text.contains("hvprof_lost_events_total{probe=\"tcp:inet_sock_set_state\"} 0"));
+    // Ctrl-C ends it cleanly: exit 0, the view drawn, probes detached.
+    let mut live = live;
+    // SAFETY: signalling the process we started, by its pid.
+    unsafe { libc::kill(live.0.id() as i32, libc::SIGINT) };
+    let stdout = live.0.stdout.take().expect("stdout");
+    let status = live.0.wait().expect("hvprof ends");
+    let view = std::io::read_to_string(stdout).expect("view");
+    assert!(status.success(), "exit {status}");
+    assert!(
+        view.contains("connections/s") && view.contains("top functions"),
+        "{view}"
+    );
+    assert!(our_bpf_programs().is_empty(), "programs left attached");
+}
+
 #[test]
 fn probes_are_attached_while_recording_and_gone_after_sigint_and_sigterm() {
     require_bpf!("record_signals");

@@ -223,7 +223,7 @@ pub struct LoadOptions<'a> {
     pub tasks: &'a TaskFilter,
 }
 
-/// `--pid` / `--comm`: the tasks whose CPU samples, function-entry and
+/// `--pid` / `--comm` / `--cgroup`: the tasks whose CPU samples, function-entry and
 /// socket events are kept, decided in the kernel by the current task
 /// (so packet events handled in softirq on another task's time stay
 /// with the device filter). Empty: every task.
@@ -233,6 +233,8 @@ pub struct TaskFilter {
     pub pids: Vec<u32>,
     /// Thread names (`comm`, at most 15 bytes).
     pub comms: Vec<String>,
+    /// cgroup v2 ids (the inode numbers of their directories).
+    pub cgroups: Vec<u64>,
 }
 
 impl TaskFilter {
@@ -243,6 +245,9 @@ impl TaskFilter {
         }
         if !self.comms.is_empty() {
             b |= task_filter::COMMS;
+        }
+        if !self.cgroups.is_empty() {
+            b |= task_filter::CGROUPS;
         }
         b
     }
@@ -264,10 +269,12 @@ impl TaskFilter {
         }
         if self.pids.len() > task_filter::MAX_PIDS as usize
             || self.comms.len() > task_filter::MAX_COMMS as usize
+            || self.cgroups.len() > task_filter::MAX_COMMS as usize
         {
             bail!(
-                "at most {} --pid and {} --comm",
+                "at most {} --pid, {} --comm and {} --cgroup",
                 task_filter::MAX_PIDS,
+                task_filter::MAX_COMMS,
                 task_filter::MAX_COMMS
             );
         }
@@ -288,12 +295,19 @@ impl TaskFilter {
             key[..c.len()].copy_from_slice(c.as_bytes());
             comms.insert(key, 1, 0)?;
         }
+        let mut cgroups: aya::maps::HashMap<_, u64, u8> = aya::maps::HashMap::try_from(
+            ebpf.map_mut(CGROUPS_MAP).ok_or_else(|| map(CGROUPS_MAP))?,
+        )?;
+        for id in &self.cgroups {
+            cgroups.insert(id, 1, 0)?;
+        }
         Ok(())
     }
 }
 
 const PIDS_MAP: &str = "HVP_PIDS";
 const COMMS_MAP: &str = "HVP_COMMS";
+const CGROUPS_MAP: &str = "HVP_CGROUPS";
 const TASK_FILTER_GLOBAL: &str = "HVP_TASK_FILTER";
 
 /// Loads the object with this kernel's offsets as globals. Nothing is

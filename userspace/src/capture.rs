@@ -64,13 +64,13 @@ pub async fn run_until<F: Future>(
     topology: &str,
     command: &[String],
     collector: Option<Collector>,
-    on_attached: impl FnOnce(&Recorder),
+    on_attached: impl FnOnce(&mut Recorder),
     stop: F,
 ) -> Result<(Summary, F::Output)> {
     let mut rec = Recorder::start(opts, topology, command)?;
     rundir::write_json(&dir.join(rundir::META), &rec.meta)?;
     let mut log = LogWriter::create(&dir.join(rundir::EVENTS))?;
-    on_attached(&rec);
+    on_attached(&mut rec);
     let mut drain_tick = tokio::time::interval(recorder::DRAIN_EVERY);
     let mut symbolize_tick = tokio::time::interval(Duration::from_secs(1));
     tokio::pin!(stop);
@@ -79,7 +79,10 @@ pub async fn run_until<F: Future>(
             tokio::select! {
                 r = rec.wait_and_drain(|r| Ok(log.append(r)?)) => { r?; log.flush()? }
                 _ = drain_tick.tick() => { rec.drain(|r| Ok(log.append(r)?))?; log.flush()? }
-                _ = symbolize_tick.tick() => rec.stacks.symbolize_pending(),
+                _ = symbolize_tick.tick() => {
+                    rec.stacks.symbolize_pending();
+                    rec.tap_lost();
+                }
                 out = &mut stop => break Ok(out),
             }
         }

@@ -20,15 +20,18 @@ use crate::{
     rundir,
 };
 
+mod live;
+
 /// Record probes on a live system into a run directory.
 #[derive(Args, Debug)]
 #[command(
     after_help = "Examples:\n  hvprof record -o run/ --duration 30s\n  hvprof record -o run/ -- curl -s http://127.0.0.1:8080/\n  hvprof record -o run/ --probe tcp --duration 10s\n  hvprof record -o run/ --comm haproxy --duration 10s\n  hvprof record -o run/ --topology bridge-nf -- sh -c 'hvprof load $HVPROF_PROXY/?s=4k -d 5s'"
 )]
 pub struct RecordArgs {
-    /// Run directory to create (must not hold a recording yet).
-    #[arg(short, long, value_name = "DIR")]
-    pub output: PathBuf,
+    /// Run directory to create (must not hold a recording yet); optional
+    /// with --live.
+    #[arg(short, long, value_name = "DIR", required_unless_present = "live")]
+    pub output: Option<PathBuf>,
     /// Record for this long (e.g. 30s, 2m, 500ms).
     #[arg(short, long, value_name = "D", value_parser = parse_duration, conflicts_with = "command")]
     pub duration: Option<Duration>,
@@ -56,6 +59,21 @@ pub struct RecordArgs {
     /// $HVPROF_PROXY set to the proxy's URL).
     #[arg(long, value_name = "NAME", conflicts_with_all = ["collect", "token"])]
     pub topology: Option<String>,
+    /// A terminal view refreshed every second: connections/s, CPU per
+    /// layer, top functions, lost events; `q` or Ctrl-C quits. Without -o
+    /// nothing is kept on disk.
+    #[arg(long, conflicts_with = "topology")]
+    pub live: bool,
+    /// Serve Prometheus counters (events and lost events per probe, CPU
+    /// samples per layer, connections) at http://ADDR/metrics while
+    /// recording [ADDR: 127.0.0.1:9477].
+    #[arg(long, value_name = "ADDR", num_args = 0..=1, default_missing_value = "127.0.0.1:9477")]
+    pub metrics: Option<std::net::SocketAddr>,
+    /// Keep only the events of tasks in this cgroup (a cgroup v2
+    /// directory, e.g. /sys/fs/cgroup/system.slice/haproxy.service), like
+    /// --pid; repeatable.
+    #[arg(long, value_name = "DIR")]
+    pub cgroup: Vec<PathBuf>,
     /// Keep only this process's CPU samples, function-entry and socket
     /// events (decided in the kernel; packets keep to --dev); repeatable.
     #[arg(long, value_name = "PID")]
@@ -99,7 +117,7 @@ fn parse_ringbuf_mib(s: &str) -> Result<u32, String> {
 
 impl RecordArgs {
     pub fn run(self) -> Result<ExitCode> {
-        if self.duration.is_none() && self.command.is_empty() {
+        if self.duration.is_none() && self.command.is_empty() && !self.live {
             bail!(
                 "nothing to record: give --duration D, or a command after `--` (e.g. `hvprof record -o run/ -- sleep 5`)"
             );
@@ -107,7 +125,7 @@ impl RecordArgs {
         // Validate probe names, filters and the command before touching
         // the kernel.
         recorder::select(&self.probes)?;
-        self.tasks().validate()?;
+        self.tasks()?.validate()?;
         let token = self
             .token
             .as_deref()
@@ -119,7 +137,17 @@ impl RecordArgs {
         if let Some(name) = self.topology.clone() {
             return self.run_topology(&name);
         }
-        let dir = rundir::create(&self.output)?;
+        // `--live` without -o: a scratch directory, removed at the end.
+        let (dir, _scratch) = match &self.output {
+            Some(o) => (rundir::create(o)?, None),
+            None => {
+                let t = tempfile::Builder::new()
+                    .prefix("hvprof-live-")
+                    .tempdir()
+                    .context("creating a scratch directory for --live")?;
+                (t.path().to_path_buf(), Some(t))
+            }
+        };
         let rt = tokio::runtime::Builder::new_current_thread()
             .enable_all()
             .build()
@@ -141,7 +169,7 @@ impl RecordArgs {
         .specs()?
         .pop()
         .context("no topology")?;
-        let dir = rundir::create(&self.output)?;
+        let dir = rundir::create(self.output.as_deref().context("--topology needs -o DIR")?)?;
         let up = crate::topology::Up::start(&spec)
             .with_context(|| format!("bringing up topology {name}"))?;
         let mut devices = up.host_devices();
@@ -152,7 +180,7 @@ impl RecordArgs {
             ringbuf_mib: self.ringbuf_mib,
             freq: self.freq,
             load_window: false,
-            tasks: self.tasks(),
+            tasks: self.tasks()?,
         };
         let config = loadgen::sweep::SweepConfig::default();
         let (ready_tx, ready_rx) =
@@ -210,11 +238,29 @@ impl RecordArgs {
         res
     }
 
-    fn tasks(&self) -> crate::attach::TaskFilter {
-        crate::attach::TaskFilter {
+    fn tasks(&self) -> Result<crate::attach::TaskFilter> {
+        use std::os::unix::fs::MetadataExt as _;
+        let cgroups = self
+            .cgroup
+            .iter()
+            .map(|p| {
+                // A cgroup v2 directory's inode number is its id.
+                let m = std::fs::metadata(p)
+                    .ok()
+                    .filter(|m| m.is_dir() && p.join("cgroup.procs").exists());
+                m.map(|m| m.ino()).with_context(|| {
+                    format!(
+                        "--cgroup {}: not a cgroup v2 directory (look under /sys/fs/cgroup)",
+                        p.display()
+                    )
+                })
+            })
+            .collect::<Result<Vec<u64>>>()?;
+        Ok(crate::attach::TaskFilter {
             pids: self.pid.clone(),
             comms: self.comm.clone(),
-        }
+            cgroups,
+        })
     }
 
     async fn record(self, dir: PathBuf, token: Option<Vec<u8>>) -> Result<ExitCode> {
@@ -236,22 +282,40 @@ impl RecordArgs {
             ringbuf_mib: self.ringbuf_mib,
             freq: self.freq,
             load_window: false,
-            tasks: self.tasks(),
+            tasks: self.tasks()?,
         };
+        // Counters for --live and --metrics, fed as events are drained.
+        let counters = (self.live || self.metrics.is_some()).then(live::Live::default);
+        if let (Some(addr), Some(c)) = (self.metrics, &counters) {
+            let bound = live::serve_metrics(addr, c.clone()).await?;
+            eprintln!("hvprof: Prometheus metrics at http://{bound}/metrics");
+        }
+        let view = self.live.then(|| {
+            (
+                counters.clone().unwrap_or_default(),
+                self.freq,
+                aya::util::online_cpus().map_or(1, |c| c.len()),
+            )
+        });
+        let _raw = self.live.then(live::RawTerminal::enter);
         // The command starts once the probes are attached.
         let child: RefCell<Option<tokio::process::Child>> = RefCell::new(None);
         let spawn_err: RefCell<Option<anyhow::Error>> = RefCell::new(None);
         let command = self.command.clone();
         let quiet = self.quiet;
         let duration = self.duration;
-        let announce = |rec: &Recorder| {
-            if !quiet {
+        let announce = |rec: &mut Recorder| {
+            if let Some(c) = &counters {
+                rec.set_tap(c.tap());
+            }
+            if !quiet && view.is_none() {
                 eprintln!(
                     "hvprof: recording {} probe(s) into {} ({}); Ctrl-C to stop",
                     rec.attached().len(),
                     dir.display(),
                     match duration {
                         Some(d) => format!("for {}", humantime::format_duration(d)),
+                        None if command.is_empty() => "until Ctrl-C".into(),
                         None => format!("while `{}` runs", command.join(" ")),
                     }
                 );
@@ -279,18 +343,43 @@ impl RecordArgs {
             }
             // Only this future touches the child from here on.
             let mut child = child.borrow_mut().take();
-            tokio::select! {
-                _ = recorder::sleep_until(deadline) => ExitCode::SUCCESS,
-                status = wait_child(&mut child) => match status {
-                    Ok(Some(st)) if !st.success() => {
-                        eprintln!("hvprof: command exited with {st}");
-                        ExitCode::from(st.code().map_or(1, |c| c.clamp(1, 255) as u8))
+            let mut redraw = tokio::time::interval(Duration::from_secs(1));
+            let mut shown = (live::Counters::default(), std::time::Instant::now());
+            let quit = live::quit_key();
+            tokio::pin!(quit);
+            loop {
+                tokio::select! {
+                    _ = redraw.tick(), if view.is_some() => {
+                        if let Some((c, hz, cpus)) = &view {
+                            let now = c.snapshot();
+                            let secs = shown.1.elapsed().as_secs_f64();
+                            print!("\x1b[H\x1b[2J{}", live::render(&now, &shown.0, secs, *hz, *cpus));
+                            use std::io::Write as _;
+                            let _ = std::io::stdout().flush();
+                            shown = (now, std::time::Instant::now());
+                        }
+                        continue;
                     }
-                    Ok(_) => ExitCode::SUCCESS,
-                    Err(e) => { eprintln!("hvprof: {e:#}"); ExitCode::FAILURE }
-                },
-                _ = sigint.recv() => { stop_child(&mut child, libc::SIGINT).await; ExitCode::from(130) }
-                _ = sigterm.recv() => { stop_child(&mut child, libc::SIGTERM).await; ExitCode::from(143) }
+                    _ = &mut quit, if view.is_some() => {
+                        stop_child(&mut child, libc::SIGINT).await;
+                        break ExitCode::SUCCESS
+                    }
+                    _ = recorder::sleep_until(deadline) => break ExitCode::SUCCESS,
+                    status = wait_child(&mut child) => break match status {
+                        Ok(Some(st)) if !st.success() => {
+                            eprintln!("hvprof: command exited with {st}");
+                            ExitCode::from(st.code().map_or(1, |c| c.clamp(1, 255) as u8))
+                        }
+                        Ok(_) => ExitCode::SUCCESS,
+                        Err(e) => { eprintln!("hvprof: {e:#}"); ExitCode::FAILURE }
+                    },
+                    _ = sigint.recv() => {
+                        stop_child(&mut child, libc::SIGINT).await;
+                        // Quitting a live view with Ctrl-C is its normal end.
+                        break if view.is_some() { ExitCode::SUCCESS } else { ExitCode::from(130) }
+                    }
+                    _ = sigterm.recv() => { stop_child(&mut child, libc::SIGTERM).await; break ExitCode::from(143) }
+                }
             }
         };
         let (summary, exit) = capture::run_until(
@@ -320,7 +409,9 @@ impl RecordArgs {
                     if g.complete { "" } else { " (incomplete)" }
                 );
             }
-            print_summary(&dir, &summary);
+            if self.output.is_some() {
+                print_summary(&dir, &summary);
+            }
         }
         Ok(exit)
     }

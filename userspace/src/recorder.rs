@@ -83,6 +83,14 @@ pub struct Recorder {
     pub meta: Meta,
     started: Instant,
     pub window: Arc<Window>,
+    tap: Option<Box<dyn Tap>>,
+}
+
+/// Sees every event as it is drained, and the lost counts about once a
+/// second: what a live view or a metrics endpoint is fed from.
+pub trait Tap: Send {
+    fn event(&mut self, bytes: &[u8]);
+    fn lost(&mut self, lost: &BTreeMap<String, u64>);
 }
 
 /// The part of a recording CPU samples are counted for: all of it, unless
@@ -219,7 +227,22 @@ impl Recorder {
             meta,
             started: Instant::now(),
             window: Arc::new(Window::new(opts.load_window)),
+            tap: None,
         })
+    }
+
+    /// Feeds `tap` every event from now on.
+    pub fn set_tap(&mut self, tap: Box<dyn Tap>) {
+        self.tap = Some(tap);
+    }
+
+    /// Hands the tap the kernel's lost counts.
+    pub fn tap_lost(&mut self) {
+        if let Some(t) = &mut self.tap
+            && let Ok(lost) = self.session.lost()
+        {
+            t.lost(&lost);
+        }
     }
 
     /// Names of the attached probes.
@@ -238,6 +261,7 @@ impl Recorder {
             guard.get_inner_mut(),
             &mut self.stacks,
             &self.window,
+            &mut self.tap,
             &mut sink,
         )?;
         guard.clear_ready();
@@ -250,6 +274,7 @@ impl Recorder {
             self.ring.get_mut(),
             &mut self.stacks,
             &self.window,
+            &mut self.tap,
             &mut sink,
         )
     }
@@ -282,6 +307,7 @@ impl Recorder {
             self.ring.get_mut(),
             &mut self.stacks,
             &self.window,
+            &mut self.tap,
             &mut sink,
         );
         let lost = self.session.lost().unwrap_or_default();
@@ -312,10 +338,14 @@ fn drain_ring(
     ring: &mut RingBuf<MapData>,
     stacks: &mut Stacks,
     window: &Window,
+    tap: &mut Option<Box<dyn Tap>>,
     sink: &mut dyn FnMut(&[u8]) -> Result<()>,
 ) -> Result<()> {
     while let Some(item) = ring.next() {
         sink(&item)?;
+        if let Some(t) = tap {
+            t.event(&item);
+        }
         if EventHeader::read(&item)
             .is_some_and(|h| h.kind == kind::CPU_SAMPLE && window.contains(h.ts_ns))
         {

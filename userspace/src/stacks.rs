@@ -28,10 +28,10 @@ struct Key {
 }
 
 /// Sorted text symbols of the kernel and its modules.
-struct KernelSymbols(Vec<(u64, Arc<str>)>);
+pub(crate) struct KernelSymbols(Vec<(u64, Arc<str>)>);
 
 impl KernelSymbols {
-    fn load() -> Self {
+    pub(crate) fn load() -> Self {
         let mut v: Vec<(u64, Arc<str>)> = crate::kernel::kallsyms::text_symbols()
             .iter()
             .filter(|s| s.addr != 0)
@@ -41,7 +41,7 @@ impl KernelSymbols {
         Self(v)
     }
 
-    fn name(&self, addr: u64) -> Arc<str> {
+    pub(crate) fn name(&self, addr: u64) -> Arc<str> {
         match self.0.partition_point(|(a, _)| *a <= addr) {
             0 => Arc::from("[unknown]"),
             i => self.0[i - 1].1.clone(),

@@ -21,6 +21,8 @@ pub mod task_filter {
     pub const PIDS: u32 = 1;
     /// Keep tasks whose name (`comm`) is in `HVP_COMMS`.
     pub const COMMS: u32 = 2;
+    /// Keep tasks whose cgroup (v2 id) is in `HVP_CGROUPS`.
+    pub const CGROUPS: u32 = 4;
     pub const MAX_PIDS: u32 = 1024;
     pub const MAX_COMMS: u32 = 64;
 }

@@ -1,10 +1,10 @@
-//! Which tasks' events are wanted (`record --pid`, `--comm`): a set of
-//! thread-group ids and a set of thread names, filled by user space before
-//! attaching. Without either, every task is wanted.
+//! Which tasks' events are wanted (`record --pid`, `--comm`, `--cgroup`):
+//! sets of thread-group ids, thread names and cgroup ids, filled by user space before
+//! attaching. Without any, every task is wanted.
 
 use aya_ebpf::{
     Global,
-    helpers::{bpf_get_current_comm, bpf_get_current_pid_tgid},
+    helpers::{bpf_get_current_cgroup_id, bpf_get_current_comm, bpf_get_current_pid_tgid},
     macros::map,
     maps::HashMap,
 };
@@ -19,6 +19,9 @@ static PIDS: HashMap<u32, u8> = HashMap::with_max_entries(task_filter::MAX_PIDS,
 
 #[map(name = "HVP_COMMS")]
 static COMMS: HashMap<[u8; COMM_LEN], u8> = HashMap::with_max_entries(task_filter::MAX_COMMS, 0);
+
+#[map(name = "HVP_CGROUPS")]
+static CGROUPS: HashMap<u64, u8> = HashMap::with_max_entries(task_filter::MAX_COMMS, 0);
 
 /// Whether the current task's events are wanted.
 #[inline(always)]
@@ -40,6 +43,14 @@ pub fn task_wanted() -> bool {
         && unsafe { COMMS.get(&comm) }.is_some()
     {
         return true;
+    }
+    if f & task_filter::CGROUPS != 0 {
+        // SAFETY: plain helper call.
+        let id = unsafe { bpf_get_current_cgroup_id() };
+        // SAFETY: read-only lookup.
+        if unsafe { CGROUPS.get(&id) }.is_some() {
+            return true;
+        }
     }
     false
 }
