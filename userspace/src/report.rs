@@ -178,6 +178,13 @@ fn analyse(dir: &Path, index: usize, out: &Path, classifier: &Classifier) -> Res
     let meta: Meta = rundir::open(dir)?;
     let tl = Timeline::read(dir)?;
     let duration_s = meta.duration_s.unwrap_or(0.0);
+    // The scheduler's per-thread figures cover the whole recording, which
+    // can be longer than the window samples are counted over.
+    let span_s = meta
+        .ended_unix_ns
+        .map(|e| e.saturating_sub(meta.started_unix_ns) as f64 / 1e9)
+        .filter(|s| *s > 0.0)
+        .unwrap_or(duration_s);
     let connections = tl
         .connections
         .iter()
@@ -257,17 +264,14 @@ fn analyse(dir: &Path, index: usize, out: &Path, classifier: &Classifier) -> Res
                 pid: t.pid,
                 comm: t.comm.clone(),
                 layer: Classifier::thread(&t.comm).unwrap_or(Layer::Other).name(),
-                busy_pct: pct(t.oncpu_ns as f64 / 1e9, duration_s),
+                busy_pct: pct(t.oncpu_ns as f64 / 1e9, span_s),
                 runq_ms: t.runq_ns as f64 / 1e6,
-                runq_pct: pct(t.runq_ns as f64 / 1e9, duration_s),
+                runq_pct: pct(t.runq_ns as f64 / 1e9, span_s),
             });
         }
-        if !s.cpu_idle_ns.is_empty() && duration_s > 0.0 {
+        if !s.cpu_idle_ns.is_empty() && span_s > 0.0 {
             let idle: u64 = s.cpu_idle_ns.values().sum();
-            cpu_idle_pct = Some(pct(
-                idle as f64 / 1e9,
-                duration_s * s.cpu_idle_ns.len() as f64,
-            ));
+            cpu_idle_pct = Some(pct(idle as f64 / 1e9, span_s * s.cpu_idle_ns.len() as f64));
         }
     }
     let bottleneck = bottleneck(&threads, cpu_idle_pct);
