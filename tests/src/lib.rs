@@ -94,6 +94,23 @@ pub fn our_bpf_programs() -> Vec<String> {
         .unwrap_or_default()
 }
 
+/// Asserts that `out` (of `what`) succeeded, showing its stderr if not.
+pub fn assert_ok(out: &Output, what: &str) {
+    assert!(
+        out.status.success(),
+        "{what} failed ({}): {}",
+        out.status,
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+/// The events of a run directory, as `hvprof dump` prints them.
+pub fn dump_events(run: &std::path::Path) -> Vec<serde_json::Value> {
+    let out = hvprof(&["dump", run.to_str().expect("utf8 path")]);
+    assert_ok(&out, "hvprof dump");
+    json_lines(&out.stdout)
+}
+
 /// Parses JSON lines.
 pub fn json_lines(bytes: &[u8]) -> Vec<serde_json::Value> {
     String::from_utf8_lossy(bytes)

@@ -7,7 +7,8 @@ use std::{
 };
 
 use hvprof_tests::{
-    bpf_lock, bpf_unavailable, helper_bin, hvprof, hvprof_bin, json_lines, our_bpf_programs, skip,
+    assert_ok, bpf_lock, bpf_unavailable, dump_events, helper_bin, hvprof, hvprof_bin, json_lines,
+    our_bpf_programs, skip,
 };
 use serde_json::Value;
 
@@ -153,14 +154,8 @@ fn record_burst(run: &std::path::Path, filter: &[&str], n: u32) -> Vec<Value> {
         .arg(run.with_extension("port"))
         .output()
         .expect("hvprof runs");
-    assert!(
-        out.status.success(),
-        "record failed: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let dump = hvprof(&["dump", run.to_str().expect("utf8 path")]);
-    assert!(dump.status.success());
-    json_lines(&dump.stdout)
+    assert_ok(&out, "hvprof record");
+    dump_events(run)
 }
 
 #[test]
@@ -261,13 +256,8 @@ fn cgroup_filter_keeps_only_that_cgroups_tasks() {
         .arg(&run)
         .output()
         .expect("hvprof runs");
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let dump = hvprof(&["dump", run.to_str().expect("utf8")]);
-    let events = json_lines(&dump.stdout);
+    assert_ok(&out, "hvprof record --cgroup");
+    let events = dump_events(&run);
     assert!(
         events.len() > 100,
         "samples of the busy loop: {}",

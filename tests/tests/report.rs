@@ -4,7 +4,9 @@
 
 use std::{path::Path, process::Command};
 
-use hvprof_tests::{bpf_lock, bpf_unavailable, hvprof, hvprof_bin, our_bpf_programs, skip};
+use hvprof_tests::{
+    assert_ok, bpf_lock, bpf_unavailable, hvprof, hvprof_bin, our_bpf_programs, skip,
+};
 use serde_json::Value;
 
 /// `hvprof profile` of native vs bridge-nf with `rules` iptables rules at
@@ -216,11 +218,7 @@ fn bench_native(out: &Path, label: &str) {
         .arg(out)
         .output()
         .expect("hvprof runs");
-    assert!(
-        o.status.success(),
-        "bench failed: {}",
-        String::from_utf8_lossy(&o.stderr)
-    );
+    assert_ok(&o, "hvprof bench");
 }
 
 #[test]
@@ -251,11 +249,7 @@ fn a_cpu_hog_beside_the_proxy_shows_as_sched() {
         "-o",
         rep.to_str().expect("utf8"),
     ]);
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    assert_ok(&out, "hvprof report");
     let r: Value =
         serde_json::from_slice(&std::fs::read(rep.join("report.json")).expect("report.json"))
             .expect("JSON");

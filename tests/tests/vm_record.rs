@@ -6,8 +6,8 @@
 use std::{path::Path, process::Command};
 
 use hvprof_tests::{
-    bpf_lock, bpf_unavailable, hvprof, hvprof_bin, json_lines, our_bpf_programs, skip,
-    topology_support::vm_unavailable,
+    assert_ok, bpf_lock, bpf_unavailable, dump_events, hvprof, hvprof_bin, json_lines,
+    our_bpf_programs, skip, topology_support::vm_unavailable,
 };
 
 /// Runs `hvprof cleanup` when the test ends, even by a panic, so a failed
@@ -211,11 +211,7 @@ fn record_topology(topology: &str, out: &Path) -> (std::path::PathBuf, u32) {
         .expect("hvprof runs");
     let pid = child.id();
     let output = child.wait_with_output().expect("hvprof ends");
-    assert!(
-        output.status.success(),
-        "{topology}: {}",
-        String::from_utf8_lossy(&output.stderr)
-    );
+    assert_ok(&output, &format!("hvprof record --topology {topology}"));
     (run, pid)
 }
 
@@ -236,14 +232,10 @@ fn record_topology_brings_a_path_up_records_it_and_tears_it_down() {
         summary["connections"].as_u64().unwrap_or(0) >= 100,
         "the load through the proxy was recorded: {summary}"
     );
-    // The path's device is traced without being named.
-    let out = hvprof(&["dump", run.to_str().expect("utf8")]);
-    assert!(out.status.success());
+    // The path's devices are traced without being named.
     assert!(
-        json_lines(&out.stdout)
-            .iter()
-            .any(|e| e["kind"] == "dev_packet"),
-        "no packets of the path's device"
+        dump_events(&run).iter().any(|e| e["kind"] == "dev_packet"),
+        "no packets of the path's devices"
     );
     hvprof_tests::topology_support::assert_nothing_left(pid);
     assert!(our_bpf_programs().is_empty(), "programs left attached");
