@@ -207,6 +207,35 @@ pub fn find_haproxy() -> Result<PathBuf, HaproxyError> {
         .ok_or_else(|| HaproxyError::NotFound("PATH and /usr/sbin".into()))
 }
 
+/// Makes the process `cmd` starts receive `sig` when the thread that
+/// spawns it dies (`PR_SET_PDEATHSIG`, kept across `exec` of a normal
+/// binary): a killed hvprof leaves no HAProxy or QEMU behind. Closes the
+/// race where the parent dies between `fork` and the `prctl`: the child
+/// then finds itself reparented and does not start (the spawn fails).
+pub fn stop_with_parent(cmd: &mut Command, sig: libc::c_int) {
+    use std::os::unix::process::CommandExt as _;
+    // SAFETY: plain getter.
+    let parent = unsafe { libc::getpid() };
+    // SAFETY: only async-signal-safe calls (prctl, getppid) and no
+    // allocation between fork and exec.
+    unsafe {
+        cmd.pre_exec(move || {
+            if libc::prctl(libc::PR_SET_PDEATHSIG, sig) != 0 {
+                return Err(io::Error::last_os_error());
+            }
+            if libc::getppid() != parent {
+                return Err(io::Error::from_raw_os_error(libc::ESRCH));
+            }
+            Ok(())
+        });
+    }
+}
+
+/// HAProxy's config, stats socket and log live in a temporary directory
+/// named `hvprof-haproxy-<pid>-…`: a killed run's directory is found by
+/// the pid (`hvprof cleanup`).
+pub const TEMP_PREFIX: &str = "hvprof-haproxy-";
+
 /// A running HAProxy.
 pub struct Haproxy {
     child: Option<Child>,
@@ -239,7 +268,7 @@ impl Haproxy {
     /// *thread* that spawned it, so call this from a long-lived thread.
     pub fn start(config: &HaproxyConfig, launcher: &dyn Launcher) -> Result<Self, HaproxyError> {
         let dir = tempfile::Builder::new()
-            .prefix("hvprof-haproxy-")
+            .prefix(&format!("{TEMP_PREFIX}{}-", std::process::id()))
             .tempdir()
             .map_err(HaproxyError::TempDir)?;
         let socket = dir.path().join("stats.sock");
@@ -266,16 +295,7 @@ impl Haproxy {
         cmd.stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(stderr);
-        {
-            use std::os::unix::process::CommandExt as _;
-            // SAFETY: prctl is async-signal-safe; nothing else runs here.
-            unsafe {
-                cmd.pre_exec(|| {
-                    libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGTERM);
-                    Ok(())
-                });
-            }
-        }
+        stop_with_parent(&mut cmd, libc::SIGTERM);
         let command = format!(
             "{} {} {}",
             launcher.describe(),
@@ -547,5 +567,32 @@ mod tests {
         assert_eq!(c.get_program(), "ip");
         let args: Vec<_> = c.get_args().collect();
         assert_eq!(args, ["netns", "exec", "ns1", "/usr/sbin/haproxy", "-db"]);
+    }
+
+    #[test]
+    fn child_stops_with_the_thread_that_started_it() {
+        use std::os::unix::process::ExitStatusExt as _;
+        // The spawning thread ends while `sleep` runs: the parent-death
+        // signal stops it.
+        let mut child = std::thread::spawn(|| {
+            let mut cmd = Command::new("sleep");
+            cmd.arg("30").stdin(Stdio::null());
+            stop_with_parent(&mut cmd, libc::SIGKILL);
+            cmd.spawn().expect("sleep starts")
+        })
+        .join()
+        .expect("spawning thread");
+        let t0 = Instant::now();
+        let status = loop {
+            if let Some(st) = child.try_wait().expect("try_wait") {
+                break st;
+            }
+            if t0.elapsed() > Duration::from_secs(10) {
+                let _ = child.kill();
+                panic!("child outlived the thread that started it");
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        };
+        assert_eq!(status.signal(), Some(libc::SIGKILL), "{status}");
     }
 }

@@ -44,8 +44,31 @@ pub enum Command {
     GuestHaproxy(crate::topology::vm::GuestHaproxyArgs),
 }
 
+impl Command {
+    /// Commands that create topologies, start HAProxy or QEMU, or load
+    /// probes: they first remove what killed hvprof runs left.
+    fn cleans_up_first(&self) -> bool {
+        matches!(self, Self::Profile(_) | Self::Bench(_) | Self::Record(_))
+    }
+}
+
 impl Cli {
     pub fn run(self) -> anyhow::Result<ExitCode> {
+        if self.command.cleans_up_first() {
+            crate::topology::cleanup::cleanup_at_start();
+        }
+        if matches!(self.command, Command::Bench(_) | Command::Profile(_)) {
+            // Ctrl-C/SIGTERM: an orderly teardown and exit 128+signal, on
+            // every topology (`record` stops on these signals itself).
+            crate::topology::cleanup::install_signal_teardown();
+        }
+        let res = self.dispatch();
+        // After Ctrl-C/SIGTERM the teardown owns the exit.
+        crate::topology::cleanup::finish();
+        res
+    }
+
+    fn dispatch(self) -> anyhow::Result<ExitCode> {
         match self.command {
             Command::Profile(args) => args.run(),
             Command::Record(args) => args.run(),

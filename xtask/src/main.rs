@@ -3,6 +3,7 @@
 //! (`run`) and benchmarks (`bench`).
 
 mod bench;
+mod bench_faults;
 mod setup;
 mod test;
 mod testbed;
@@ -53,6 +54,10 @@ enum BenchCmd {
     /// Probe overhead: the 0-byte close-mode benchmark on `native` with the
     /// full catalog attached vs nothing, alternating A/B.
     Overhead(bench::OverheadArgs),
+    /// Teardown under faults: `hvprof bench`/`record` interrupted with
+    /// SIGINT, SIGTERM or SIGKILL at random points, nothing may be left
+    /// (the faults test with more trials).
+    Faults(bench_faults::FaultsArgs),
 }
 
 fn main() {
@@ -62,6 +67,7 @@ fn main() {
         Cmd::Test { args } => setup::run().and_then(|()| test::run(&args)),
         Cmd::Bench(BenchCmd::Load(a)) => bench::bench_load(&a),
         Cmd::Bench(BenchCmd::Overhead(a)) => bench::bench_overhead(&a),
+        Cmd::Bench(BenchCmd::Faults(a)) => bench_faults::run(&a),
         Cmd::Run { args } => setup::run().and_then(|()| run_main_job(&args)),
         Cmd::Testbed(args) => testbed::run(&args),
     };

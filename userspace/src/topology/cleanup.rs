@@ -5,12 +5,21 @@
 //! Owns the Ctrl-C/SIGTERM teardown of a running topology and `hvprof
 //! cleanup`, which removes what a killed run left: only objects recorded in
 //! a state file whose owner is gone, and namespaces named
-//! `hvp-<dead pid>-…`. Nothing else is ever touched.
+//! `hvp-<dead pid>-…`. Nothing else is ever touched. Commands that create
+//! topologies or start proxies run the same cleanup first
+//! ([`cleanup_at_start`]); it also removes HAProxy's temporary directories
+//! (`hvprof-haproxy-<pid>-…`) of processes that are gone.
+//!
+//! Creating an object and recording it happen under one lock
+//! ([`creating`]) that the signal teardown takes too, so a signal never
+//! lands between the two: the teardown waits for the object in flight,
+//! then removes everything while holding the lock, and nothing new is
+//! created before the process exits.
 
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
-use std::sync::Mutex;
 use std::sync::atomic::{AtomicI32, Ordering};
+use std::sync::{Mutex, MutexGuard, Once};
 use std::time::{Duration, Instant};
 
 use clap::Args;
@@ -47,41 +56,53 @@ impl State {
 
 static STATE: Mutex<Option<State>> = Mutex::new(None);
 
+/// Held while an object is recorded and created, and by the teardown.
+static CREATE: Mutex<()> = Mutex::new(());
+
+/// Hold the returned guard while recording an object and creating it (and
+/// while spawning a process and recording it), so that the signal teardown
+/// sees either neither or both.
+pub fn creating() -> MutexGuard<'static, ()> {
+    CREATE.lock().unwrap_or_else(|e| e.into_inner())
+}
+
 fn state_path(pid: u32) -> PathBuf {
     Path::new(STATE_DIR).join(format!("{pid}.json"))
 }
 
 /// Applies `f` to this process's state and rewrites the state file (or
-/// removes it once empty). Installs the signal teardown on first use.
+/// removes it once empty). Installs the signal teardown before the first
+/// state file is written, so a signal can't leave one behind.
 fn update(f: impl FnOnce(&mut State)) {
+    install_signal_teardown();
     let mut guard = STATE.lock().unwrap_or_else(|e| e.into_inner());
-    let first = guard.is_none();
     let state = guard.get_or_insert_with(|| State {
         pid: std::process::id(),
         ..State::default()
     });
     f(state);
+    write_state(state);
+}
+
+fn write_state(state: &State) {
     let path = state_path(state.pid);
     if state.is_empty() {
         let _ = std::fs::remove_file(&path);
-    } else {
-        let _ = std::fs::create_dir_all(STATE_DIR);
-        match serde_json::to_vec_pretty(state) {
-            Ok(bytes) => {
-                let tmp = path.with_extension("tmp");
-                if std::fs::write(&tmp, bytes)
-                    .and_then(|()| std::fs::rename(&tmp, &path))
-                    .is_err()
-                {
-                    log::warn!("cannot write state file {}", path.display());
-                }
-            }
-            Err(e) => log::warn!("cannot encode state: {e}"),
-        }
+        return;
     }
-    drop(guard);
-    if first {
-        install_signal_teardown();
+    let _ = std::fs::create_dir_all(STATE_DIR);
+    match serde_json::to_vec_pretty(state) {
+        Ok(bytes) => {
+            let tmp = path.with_extension("tmp");
+            if std::fs::write(&tmp, bytes)
+                .and_then(|()| std::fs::rename(&tmp, &path))
+                .is_err()
+            {
+                let _ = std::fs::remove_file(&tmp);
+                log::warn!("cannot write state file {}", path.display());
+            }
+        }
+        Err(e) => log::warn!("cannot encode state: {e}"),
     }
 }
 
@@ -167,8 +188,11 @@ fn remove_all(state: &State) -> Vec<String> {
 }
 
 static SIGNAL_PIPE: AtomicI32 = AtomicI32::new(-1);
+/// The signal the teardown is handling (0: none yet).
+static GOT_SIGNAL: AtomicI32 = AtomicI32::new(0);
 
 extern "C" fn on_signal(sig: libc::c_int) {
+    GOT_SIGNAL.store(sig, Ordering::SeqCst);
     let fd = SIGNAL_PIPE.load(Ordering::Relaxed);
     if fd >= 0 {
         let b = sig as u8;
@@ -179,17 +203,28 @@ extern "C" fn on_signal(sig: libc::c_int) {
 
 /// On SIGINT, SIGTERM or SIGHUP: remove everything this process created,
 /// then exit (128 + signal). Children started with a parent-death signal
-/// (HAProxy, QEMU) stop with us.
-fn install_signal_teardown() {
+/// (HAProxy, QEMU) stop with us. Installed once: by `bench` and `profile`
+/// at start, by anything else on its first object.
+pub fn install_signal_teardown() {
+    static INSTALL: Once = Once::new();
+    INSTALL.call_once(|| {
+        if let Err(e) = start_teardown_thread() {
+            log::warn!("{e}: teardown on Ctrl-C disabled");
+        }
+    });
+}
+
+fn start_teardown_thread() -> Result<(), String> {
     let mut fds = [0 as libc::c_int; 2];
     // SAFETY: pipe2 fills the array we own.
     if unsafe { libc::pipe2(fds.as_mut_ptr(), libc::O_CLOEXEC) } != 0 {
-        log::warn!("cannot create signal pipe: teardown on Ctrl-C disabled");
-        return;
+        return Err(format!(
+            "cannot create signal pipe: {}",
+            std::io::Error::last_os_error()
+        ));
     }
-    SIGNAL_PIPE.store(fds[1], Ordering::Relaxed);
     let read_fd = fds[0];
-    let spawned = std::thread::Builder::new()
+    std::thread::Builder::new()
         .name("hvprof-teardown".into())
         .spawn(move || {
             let mut b = 0u8;
@@ -199,19 +234,13 @@ fn install_signal_teardown() {
                 return;
             }
             eprintln!("hvprof: signal {b}: tearing down topologies");
-            let state = STATE.lock().unwrap_or_else(|e| e.into_inner()).clone();
-            if let Some(state) = state {
-                remove_all(&state);
-                let _ = std::fs::remove_file(state_path(state.pid));
-            }
-            std::process::exit(128 + i32::from(b));
-        });
-    if spawned.is_err() {
-        log::warn!("cannot start teardown thread: teardown on Ctrl-C disabled");
-        return;
-    }
+            teardown_and_exit(128 + i32::from(b));
+        })
+        .map_err(|e| format!("cannot start teardown thread: {e}"))?;
+    SIGNAL_PIPE.store(fds[1], Ordering::Relaxed);
     for sig in [libc::SIGINT, libc::SIGTERM, libc::SIGHUP] {
-        // SAFETY: installing a handler that only writes to a pipe.
+        // SAFETY: installing a handler that only stores to an atomic and
+        // writes to a pipe.
         unsafe {
             let mut sa: libc::sigaction = std::mem::zeroed();
             sa.sa_sigaction = on_signal as extern "C" fn(libc::c_int) as usize;
@@ -220,6 +249,72 @@ fn install_signal_teardown() {
             libc::sigaction(sig, &sa, std::ptr::null_mut());
         }
     }
+    Ok(())
+}
+
+/// Removes everything this process created and exits with `code`, holding
+/// the creation and state locks throughout: an object being created is
+/// finished (and recorded) first, and no new one is started.
+fn teardown_and_exit(code: i32) -> ! {
+    let _creating = creating();
+    let mut guard = STATE.lock().unwrap_or_else(|e| e.into_inner());
+    // HAProxy's directories (HAProxy itself stops with us).
+    let mine = format!("{}{}-", loadgen::haproxy::TEMP_PREFIX, std::process::id());
+    if let Ok(entries) = std::fs::read_dir(std::env::temp_dir()) {
+        for e in entries.flatten() {
+            if e.file_name().to_string_lossy().starts_with(&mine) {
+                let _ = std::fs::remove_dir_all(e.path());
+            }
+        }
+    }
+    if let Some(state) = guard.as_mut() {
+        remove_all(state);
+        // Namespaces named after this process that the state lost track
+        // of (none expected; cheap to make sure).
+        let me = std::process::id();
+        for ns in marked_namespaces() {
+            if ns.1 == me {
+                super::netns::delete_netns(&ns.0);
+            }
+        }
+        state.namespaces.clear();
+        state.processes.clear();
+        state.dirs.clear();
+        let _ = std::fs::remove_file(state_path(state.pid));
+        let _ = std::fs::remove_file(state_path(state.pid).with_extension("tmp"));
+    }
+    std::process::exit(code);
+}
+
+/// Called when a command returns: if a stop signal arrived, the teardown
+/// thread owns the exit (with 128 + signal) and this waits for it, so the
+/// process never exits halfway through a teardown or with success after
+/// Ctrl-C.
+pub fn finish() {
+    let sig = GOT_SIGNAL.load(Ordering::SeqCst);
+    if sig != 0 {
+        // Blocks while the teardown thread runs (it holds the locks until
+        // it exits); does its work if it has not started yet.
+        teardown_and_exit(128 + sig);
+    }
+}
+
+/// `/run/netns` entries named `hvp-<pid>-…`, with that pid.
+fn marked_namespaces() -> Vec<(String, u32)> {
+    let Ok(entries) = std::fs::read_dir("/run/netns") else {
+        return Vec::new();
+    };
+    entries
+        .flatten()
+        .filter_map(|e| {
+            let name = e.file_name().to_string_lossy().to_string();
+            let pid = name
+                .strip_prefix("hvp-")
+                .and_then(|r| r.split('-').next())
+                .and_then(|p| p.parse::<u32>().ok())?;
+            Some((name, pid))
+        })
+        .collect()
 }
 
 /// Whether `pid` is a live hvprof process.
@@ -259,6 +354,24 @@ impl CleanupArgs {
             println!("nothing to clean up");
         }
         Ok(ExitCode::SUCCESS)
+    }
+}
+
+/// Run by the commands that create topologies or start proxies (`bench`,
+/// `profile`, `record`) before anything else: removes what killed runs
+/// left, saying so in one line on stderr (nothing when there was nothing).
+pub fn cleanup_at_start() {
+    // SAFETY: plain getter. Only root can have created anything.
+    if unsafe { libc::geteuid() } != 0 {
+        return;
+    }
+    let report = cleanup_stale(false);
+    if !report.removed.is_empty() {
+        eprintln!(
+            "hvprof: removed {} leftover(s) of killed hvprof runs: {}",
+            report.removed.len(),
+            report.removed.join(", ")
+        );
     }
 }
 
@@ -319,52 +432,91 @@ pub fn cleanup_stale(dry_run: bool) -> CleanupReport {
             let _ = std::fs::remove_file(&path);
         }
     }
-    // Namespaces marked by name whose creator is gone (state file lost).
-    if let Ok(entries) = std::fs::read_dir("/run/netns") {
+    // Namespaces marked by name whose creator is gone (state file lost, or
+    // killed between creating one and recording it).
+    for (name, pid) in marked_namespaces() {
+        if pid == me || hvprof_alive(pid) {
+            continue;
+        }
+        let line = format!("namespace {name}");
+        if report.removed.contains(&line) {
+            continue;
+        }
+        if !dry_run {
+            super::netns::delete_netns(&name);
+        }
+        report.removed.push(line);
+    }
+    // Run directories (`/run/hvprof/<pid>-…`) and half-written state files
+    // (`<pid>.tmp`) of dead runs.
+    if let Ok(entries) = std::fs::read_dir(STATE_DIR) {
+        for e in entries.flatten() {
+            let path = e.path();
+            let name = e.file_name().to_string_lossy().to_string();
+            let (pid, is_tmp) = match name.strip_suffix(".tmp") {
+                Some(p) => (p.parse::<u32>().ok(), true),
+                None => (name.split('-').next().and_then(|p| p.parse().ok()), false),
+            };
+            let Some(pid) = pid else {
+                continue;
+            };
+            if pid == me || hvprof_alive(pid) || (!is_tmp && !path.is_dir()) {
+                continue;
+            }
+            let line = if is_tmp {
+                format!("state file {}", path.display())
+            } else {
+                format!("directory {}", path.display())
+            };
+            if report.removed.contains(&line) {
+                continue;
+            }
+            if !dry_run {
+                let _ = if is_tmp {
+                    std::fs::remove_file(&path)
+                } else {
+                    std::fs::remove_dir_all(&path)
+                };
+            }
+            report.removed.push(line);
+        }
+    }
+    // HAProxy's temporary directories (`hvprof-haproxy-<pid>-…`) whose
+    // process is gone: any process, since the HAProxy driver also runs
+    // inside other programs (its tests).
+    let tmp = std::env::temp_dir();
+    if let Ok(entries) = std::fs::read_dir(&tmp) {
         for e in entries.flatten() {
             let name = e.file_name().to_string_lossy().to_string();
             let Some(pid) = name
-                .strip_prefix("hvp-")
+                .strip_prefix(loadgen::haproxy::TEMP_PREFIX)
                 .and_then(|r| r.split('-').next())
                 .and_then(|p| p.parse::<u32>().ok())
             else {
                 continue;
             };
-            if pid == me || hvprof_alive(pid) {
+            if pid == me || process_alive(pid) {
                 continue;
             }
-            let line = format!("namespace {name}");
-            if report.removed.contains(&line) {
-                continue;
-            }
-            if !dry_run {
-                super::netns::delete_netns(&name);
-            }
-            report.removed.push(line);
-        }
-    }
-    // Run directories of dead runs (`/run/hvprof/<pid>-…`).
-    if let Ok(entries) = std::fs::read_dir(STATE_DIR) {
-        for e in entries.flatten() {
             let path = e.path();
-            let name = e.file_name().to_string_lossy().to_string();
-            let Some(pid) = name.split('-').next().and_then(|p| p.parse::<u32>().ok()) else {
-                continue;
-            };
-            if !path.is_dir() || pid == me || hvprof_alive(pid) {
-                continue;
-            }
-            let line = format!("directory {}", path.display());
-            if report.removed.contains(&line) {
-                continue;
-            }
             if !dry_run {
                 let _ = std::fs::remove_dir_all(&path);
             }
-            report.removed.push(line);
+            report.removed.push(format!("directory {}", path.display()));
         }
     }
     report
+}
+
+/// Whether any process (not a zombie) has `pid`.
+fn process_alive(pid: u32) -> bool {
+    std::fs::read_to_string(format!("/proc/{pid}/stat"))
+        .ok()
+        .and_then(|s| {
+            let rest = &s[s.rfind(')')? + 1..];
+            rest.split_whitespace().next().map(|st| st != "Z")
+        })
+        .unwrap_or(false)
 }
 
 #[cfg(test)]
@@ -386,6 +538,76 @@ mod tests {
         let back: State = serde_json::from_str(&t).unwrap();
         assert_eq!(back.namespaces, s.namespaces);
         assert_eq!(back.processes, s.processes);
+    }
+
+    /// A pid no process has (a child that was started and reaped).
+    fn dead_pid() -> u32 {
+        let mut c = std::process::Command::new("true").spawn().unwrap();
+        let pid = c.id();
+        c.wait().unwrap();
+        pid
+    }
+
+    #[test]
+    fn stale_objects_of_dead_runs_are_found_and_live_ones_kept() {
+        // SAFETY: plain getter.
+        if unsafe { libc::geteuid() } != 0 {
+            eprintln!("skipped: /run/hvprof needs root");
+            return;
+        }
+        std::fs::create_dir_all(STATE_DIR).unwrap();
+        let dead = dead_pid();
+        // A state file cut short between write and rename, and a run
+        // directory: both of a dead run, found by a dry run.
+        let tmp = state_path(dead).with_extension("tmp");
+        let dir = Path::new(STATE_DIR).join(format!("{dead}-vm-test"));
+        let hp = std::env::temp_dir().join(format!("{}{dead}-test", loadgen::haproxy::TEMP_PREFIX));
+        let hp_mine = std::env::temp_dir().join(format!(
+            "{}{}-test",
+            loadgen::haproxy::TEMP_PREFIX,
+            std::process::id()
+        ));
+        std::fs::write(&tmp, b"{\"pid\":").unwrap();
+        std::fs::create_dir_all(&dir).unwrap();
+        std::fs::create_dir_all(&hp).unwrap();
+        std::fs::create_dir_all(&hp_mine).unwrap();
+        // Ours (a live hvprof: this test binary is named after it) is kept.
+        let mine = state_path(std::process::id()).with_extension("tmp");
+        std::fs::write(&mine, b"{").unwrap();
+        let report = cleanup_stale(true);
+        let _ = std::fs::remove_file(&tmp);
+        let _ = std::fs::remove_dir(&dir);
+        let _ = std::fs::remove_file(&mine);
+        let _ = std::fs::remove_dir(&hp);
+        let _ = std::fs::remove_dir(&hp_mine);
+        for gone in [&dir, &hp] {
+            assert!(
+                report
+                    .removed
+                    .contains(&format!("directory {}", gone.display())),
+                "{report:?}"
+            );
+        }
+        assert!(
+            !report
+                .removed
+                .iter()
+                .any(|l| l.contains(&hp_mine.display().to_string())),
+            "{report:?}"
+        );
+        assert!(
+            report
+                .removed
+                .contains(&format!("state file {}", tmp.display())),
+            "{report:?}"
+        );
+        assert!(
+            !report
+                .removed
+                .iter()
+                .any(|l| l.contains(&mine.display().to_string())),
+            "{report:?}"
+        );
     }
 
     #[test]

@@ -73,9 +73,10 @@ pub struct Netns {
 }
 
 impl Netns {
-    /// Creates `name` (recorded in the state file before it exists) with
-    /// loopback up.
+    /// Creates `name` (recorded in the state file before it exists, both
+    /// under [`cleanup::creating`]) with loopback up.
     pub fn create(name: &str) -> Result<Self, TopologyError> {
+        let creating = cleanup::creating();
         cleanup::record_netns(name);
         if let Err(e) = sh(
             &format!("creating network namespace {name}"),
@@ -84,6 +85,7 @@ impl Netns {
             cleanup::forget_netns(name);
             return Err(e);
         }
+        drop(creating);
         let ns = Self { name: name.into() };
         ns.ip(
             &format!("bringing up lo in {name}"),

@@ -342,9 +342,12 @@ impl Vm {
         netns.ip("bringing up hvptap0", &["link", "set", "hvptap0", "up"])?;
         let run_dir =
             Path::new(cleanup::STATE_DIR).join(format!("{}-{topology}", std::process::id()));
-        cleanup::record_dir(&run_dir);
-        let _ = std::fs::remove_dir_all(&run_dir);
-        std::fs::create_dir_all(run_dir.join("share"))?;
+        {
+            let _creating = cleanup::creating();
+            cleanup::record_dir(&run_dir);
+            let _ = std::fs::remove_dir_all(&run_dir);
+            std::fs::create_dir_all(run_dir.join("share"))?;
+        }
         let ctl = run_dir.join("ctl.sock");
         let mut vm = Self {
             qemu: None,
@@ -474,22 +477,16 @@ impl Vm {
         let log = std::fs::File::create(dir.join("qemu.log")).map_err(VmError::Spawn)?;
         let log2 = log.try_clone().map_err(VmError::Spawn)?;
         cmd.stdin(Stdio::null()).stdout(log).stderr(log2);
-        {
-            use std::os::unix::process::CommandExt as _;
-            // SAFETY: prctl is async-signal-safe; QEMU stops if hvprof dies.
-            unsafe {
-                cmd.pre_exec(|| {
-                    libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGTERM);
-                    Ok(())
-                });
-            }
-        }
+        // QEMU stops if hvprof dies.
+        loadgen::haproxy::stop_with_parent(&mut cmd, libc::SIGTERM);
         let t0 = Instant::now();
+        let creating = cleanup::creating();
         let child = cmd.spawn().map_err(VmError::Spawn)?;
         self.qemu_pid = child.id();
         self.launcher.qemu_pid = child.id();
         cleanup::record_process(child.id(), self.netns.name());
         self.qemu = Some(child);
+        drop(creating);
         let limit = if choice.accel == "kvm" {
             Duration::from_secs(30)
         } else {
