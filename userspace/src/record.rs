@@ -321,11 +321,10 @@ impl RecordArgs {
                 );
             }
             if let Some((prog, args)) = command.split_first() {
-                match tokio::process::Command::new(prog)
-                    .args(args)
-                    .kill_on_drop(true)
-                    .spawn()
-                {
+                let mut cmd = tokio::process::Command::new(prog);
+                // The command goes with hvprof, even a killed one.
+                loadgen::haproxy::stop_with_parent(cmd.as_std_mut(), libc::SIGTERM);
+                match cmd.args(args).kill_on_drop(true).spawn() {
                     Ok(c) => *child.borrow_mut() = Some(c),
                     Err(e) => {
                         *spawn_err.borrow_mut() =
@@ -443,6 +442,7 @@ fn wait_for_end(
                     }
                     None => tokio::process::Command::new(prog),
                 };
+                loadgen::haproxy::stop_with_parent(cmd.as_std_mut(), libc::SIGTERM);
                 let c = cmd
                     .args(args)
                     .env("HVPROF_PROXY", proxy_url)
