@@ -2,32 +2,10 @@
 //! module per command; every error reaches the user as one line on stderr
 //! and a non-zero exit.
 
-mod agent;
-mod attach;
-mod attribution;
-mod bench;
-mod capture;
-mod catalog;
-mod classify;
-mod cli;
-mod correlate;
-mod dump;
-mod event;
-mod kernel;
-mod paths;
-mod probes;
-mod profile;
-mod record;
-mod recorder;
-mod report;
-mod rundir;
-mod stacks;
-mod timeline;
-mod topology;
-
 use std::process::ExitCode;
 
 use clap::Parser as _;
+use hvprof::cli;
 
 fn main() -> ExitCode {
     env_logger::Builder::from_env(env_logger::Env::default().default_filter_or("warn"))

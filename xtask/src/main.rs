@@ -1,9 +1,10 @@
 //! `cargo xtask`: developer and CI tasks — installing what a fresh machine
 //! lacks (`setup`), running the whole test suite (`test`), the main job
-//! (`run`) and benchmarks (`bench`).
+//! (`run`), benchmarks (`bench`) and the fuzz targets (`fuzz`).
 
 mod bench;
 mod bench_faults;
+mod fuzz;
 mod setup;
 mod test;
 mod testbed;
@@ -44,6 +45,8 @@ enum Cmd {
     /// Build (or confirm, when cached) the QEMU test bed for the `vm-*`
     /// topologies: Debian kernel + modules, busybox, HAProxy, static hvprof.
     Testbed(testbed::TestbedArgs),
+    /// Run the cargo-fuzz targets of `fuzz/` (default 600 s each).
+    Fuzz(fuzz::FuzzArgs),
 }
 
 #[derive(Subcommand)]
@@ -70,6 +73,7 @@ fn main() {
         Cmd::Bench(BenchCmd::Faults(a)) => bench_faults::run(&a),
         Cmd::Run { args } => setup::run().and_then(|()| run_main_job(&args)),
         Cmd::Testbed(args) => testbed::run(&args),
+        Cmd::Fuzz(args) => fuzz::run(&args),
     };
     if let Err(e) = res {
         eprintln!("xtask: error: {e:#}");
