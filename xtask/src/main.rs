@@ -4,6 +4,7 @@
 
 mod bench;
 mod bench_faults;
+mod bench_report;
 mod fuzz;
 mod setup;
 mod test;
@@ -61,6 +62,8 @@ enum BenchCmd {
     /// SIGINT, SIGTERM or SIGKILL at random points, nothing may be left
     /// (the faults test with more trials).
     Faults(bench_faults::FaultsArgs),
+    /// Report generation time on a recorded run of a million events.
+    Report(bench_report::ReportArgs),
 }
 
 fn main() {
@@ -71,6 +74,7 @@ fn main() {
         Cmd::Bench(BenchCmd::Load(a)) => bench::bench_load(&a),
         Cmd::Bench(BenchCmd::Overhead(a)) => bench::bench_overhead(&a),
         Cmd::Bench(BenchCmd::Faults(a)) => bench_faults::run(&a),
+        Cmd::Bench(BenchCmd::Report(a)) => bench_report::bench_report(&a),
         Cmd::Run { args } => setup::run().and_then(|()| run_main_job(&args)),
         Cmd::Testbed(args) => testbed::run(&args),
         Cmd::Fuzz(args) => fuzz::run(&args),
