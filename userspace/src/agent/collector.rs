@@ -144,9 +144,12 @@ async fn serve(
         },
     )
     .await?;
-    let auth = tokio::time::timeout(Duration::from_secs(10), proto::read_frame(&mut sock))
-        .await
-        .map_err(|_| anyhow!("agent {peer} sent no answer to the challenge"))??;
+    let auth = tokio::time::timeout(
+        Duration::from_secs(10),
+        proto::read_frame_within(&mut sock, proto::MAX_FRAME_BEFORE_AUTH),
+    )
+    .await
+    .map_err(|_| anyhow!("agent {peer} sent no answer to the challenge"))??;
     let Frame::Auth { mac } = auth else {
         bail!("agent {peer} sent {} before authenticating", auth.name());
     };
@@ -184,8 +187,7 @@ async fn serve(
                     Err(e) => { log.flush()?; bail!("agent {peer}: {e}") }
                     Ok(Frame::Meta(m)) | Ok(Frame::End(m)) if m.len() as u32 <= proto::MAX_FRAME => {
                         // Validate before storing: it must be a run description.
-                        let meta: crate::rundir::meta::Meta = serde_json::from_slice(&m)
-                            .map_err(|e| anyhow!("agent {peer}: invalid meta: {e}"))?;
+                        let meta = crate::rundir::meta::Meta::parse(&m, &format!("agent {peer}'s meta"))?;
                         let done = meta.status == crate::rundir::meta::Status::Complete;
                         rundir::write_json(&gdir.join(rundir::META), &meta)?;
                         if done {

@@ -23,7 +23,9 @@ const DOMAIN: &[u8] = b"hvprof-agent-v1";
 pub enum ProtoError {
     #[error("connection: {0}")]
     Io(#[from] std::io::Error),
-    #[error("frame of {0} bytes exceeds the {MAX_FRAME}-byte limit")]
+    #[error(
+        "frame of {0} bytes exceeds the limit ({MAX_FRAME} bytes; {MAX_FRAME_BEFORE_AUTH} before authenticating)"
+    )]
     TooLarge(u32),
     #[error("empty frame")]
     Empty,
@@ -225,11 +227,25 @@ impl Frame {
 
 /// Reads one frame, refusing oversized ones before allocating.
 pub async fn read_frame<R: AsyncRead + Unpin>(r: &mut R) -> Result<Frame, ProtoError> {
+    read_frame_within(r, MAX_FRAME).await
+}
+
+/// Largest frame a peer may send before it has authenticated (an `Auth`
+/// frame is 33 bytes): an unauthenticated peer can't make the collector
+/// hold more.
+pub const MAX_FRAME_BEFORE_AUTH: u32 = 64;
+
+/// Reads one frame of at most `max` bytes, refusing larger ones before
+/// allocating.
+pub async fn read_frame_within<R: AsyncRead + Unpin>(
+    r: &mut R,
+    max: u32,
+) -> Result<Frame, ProtoError> {
     let len = r.read_u32_le().await?;
     if len == 0 {
         return Err(ProtoError::Empty);
     }
-    if len > MAX_FRAME {
+    if len > max.min(MAX_FRAME) {
         return Err(ProtoError::TooLarge(len));
     }
     let mut body = vec![0u8; len as usize];
@@ -313,6 +329,20 @@ mod tests {
             let bytes = f.encode();
             assert_eq!(Frame::decode(&bytes[4..]).expect("decodes"), f);
         }
+    }
+
+    #[test]
+    fn before_authenticating_only_small_frames_are_read() {
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .build()
+            .expect("runtime");
+        let auth = Frame::Auth { mac: [1; 32] }.encode();
+        let got = rt.block_on(read_frame_within(&mut &auth[..], MAX_FRAME_BEFORE_AUTH));
+        assert!(matches!(got, Ok(Frame::Auth { .. })));
+        // A 1 MiB length prefix is refused before anything is allocated.
+        let big = (1u32 << 20).to_le_bytes();
+        let got = rt.block_on(read_frame_within(&mut &big[..], MAX_FRAME_BEFORE_AUTH));
+        assert!(matches!(got, Err(ProtoError::TooLarge(_))));
     }
 
     #[test]
