@@ -380,6 +380,10 @@ pub struct OverheadArgs {
     /// Don't rebuild hvprof first.
     #[arg(long)]
     pub no_build: bool,
+    /// Leave the per-packet device probes off (the default of `hvprof
+    /// record`), instead of tracing every packet on `lo`.
+    #[arg(long)]
+    pub no_packets: bool,
 }
 
 /// Probe overhead, A/B: the 0-byte close-mode benchmark through HAProxy
@@ -417,7 +421,13 @@ pub fn bench_overhead(o: &OverheadArgs) -> Result<()> {
             let dir = tmp.join(format!("run{round}"));
             let json = tmp.join(format!("load{round}.json"));
             let status = Command::new(&bin)
-                .args(["record", "-q", "--dev", "lo", "-o"])
+                .args(["record", "-q"])
+                .args(if o.no_packets {
+                    &[][..]
+                } else {
+                    &["--dev", "lo"][..]
+                })
+                .arg("-o")
                 .arg(&dir)
                 .arg("--")
                 .arg(&bin)
