@@ -270,13 +270,12 @@ fn record_point(
         load_window: true,
         tasks: Default::default(),
     };
-    let start_capture = || start_capture(up, &dir, opts, &name);
-    // The stand (origin, HAProxy) comes up before the probes attach and the
-    // capture stops with the load, so that the recording covers the load
-    // alone: costs per connection and the CPU the benchmark had are
-    // measured over the load's window. The stand lives in one thread (in
-    // the client's namespace) from start to stop: HAProxy goes with the
-    // thread that started it.
+    // The stand (origin, HAProxy) comes up before the probes attach, and
+    // CPU samples count only between the load's start and end (the
+    // recording's window): costs per connection and the CPU the benchmark
+    // had are measured over the load alone. The stand lives in one thread
+    // (in the client's namespace) from start to stop: HAProxy goes with
+    // the thread that started it.
     let (ready_tx, ready_rx) = std::sync::mpsc::channel::<()>();
     let (go_tx, go_rx) = std::sync::mpsc::channel::<std::sync::Arc<crate::recorder::Window>>();
     let (point, summary) = std::thread::scope(|s| -> anyhow::Result<_> {
@@ -298,7 +297,11 @@ fn record_point(
                     .map(Some)
             })
         });
-        let cap = ready_rx.recv().ok().map(|()| start_capture()).transpose();
+        let cap = ready_rx
+            .recv()
+            .ok()
+            .map(|()| start_capture(up, &dir, opts, &name))
+            .transpose();
         if let Ok(Some(c)) = &cap {
             let _ = go_tx.send(c.window.clone());
         }
