@@ -170,16 +170,19 @@ pub fn packet_offset(
 ) -> Result<Option<(ClockOffset, MatchStats)>> {
     let (h_xmit, h_recv, hn) = packets(host)?;
     let (g_xmit, g_recv, gn) = packets(guest)?;
-    // Host transmits on the TAP → guest receives on its NIC.
-    let down: Vec<i128> = h_xmit
+    // Host transmits on the TAP → guest receives on its NIC; (host time,
+    // guest − host).
+    let down_at: Vec<(u64, i128)> = h_xmit
         .iter()
-        .filter_map(|(k, h)| g_recv.get(k).map(|g| *g as i128 - *h as i128))
+        .filter_map(|(k, h)| g_recv.get(k).map(|g| (*h, *g as i128 - *h as i128)))
         .collect();
-    // Guest transmits → host receives from the TAP.
-    let up: Vec<i128> = g_xmit
+    // Guest transmits → host receives from the TAP; (host time, host − guest).
+    let up_at: Vec<(u64, i128)> = g_xmit
         .iter()
-        .filter_map(|(k, g)| h_recv.get(k).map(|h| *h as i128 - *g as i128))
+        .filter_map(|(k, g)| h_recv.get(k).map(|h| (*h, *h as i128 - *g as i128)))
         .collect();
+    let down: Vec<i128> = down_at.iter().map(|(_, d)| *d).collect();
+    let up: Vec<i128> = up_at.iter().map(|(_, d)| *d).collect();
     let mut stats = MatchStats {
         host_packets: hn,
         guest_packets: gn,
@@ -198,7 +201,13 @@ pub fn packet_offset(
         return Ok(None);
     };
     let offset = (a - b) / 2;
-    let error = ((a + b) / 2).max(0);
+    // The bound holds for one fixed offset. A guest clock that drifts (an
+    // emulated guest that calibrated its TSC on a busy host) moves the
+    // offset during the run: the offsets of each quarter of the run, and
+    // their own bounds, widen it to cover every part of the run.
+    let error = drift_bound(&down_at, &up_at, offset)
+        .max((a + b) / 2)
+        .max(0);
     let mut delays: Vec<f64> = down
         .iter()
         .map(|d| (d - offset) as f64 / 1000.0)
@@ -220,6 +229,40 @@ pub fn packet_offset(
     )))
 }
 
+/// How far the offset of any quarter of the run (by host time) lies from
+/// `offset`, its own error bound included.
+fn drift_bound(down: &[(u64, i128)], up: &[(u64, i128)], offset: i128) -> i128 {
+    let (Some(t0), Some(t1)) = (
+        down.iter().chain(up).map(|(t, _)| *t).min(),
+        down.iter().chain(up).map(|(t, _)| *t).max(),
+    ) else {
+        return 0;
+    };
+    let span = (t1 - t0).max(1);
+    let quarter = |t: u64| (((t - t0) as u128 * 4 / (span as u128 + 1)) as usize).min(3);
+    let mut worst = 0;
+    for q in 0..4 {
+        let a = down
+            .iter()
+            .filter(|(t, _)| quarter(*t) == q)
+            .map(|(_, d)| *d)
+            .min();
+        let b = up
+            .iter()
+            .filter(|(t, _)| quarter(*t) == q)
+            .map(|(_, d)| *d)
+            .min();
+        if let (Some(a), Some(b)) = (a, b) {
+            let off = (a - b) / 2;
+            // Negative: the quarter is inconsistent with one offset
+            // (drift within it), which widens the bound as much.
+            let err = ((a + b) / 2).abs();
+            worst = worst.max((off - offset).abs() + err);
+        }
+    }
+    worst
+}
+
 /// The best offset recorded for `guest` in a run's meta (smallest error).
 pub fn best_offset(offsets: &[serde_json::Value], guest: &str) -> Option<ClockOffset> {
     offsets
@@ -227,4 +270,37 @@ pub fn best_offset(offsets: &[serde_json::Value], guest: &str) -> Option<ClockOf
         .filter_map(|v| serde_json::from_value::<ClockOffset>(v.clone()).ok())
         .filter(|c| c.guest == guest)
         .min_by_key(|c| c.error_ns)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_drifting_guest_clock_widens_the_error_bound() {
+        // Offset rises from 0 to 8 ms over the run; one-way delay 50 µs.
+        let pairs = |sign: i128| -> Vec<(u64, i128)> {
+            (0..100u64)
+                .map(|i| {
+                    let t = i * 10_000_000;
+                    let offset = i128::from(i) * 80_000;
+                    (t, sign * offset + 50_000)
+                })
+                .collect()
+        };
+        let (down, up) = (pairs(1), pairs(-1));
+        let a = down.iter().map(|(_, d)| *d).min().expect("pairs");
+        let b = up.iter().map(|(_, d)| *d).min().expect("pairs");
+        let offset = (a - b) / 2;
+        let bound = drift_bound(&down, &up, offset);
+        assert!(bound > 3_500_000, "bound {bound} ns under 8 ms of drift");
+        // A steady clock keeps a tight bound.
+        let steady = |sign: i128| -> Vec<(u64, i128)> {
+            (0..100u64)
+                .map(|i| (i * 10_000_000, sign * 1_000_000 + 50_000))
+                .collect()
+        };
+        let (down, up) = (steady(1), steady(-1));
+        assert!(drift_bound(&down, &up, 1_000_000) <= 50_000);
+    }
 }
