@@ -94,6 +94,29 @@ pub fn our_bpf_programs() -> Vec<String> {
         .unwrap_or_default()
 }
 
+/// A child process the test started, killed (by pid) and reaped when
+/// dropped.
+pub struct Owned(pub std::process::Child);
+
+impl Owned {
+    /// A shell busy loop: CPU load, no system calls.
+    pub fn busy_loop() -> Self {
+        Self(
+            Command::new("sh")
+                .args(["-c", "while :; do :; done"])
+                .spawn()
+                .expect("sh runs"),
+        )
+    }
+}
+
+impl Drop for Owned {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
 /// Asserts that `out` (of `what`) succeeded, showing its stderr if not.
 pub fn assert_ok(out: &Output, what: &str) {
     assert!(

@@ -7,8 +7,8 @@ use std::{
 };
 
 use hvprof_tests::{
-    assert_ok, bpf_lock, bpf_unavailable, dump_events, helper_bin, hvprof, hvprof_bin, json_lines,
-    our_bpf_programs, skip,
+    Owned, assert_ok, bpf_lock, bpf_unavailable, dump_events, helper_bin, hvprof, hvprof_bin,
+    json_lines, our_bpf_programs, skip,
 };
 use serde_json::Value;
 
@@ -132,16 +132,6 @@ fn record_sees_exactly_500_connections_with_monotone_timestamps_and_no_loss() {
     assert!(our_bpf_programs().is_empty(), "programs left attached");
 }
 
-/// A busy loop, killed (by pid) when dropped.
-struct Spin(std::process::Child);
-
-impl Drop for Spin {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
-
 /// `hvprof record` with `filter` around a burst of `n` connections.
 fn record_burst(run: &std::path::Path, filter: &[&str], n: u32) -> Vec<Value> {
     let out = Command::new(hvprof_bin())
@@ -164,12 +154,7 @@ fn pid_and_comm_filters_keep_only_those_tasks_in_the_kernel() {
     let _g = bpf_lock();
     let tmp = tempfile::tempdir().expect("tempdir");
     // --pid of a busy loop: its samples, none of the burst's events.
-    let spin = Spin(
-        Command::new("sh")
-            .args(["-c", "while :; do :; done"])
-            .spawn()
-            .expect("sh runs"),
-    );
+    let spin = Owned::busy_loop();
     let pid = spin.0.id();
     let events = record_burst(&tmp.path().join("pid"), &["--pid", &pid.to_string()], 300);
     drop(spin);
@@ -212,7 +197,7 @@ fn cgroup2_mount() -> Option<std::path::PathBuf> {
 }
 
 /// A cgroup of the test's own, removed (after its processes) when dropped.
-struct Cgroup(std::path::PathBuf, Option<Spin>);
+struct Cgroup(std::path::PathBuf, Option<Owned>);
 
 impl Drop for Cgroup {
     fn drop(&mut self) {
@@ -238,12 +223,7 @@ fn cgroup_filter_keeps_only_that_cgroups_tasks() {
         return;
     }
     let mut cg = Cgroup(dir.clone(), None);
-    let spin = Spin(
-        Command::new("sh")
-            .args(["-c", "while :; do :; done"])
-            .spawn()
-            .expect("sh runs"),
-    );
+    let spin = Owned::busy_loop();
     let pid = spin.0.id();
     cg.1 = Some(spin);
     std::fs::write(dir.join("cgroup.procs"), pid.to_string()).expect("moved into the cgroup");
@@ -324,7 +304,7 @@ fn live_view_and_metrics_follow_a_running_system_and_quit_on_ctrl_c() {
         .stderr(std::process::Stdio::piped())
         .spawn()
         .unwrap_or_else(|e| panic!("{}: {e}", hvprof_bin().display()));
-    let live = Spin(child);
+    let live = Owned(child);
     // Attached once the endpoint answers.
     let t0 = std::time::Instant::now();
     while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {

@@ -5,7 +5,7 @@
 use std::{path::Path, process::Command};
 
 use hvprof_tests::{
-    assert_ok, bpf_lock, bpf_unavailable, hvprof, hvprof_bin, our_bpf_programs, skip,
+    Owned, assert_ok, bpf_lock, bpf_unavailable, hvprof, hvprof_bin, our_bpf_programs, skip,
 };
 use serde_json::Value;
 
@@ -21,8 +21,12 @@ fn profile(out: &Path, rules: u32) -> Value {
             "bridge-nf",
             "--sizes",
             "0",
+            // Long enough and loaded enough (CPU-bound, not latency-bound)
+            // for the costs to be measured within a point or two.
             "-d",
-            "2s",
+            "4s",
+            "-c",
+            "32",
         ])
         .args(["--nf-rules", &rules.to_string(), "-o"])
         .arg(out)
@@ -167,34 +171,6 @@ fn more_netfilter_rules_move_the_loss_into_netfilter_and_shares_add_up() {
     assert!(again.join("report.json").exists());
 }
 
-/// Busy loops, one per CPU, stopped (by pid) when dropped.
-struct Hogs(Vec<std::process::Child>);
-
-impl Hogs {
-    fn start() -> Self {
-        let cpus = std::thread::available_parallelism().map_or(1, |n| n.get());
-        Self(
-            (0..cpus)
-                .map(|_| {
-                    Command::new("sh")
-                        .args(["-c", "while :; do :; done"])
-                        .spawn()
-                        .expect("sh runs")
-                })
-                .collect(),
-        )
-    }
-}
-
-impl Drop for Hogs {
-    fn drop(&mut self) {
-        for c in &mut self.0 {
-            let _ = c.kill();
-            let _ = c.wait();
-        }
-    }
-}
-
 /// `hvprof bench --record` of native at size 0 into `out`, named `label`.
 fn bench_native(out: &Path, label: &str) {
     let o = Command::new(hvprof_bin())
@@ -232,7 +208,8 @@ fn a_cpu_hog_beside_the_proxy_shows_as_sched() {
     bench_native(&tmp.path().join("quiet"), "native");
     {
         // A busy loop on every CPU: whichever the proxy runs on, it shares.
-        let _hogs = Hogs::start();
+        let cpus = std::thread::available_parallelism().map_or(1, |n| n.get());
+        let _hogs: Vec<Owned> = (0..cpus).map(|_| Owned::busy_loop()).collect();
         bench_native(&tmp.path().join("hog"), "native-hog");
     }
     let rep = tmp.path().join("report");
