@@ -130,7 +130,13 @@ fn guests_record_their_own_nic_drivers_matched_with_the_host_tap() {
         assert!(frac > 0.8, "{topology}: matched fraction {frac}");
         assert!(g["packets"]["host_to_guest"].as_u64().unwrap_or(0) > 0);
         assert!(g["packets"]["guest_to_host"].as_u64().unwrap_or(0) > 0);
-        assert_eq!(g["clock_method"], "packets");
+        // The offset with the smaller bound is used: from packets, or from
+        // the agent's ping when a drifting guest clock widened the packets'
+        // bound (the packets' estimate is checked in meta.json below).
+        assert!(
+            g["clock_method"] == "packets" || g["clock_method"] == "ping",
+            "{topology}: {g}"
+        );
         let err = g["clock_error_ns"].as_u64().expect("error bound");
         assert!(err < 20_000_000, "{topology}: clock error bound {err} ns");
         let offsets = hmeta["clock_offsets"].as_array().expect("offsets in meta");

@@ -105,7 +105,7 @@ pub async fn run_until<F: Future>(
                 clocks.push(clock);
                 stats
             });
-            let best = clocks.iter().min_by_key(|c| c.error_ns).cloned();
+            let best = crate::correlate::best(&clocks).cloned();
             guests.push(GuestSummary {
                 guest: g.guest.clone(),
                 events: g.events,

@@ -265,11 +265,21 @@ fn drift_bound(down: &[(u64, i128)], up: &[(u64, i128)], offset: i128) -> i128 {
 
 /// The best offset recorded for `guest` in a run's meta (smallest error).
 pub fn best_offset(offsets: &[serde_json::Value], guest: &str) -> Option<ClockOffset> {
-    offsets
+    let clocks: Vec<ClockOffset> = offsets
         .iter()
         .filter_map(|v| serde_json::from_value::<ClockOffset>(v.clone()).ok())
         .filter(|c| c.guest == guest)
-        .min_by_key(|c| c.error_ns)
+        .collect();
+    best(&clocks).cloned()
+}
+
+/// The offset to use: from packets when there is one (its bound covers the
+/// whole run, drift included; a ping's is taken at one moment), else the
+/// one with the smallest bound.
+pub fn best(clocks: &[ClockOffset]) -> Option<&ClockOffset> {
+    clocks
+        .iter()
+        .min_by_key(|c| (c.method != "packets", c.error_ns))
 }
 
 #[cfg(test)]
