@@ -132,6 +132,14 @@ fn record_sees_exactly_500_connections_with_monotone_timestamps_and_no_loss() {
     assert!(our_bpf_programs().is_empty(), "programs left attached");
 }
 
+/// Asserts that every event is of process `pid`.
+fn assert_only_pid(events: &[Value], pid: u32) {
+    let other = events
+        .iter()
+        .find(|e| e["pid"].as_u64() != Some(u64::from(pid)));
+    assert!(other.is_none(), "events of other tasks: {other:?}");
+}
+
 /// `hvprof record` with `filter` around a burst of `n` connections.
 fn record_burst(run: &std::path::Path, filter: &[&str], n: u32) -> Vec<Value> {
     let out = Command::new(hvprof_bin())
@@ -162,15 +170,7 @@ fn pid_and_comm_filters_keep_only_those_tasks_in_the_kernel() {
         events.iter().any(|e| e["kind"] == "cpu_sample"),
         "no samples of the busy loop"
     );
-    let others: Vec<&Value> = events
-        .iter()
-        .filter(|e| e["pid"].as_u64() != Some(u64::from(pid)))
-        .collect();
-    assert!(
-        others.is_empty(),
-        "events of other tasks: {:?}",
-        others.first()
-    );
+    assert_only_pid(&events, pid);
 
     // --comm of the burst: its socket events, nobody else's.
     let events = record_burst(&tmp.path().join("comm"), &["--comm", "tcp-burst"], 300);
@@ -243,15 +243,7 @@ fn cgroup_filter_keeps_only_that_cgroups_tasks() {
         "samples of the busy loop: {}",
         events.len()
     );
-    let others: Vec<&Value> = events
-        .iter()
-        .filter(|e| e["pid"].as_u64() != Some(u64::from(pid)))
-        .collect();
-    assert!(
-        others.is_empty(),
-        "events of other tasks: {:?}",
-        others.first()
-    );
+    assert_only_pid(&events, pid);
     drop(cg);
     let bad = hvprof(&[
         "record",
