@@ -59,10 +59,10 @@ impl Default for BenchLoadArgs {
 const SIZES: [&str; 2] = ["0", "64k"];
 
 /// A child we started, stopped by pid (SIGTERM, then SIGKILL) when dropped.
-struct Guard(Option<Child>);
+pub(crate) struct Guard(pub(crate) Option<Child>);
 
 impl Guard {
-    fn stop(&mut self) {
+    pub(crate) fn stop(&mut self) {
         let Some(mut c) = self.0.take() else { return };
         if let Ok(Some(_)) = c.try_wait() {
             return;
@@ -331,7 +331,7 @@ pub fn bench_load(a: &BenchLoadArgs) -> Result<()> {
 
 /// Starts origin + HAProxy in the seed's mode (`hvprof bench --serve`),
 /// up until the guard stops it; returns the proxy's base URL.
-fn start_stand(bin: &Path, haproxy_threads: usize) -> Result<(Guard, String)> {
+pub(crate) fn start_stand(bin: &Path, haproxy_threads: usize) -> Result<(Guard, String)> {
     let mut serve = Command::new(bin)
         .args([
             "bench",

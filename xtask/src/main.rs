@@ -5,6 +5,7 @@
 mod bench;
 mod bench_faults;
 mod bench_report;
+mod bench_soak;
 mod fuzz;
 mod setup;
 mod test;
@@ -64,6 +65,10 @@ enum BenchCmd {
     Faults(bench_faults::FaultsArgs),
     /// Report generation time on a recorded run of a million events.
     Report(bench_report::ReportArgs),
+    /// Soak: full-load recording on `native` with the full catalog for 10
+    /// minutes; recorder RSS over time, lost events, run directory size
+    /// per million connections.
+    Soak(bench_soak::SoakArgs),
 }
 
 fn main() {
@@ -75,6 +80,7 @@ fn main() {
         Cmd::Bench(BenchCmd::Overhead(a)) => bench::bench_overhead(&a),
         Cmd::Bench(BenchCmd::Faults(a)) => bench_faults::run(&a),
         Cmd::Bench(BenchCmd::Report(a)) => bench_report::bench_report(&a),
+        Cmd::Bench(BenchCmd::Soak(a)) => bench_soak::bench_soak(&a),
         Cmd::Run { args } => setup::run().and_then(|()| run_main_job(&args)),
         Cmd::Testbed(args) => testbed::run(&args),
         Cmd::Fuzz(args) => fuzz::run(&args),
