@@ -340,6 +340,158 @@ fn live_view_and_metrics_follow_a_running_system_and_quit_on_ctrl_c() {
     assert!(our_bpf_programs().is_empty(), "programs left attached");
 }
 
+/// Whether util-linux `script` (a command under a pseudo-terminal) runs.
+fn have_script() -> bool {
+    Command::new("script")
+        .arg("--version")
+        .output()
+        .is_ok_and(|o| o.status.success())
+}
+
+/// The first child process of `parent`, from /proc.
+fn child_of(parent: u32) -> Option<u32> {
+    std::fs::read_dir("/proc").ok()?.flatten().find_map(|e| {
+        let pid: u32 = e.file_name().to_str()?.parse().ok()?;
+        let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+        // pid (comm) state ppid ...
+        let ppid: u32 = stat[stat.rfind(')')? + 1..]
+            .split_whitespace()
+            .nth(1)?
+            .parse()
+            .ok()?;
+        (ppid == parent).then_some(pid)
+    })
+}
+
+/// Ids of the BPF programs process `pid` holds a descriptor of (program
+/// and link descriptors name theirs as `prog_id:` in fdinfo).
+fn bpf_prog_ids_of(pid: u32) -> std::collections::BTreeSet<u64> {
+    std::fs::read_dir(format!("/proc/{pid}/fdinfo"))
+        .into_iter()
+        .flatten()
+        .flatten()
+        .filter_map(|e| std::fs::read_to_string(e.path()).ok())
+        .filter_map(|info| {
+            info.lines()
+                .find_map(|l| l.strip_prefix("prog_id:"))
+                .and_then(|v| v.trim().parse().ok())
+        })
+        .collect()
+}
+
+/// Ids of every loaded BPF program (`bpftool prog show --json`).
+fn loaded_bpf_prog_ids() -> std::collections::BTreeSet<u64> {
+    let out = Command::new("bpftool")
+        .args(["prog", "show", "--json"])
+        .output()
+        .expect("bpftool runs");
+    assert!(out.status.success(), "bpftool prog show failed");
+    let v: Value = serde_json::from_slice(&out.stdout).expect("bpftool prints JSON");
+    v.as_array()
+        .into_iter()
+        .flatten()
+        .filter_map(|p| p["id"].as_u64())
+        .collect()
+}
+
+#[test]
+fn live_view_quits_on_q_typed_at_a_terminal() {
+    require_bpf!("record_live_quit_key");
+    if !have_script() {
+        skip(
+            "record_live_quit_key",
+            "no `script` (util-linux) to give hvprof a terminal",
+        );
+        return;
+    }
+    let _g = bpf_lock();
+    // `script` runs hvprof on a pseudo-terminal and passes what we write
+    // to its stdin on as keys typed there.
+    let child = Command::new("script")
+        .args(["-q", "-e", "-c", "exec \"$HVPROF\" record --live -d 60s"])
+        .arg("/dev/null")
+        .env("HVPROF", hvprof_bin())
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("script runs");
+    let mut live = Owned(child);
+    let seen = std::sync::Arc::new(std::sync::Mutex::new(Vec::<u8>::new()));
+    let mut stdout = live.0.stdout.take().expect("stdout");
+    let reader = {
+        let seen = seen.clone();
+        std::thread::spawn(move || {
+            use std::io::Read as _;
+            let mut buf = [0u8; 4096];
+            while let Ok(n @ 1..) = stdout.read(&mut buf) {
+                seen.lock().expect("lock").extend_from_slice(&buf[..n]);
+            }
+        })
+    };
+    let view = || String::from_utf8_lossy(&seen.lock().expect("lock")).into_owned();
+    // The view is drawn once the probes are attached (and the terminal is
+    // in raw mode, so one key is enough).
+    let t0 = Instant::now();
+    while !view().contains("connections/s") {
+        if let Some(st) = live.0.try_wait().expect("try_wait") {
+            panic!("hvprof ended before drawing the view ({st}): {}", view());
+        }
+        assert!(
+            t0.elapsed() < Duration::from_secs(30),
+            "no view within 30 s: {}",
+            view()
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    // The programs this hvprof holds (by id: another recording on the
+    // machine may load programs of the same names meanwhile).
+    let pid = child_of(live.0.id()).expect("hvprof runs under script");
+    let held = bpf_prog_ids_of(pid);
+    assert!(
+        !held.is_empty(),
+        "no BPF program attached while the view runs"
+    );
+    {
+        use std::io::Write as _;
+        let stdin = live.0.stdin.as_mut().expect("stdin");
+        stdin.write_all(b"q").expect("typed q");
+        stdin.flush().expect("flush");
+    }
+    let typed = Instant::now();
+    let status = loop {
+        if let Some(st) = live.0.try_wait().expect("try_wait") {
+            break st;
+        }
+        assert!(
+            typed.elapsed() < Duration::from_secs(10),
+            "hvprof still running 10 s after `q` (of a 60 s recording): {}",
+            view()
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    let _ = reader.join();
+    let stderr = live
+        .0
+        .stderr
+        .take()
+        .map(|e| std::io::read_to_string(e).unwrap_or_default())
+        .unwrap_or_default();
+    // `script -e` exits with hvprof's status.
+    assert!(
+        status.success(),
+        "exit {status} after `q`; stderr: {stderr}; view: {}",
+        view()
+    );
+    assert!(
+        view().contains("top functions"),
+        "the whole view was drawn: {}",
+        view()
+    );
+    let left: Vec<u64> = loaded_bpf_prog_ids().intersection(&held).copied().collect();
+    assert!(left.is_empty(), "programs left loaded: ids {left:?}");
+}
+
 #[test]
 fn probes_are_attached_while_recording_and_gone_after_sigint_and_sigterm() {
     require_bpf!("record_signals");
