@@ -20,7 +20,7 @@ use hvprof::{
 };
 use hvprof_common::probe;
 use hvprof_fuzz::{
-    Header, dev_packet_event, event_log, func_event, sample_event, sock_state_event,
+    Header, dev_packet_event, event_log, func_event, sample_event, sock_life_event,
 };
 
 fn main() -> Result<()> {
@@ -33,8 +33,10 @@ fn main() -> Result<()> {
         tid: 4243,
         comm: "haproxy",
     };
-    let sock4 = sock_state_event(&h(probe::SOCK_STATE, 1_000), false, 2, 1);
-    let sock6 = sock_state_event(&h(probe::SOCK_STATE, 2_000), true, 1, 7);
+    let client = [(7, 2), (2, 1), (1, 4), (4, 5), (5, 7)];
+    let server = [(3, 1), (1, 8), (8, 9), (9, 7)];
+    let sock4 = sock_life_event(&h(probe::SOCK_STATE, 1_000), false, &client);
+    let sock6 = sock_life_event(&h(probe::SOCK_STATE, 2_000), true, &server);
     let xmit = dev_packet_event(&h(probe::DEV_XMIT, 3_000), false, "eth0");
     let recv = dev_packet_event(&h(probe::DEV_RECV, 4_000), true, "tap0");
     let sample = sample_event(&h(probe::CPU_SAMPLE, 5_000), 12, 5);

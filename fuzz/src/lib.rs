@@ -9,7 +9,9 @@ use std::{
     task::{Context, Poll, Waker},
 };
 
-use hvprof_common::{DevPacketEvent, EventHeader, FuncEvent, SampleEvent, SockStateEvent, kind};
+use hvprof_common::{
+    DevPacketEvent, EventHeader, FuncEvent, SOCK_STEPS, SampleEvent, SockLifeEvent, kind, sock_life,
+};
 
 /// The header fields of one event.
 #[derive(Debug, Clone, Copy)]
@@ -58,42 +60,59 @@ pub fn func_event(h: &Header, ip: u64, arg0: u64) -> Vec<u8> {
     b
 }
 
-/// A TCP state change (`kind::SOCK_STATE`); `v6` picks the address family.
-pub fn sock_state_event(h: &Header, v6: bool, old: u8, new: u8) -> Vec<u8> {
-    let mut b = record::<SockStateEvent>(h, kind::SOCK_STATE);
+/// A TCP socket's life (`kind::SOCK_LIFE`) with these `(old, new)` state
+/// changes; `v6` picks the address family.
+pub fn sock_life_event(h: &Header, v6: bool, steps: &[(u8, u8)]) -> Vec<u8> {
+    let mut b = record::<SockLifeEvent>(h, kind::SOCK_LIFE);
     put(
         &mut b,
-        offset_of!(SockStateEvent, skaddr),
+        offset_of!(SockLifeEvent, skaddr),
         &0xffff_8880_1234_5600u64.to_le_bytes(),
     );
     put(
         &mut b,
-        offset_of!(SockStateEvent, bytes_received),
+        offset_of!(SockLifeEvent, bytes_received),
         &4096u64.to_le_bytes(),
     );
     put(
         &mut b,
-        offset_of!(SockStateEvent, bytes_acked),
+        offset_of!(SockLifeEvent, bytes_acked),
         &1024u64.to_le_bytes(),
     );
     let family: u16 = if v6 { 10 } else { 2 };
     put(
         &mut b,
-        offset_of!(SockStateEvent, family),
+        offset_of!(SockLifeEvent, family),
         &family.to_le_bytes(),
     );
     put(
         &mut b,
-        offset_of!(SockStateEvent, sport),
+        offset_of!(SockLifeEvent, sport),
         &43210u16.to_le_bytes(),
     );
     put(
         &mut b,
-        offset_of!(SockStateEvent, dport),
+        offset_of!(SockLifeEvent, dport),
         &80u16.to_le_bytes(),
     );
-    put(&mut b, offset_of!(SockStateEvent, oldstate), &[old]);
-    put(&mut b, offset_of!(SockStateEvent, newstate), &[new]);
+    let n = steps.len().min(SOCK_STEPS);
+    put(&mut b, offset_of!(SockLifeEvent, steps), &[n as u8]);
+    let closed = steps.last().is_some_and(|&(_, new)| new == 7);
+    put(
+        &mut b,
+        offset_of!(SockLifeEvent, flags),
+        &[u8::from(closed) * sock_life::CLOSED],
+    );
+    for (i, &(old, new)) in steps.iter().take(n).enumerate() {
+        let ts = h.ts_ns + 1000 * i as u64;
+        put(
+            &mut b,
+            offset_of!(SockLifeEvent, step_ns) + 8 * i,
+            &ts.to_le_bytes(),
+        );
+        put(&mut b, offset_of!(SockLifeEvent, step_old) + i, &[old]);
+        put(&mut b, offset_of!(SockLifeEvent, step_new) + i, &[new]);
+    }
     let (s, d): ([u8; 16], [u8; 16]) = if v6 {
         let mut s = [0u8; 16];
         s[15] = 1;
@@ -107,8 +126,8 @@ pub fn sock_state_event(h: &Header, v6: bool, old: u8, new: u8) -> Vec<u8> {
         d[..4].copy_from_slice(&[10, 0, 0, 2]);
         (s, d)
     };
-    put(&mut b, offset_of!(SockStateEvent, saddr), &s);
-    put(&mut b, offset_of!(SockStateEvent, daddr), &d);
+    put(&mut b, offset_of!(SockLifeEvent, saddr), &s);
+    put(&mut b, offset_of!(SockLifeEvent, daddr), &d);
     b
 }
 

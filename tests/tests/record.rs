@@ -83,27 +83,30 @@ fn record_sees_exactly_500_connections_with_monotone_timestamps_and_no_loss() {
             .iter()
             .all(|e| e["ts_ns"].is_u64() && e["probe"].is_string())
     );
-    let sock_events = lines.iter().filter(|e| e["kind"] == "sock_state").count() as u64;
-    // Stats are read just before detaching: a few more events may follow.
+    // One event per socket life, aggregated in the kernel, carrying every
+    // state change (stats are read just before detaching: a few more
+    // changes may follow).
+    let lives: Vec<&Value> = lines.iter().filter(|e| e["kind"] == "sock_life").collect();
+    assert!(lives.len() >= 2 * 500, "{} socket lives", lives.len());
+    let changes: u64 = lives
+        .iter()
+        .filter_map(|e| e["transitions"].as_array())
+        .map(|t| t.len() as u64)
+        .sum();
     assert!(
-        sock_events >= runs,
-        "one event per program run: {sock_events} < {runs}"
+        changes >= runs,
+        "every program run is a state change of a life: {changes} < {runs}"
     );
     assert!(
         lines
             .iter()
-            .all(|e| e["kind"] == "sock_state" || e["kind"] == "cpu_sample"),
+            .all(|e| e["kind"] == "sock_life" || e["kind"] == "cpu_sample"),
         "only known kinds"
     );
 
     // Exactly our 500 connections to the burst's listener, each with both
     // endpoints and a monotone lifecycle.
-    let conns = hvprof(&["dump", "--connections", run.to_str().expect("utf8 path")]);
-    assert!(conns.status.success());
-    let ours: Vec<Value> = json_lines(&conns.stdout)
-        .into_iter()
-        .filter(|c| c["server"].as_str() == Some(&format!("127.0.0.1:{port}")))
-        .collect();
+    let ours = connections_to(&run, &port.to_string());
     assert_eq!(ours.len(), 500, "connections to port {port}");
     for c in &ours {
         let eps = c["endpoints"].as_array().expect("endpoints");
@@ -174,8 +177,8 @@ fn pid_and_comm_filters_keep_only_those_tasks_in_the_kernel() {
 
     // --comm of the burst: its socket events, nobody else's.
     let events = record_burst(&tmp.path().join("comm"), &["--comm", "tcp-burst"], 300);
-    let sock = events.iter().filter(|e| e["kind"] == "sock_state").count();
-    assert!(sock >= 300, "only {sock} socket events of tcp-burst");
+    let sock = events.iter().filter(|e| e["kind"] == "sock_life").count();
+    assert!(sock >= 300, "only {sock} socket lives of tcp-burst");
     let others: Vec<&Value> = events.iter().filter(|e| e["comm"] != "tcp-burst").collect();
     assert!(
         others.is_empty(),
@@ -183,6 +186,87 @@ fn pid_and_comm_filters_keep_only_those_tasks_in_the_kernel() {
         others.first()
     );
     assert!(our_bpf_programs().is_empty(), "programs left attached");
+}
+
+/// Lives of connections to `port`, from `dump --connections`.
+fn connections_to(run: &std::path::Path, port: &str) -> Vec<Value> {
+    let out = hvprof(&["dump", "--connections", run.to_str().expect("utf8 path")]);
+    assert_ok(&out, "hvprof dump --connections");
+    json_lines(&out.stdout)
+        .into_iter()
+        .filter(|c| c["server"].as_str() == Some(&format!("127.0.0.1:{port}")))
+        .collect()
+}
+
+#[test]
+fn the_classic_tracepoint_records_the_same_lives_where_raw_ones_are_avoided() {
+    require_bpf!("record_classic_tracepoint");
+    let _g = bpf_lock();
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let run = tmp.path().join("run");
+    let out = Command::new(hvprof_bin())
+        .env("HVPROF_AVOID_METHODS", "raw_tracepoint")
+        .args(["record", "-p", "tcp", "-o"])
+        .arg(&run)
+        .arg("--")
+        .arg(helper_bin("tcp-burst"))
+        .arg("200")
+        .arg(run.with_extension("port"))
+        .output()
+        .expect("hvprof runs");
+    assert_ok(&out, "hvprof record");
+    let summary: Value =
+        serde_json::from_slice(&std::fs::read(run.join("summary.json")).expect("summary"))
+            .expect("summary JSON");
+    assert_eq!(
+        summary["probes"][0]["program"], "hvp_sock_state",
+        "{summary}"
+    );
+    let port = std::fs::read_to_string(run.with_extension("port")).expect("port");
+    let conns = connections_to(&run, port.trim());
+    assert_eq!(conns.len(), 200);
+    for c in &conns {
+        let eps = c["endpoints"].as_array().expect("endpoints");
+        assert_eq!(eps.len(), 2, "both ends of {c}");
+        assert!(c["syn_ns"].as_u64() <= c["established_ns"].as_u64(), "{c}");
+        assert!(c["close_ns"].is_u64(), "{c}");
+    }
+}
+
+#[test]
+fn sockets_still_open_when_recording_stops_keep_their_lives() {
+    require_bpf!("record_open_sockets");
+    let _g = bpf_lock();
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let run = tmp.path().join("run");
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("listen");
+    let port = listener.local_addr().expect("addr").port().to_string();
+    let child = Command::new(hvprof_bin())
+        .args(["record", "-q", "-p", "tcp", "-d", "3s", "-o"])
+        .arg(&run)
+        .stdout(Stdio::null())
+        .spawn()
+        .expect("hvprof runs");
+    let mut rec = Owned(child);
+    let t0 = Instant::now();
+    while !run.join("events.log").exists() {
+        assert!(t0.elapsed() < Duration::from_secs(20), "never started");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    // Opened during the recording, still open when it stops.
+    let client =
+        std::net::TcpStream::connect(("127.0.0.1", port.parse().expect("port"))).expect("connect");
+    let (server, _) = listener.accept().expect("accept");
+    let status = rec.0.wait().expect("hvprof ends");
+    assert!(status.success(), "{status}");
+    drop((client, server));
+    let conns = connections_to(&run, &port);
+    assert_eq!(conns.len(), 1, "{conns:?}");
+    let c = &conns[0];
+    assert!(c["established_ns"].is_u64(), "{c}");
+    assert!(c["close_ns"].is_null(), "still open: {c}");
+    let eps = c["endpoints"].as_array().expect("endpoints");
+    assert_eq!(eps.len(), 2, "both ends of {c}");
 }
 
 /// Where cgroup v2 is mounted, if it is.
@@ -316,11 +400,12 @@ fn live_view_and_metrics_follow_a_running_system_and_quit_on_ctrl_c() {
         metric(&text, "hvprof_tcp_connections_total") >= 300,
         "{text}"
     );
+    // One event per socket: the client's and the server's end.
     assert!(
         metric(
             &text,
             "hvprof_events_total{probe=\"tcp:inet_sock_set_state\"}"
-        ) >= 300 * 4,
+        ) >= 300 * 2,
         "{text}"
     );
     assert!(text.contains("hvprof_cpu_samples_total{layer=\"socket\"}"));
@@ -515,8 +600,8 @@ fn probes_are_attached_while_recording_and_gone_after_sigint_and_sigterm() {
             std::thread::sleep(Duration::from_millis(50));
         }
         assert!(
-            our_bpf_programs().contains(&"hvp_sock_state".to_string()),
-            "hvp_sock_state attached while recording"
+            our_bpf_programs().iter().any(|p| p.starts_with("hvp_sock")),
+            "the socket program attached while recording"
         );
         // `probes list --stats` sees the running recording's programs.
         let stats = hvprof(&["probes", "list", "--stats", "--json"]);
@@ -658,7 +743,15 @@ fn probes_list_json_covers_every_layer_and_says_why() {
         .iter()
         .find(|r| r["name"] == "tcp:inet_sock_set_state")
         .expect("sock probe listed");
-    assert_eq!(sock["obtained"], "tracepoint");
+    // The raw tracepoint where BTF gives the socket's offsets, else the
+    // classic one.
+    assert_eq!(sock["wanted"], "raw_tracepoint");
+    let raw = std::path::Path::new("/sys/kernel/btf/vmlinux").exists();
+    assert_eq!(
+        sock["obtained"],
+        if raw { "raw_tracepoint" } else { "tracepoint" },
+        "{sock}"
+    );
     assert!(
         our_bpf_programs().is_empty(),
         "probes list left programs loaded"

@@ -1,6 +1,6 @@
 //! Loading the eBPF object and attaching catalog probes: decides each
-//! probe's method from what this kernel offers (fentry → kprobe →
-//! tracepoint → sampling), hands the programs this kernel's offsets as
+//! probe's method from what this kernel offers (fentry → kprobe → raw
+//! tracepoint → tracepoint → sampling), hands the programs this kernel's offsets as
 //! read-only globals, attaches, and detaches everything when dropped (all
 //! attachments are fd-based, so even a killed hvprof leaves nothing).
 
@@ -11,7 +11,7 @@ use aya::{
     Btf, Ebpf, EbpfLoader,
     maps::{MapData, PerCpuArray, RingBuf},
     programs::{
-        FEntry, KProbe, PerfEvent, TracePoint,
+        FEntry, KProbe, PerfEvent, RawTracePoint, TracePoint,
         perf_event::{PerfEventConfig, PerfEventScope, SamplePolicy, SoftwareEvent},
     },
 };
@@ -31,6 +31,9 @@ pub const EVENTS_MAP: &str = "HVP_EVENTS";
 /// Name under which function-entry probes report lost events.
 pub const FUNC_PROBES: &str = "functions";
 pub const LOST_MAP: &str = "HVP_LOST";
+
+/// Methods to treat as unavailable, comma-separated.
+pub const AVOID_METHODS_ENV: &str = "HVPROF_AVOID_METHODS";
 
 /// A catalog row with the method it gets here.
 #[derive(Debug, Clone)]
@@ -61,6 +64,9 @@ pub struct Probe {
     pub features: Features,
     /// `Err(why)` when fentry programs can't be loaded here.
     pub fentry: Result<(), String>,
+    /// `Err(why)` when the struct offsets the raw-tracepoint programs read
+    /// can't be resolved from this kernel's BTF.
+    pub raw_tracepoint: Result<(), String>,
 }
 
 impl Probe {
@@ -68,9 +74,36 @@ impl Probe {
     pub fn detect(ebpf: &mut Ebpf) -> Self {
         let btf = kbtf::running().map_err(|e| log::warn!("{e:#}")).ok();
         let fentry = test_fentry(ebpf, btf.as_ref());
-        Self {
+        let raw_tracepoint = match tcp::sock_offsets(btf.as_ref()) {
+            (_, None) => Ok(()),
+            (_, Some(why)) => Err(format!("struct sock offsets unresolved ({why})")),
+        };
+        let mut probe = Self {
             features: Features::detect(),
             fentry,
+            raw_tracepoint,
+        };
+        probe.avoid(
+            std::env::var(AVOID_METHODS_ENV)
+                .unwrap_or_default()
+                .split(','),
+        );
+        probe
+    }
+
+    /// Treats the named methods as unavailable (`$HVPROF_AVOID_METHODS`,
+    /// e.g. `raw_tracepoint`: to exercise or measure the fallbacks).
+    fn avoid<'a>(&mut self, methods: impl Iterator<Item = &'a str>) {
+        let why = || Err(format!("avoided (${AVOID_METHODS_ENV})"));
+        for m in methods {
+            match m.trim() {
+                "fentry" => self.fentry = why(),
+                "kprobe" => self.features.kprobe = why(),
+                "raw_tracepoint" => self.raw_tracepoint = why(),
+                "sampling" => self.features.sampling = why(),
+                "" => {}
+                other => log::warn!("${AVOID_METHODS_ENV}: unknown method {other:?}"),
+            }
         }
     }
 
@@ -165,6 +198,15 @@ impl Probe {
                 }
             },
             Hook::Tracepoint { category, name, .. } => {
+                if spec.programs.raw_tracepoint.is_some() {
+                    match &self.raw_tracepoint {
+                        Ok(()) if tracefs::tracepoint_exists(category, name) => {
+                            return Some(Method::RawTracepoint);
+                        }
+                        Ok(()) => {}
+                        Err(e) => reasons.push(format!("raw_tracepoint: {e}")),
+                    }
+                }
                 if spec.programs.tracepoint.is_none() {
                     reasons.push("tracepoint: no hvprof program for it yet".into());
                     None
@@ -316,12 +358,14 @@ pub fn load(opts: &LoadOptions) -> Result<Ebpf> {
     let tp = tcp::tp_offsets()?;
     let btf = kbtf::running().ok();
     let koff = tcp::kernel_offsets(btf.as_ref());
+    let (sock_off, _) = tcp::sock_offsets(btf.as_ref());
     let sched_tp = sched::tp_offsets()?;
     let dev_off = dev::offsets(btf.as_ref(), opts.dev_filter);
     let mut ebpf = EbpfLoader::new()
         .override_global(dev::OFFSETS_GLOBAL, &dev_off, true)
         .override_global(tcp::TP_GLOBAL, &tp, true)
         .override_global(tcp::KERNEL_GLOBAL, &koff, true)
+        .override_global(tcp::SOCK_GLOBAL, &sock_off, true)
         .override_global(sched::TP_GLOBAL, &sched_tp, true)
         .override_global(vmexit::TP_GLOBAL, &vmexit::tp_offsets(), true)
         .override_global(TASK_FILTER_GLOBAL, &opts.tasks.bits(), true)
@@ -379,8 +423,19 @@ pub fn attach(
     });
     for (index, mut r) in resolved {
         let required = required.contains(&r.spec.name);
-        if let Some(method) = r.obtained {
-            if let Err(e) = attach_one(&mut ebpf, r.spec, method, sample_hz, features) {
+        if let Some(mut method) = r.obtained {
+            let mut res = attach_one(&mut ebpf, r.spec, method, sample_hz, features);
+            if let (Err(e), Method::RawTracepoint) = (&res, method)
+                && r.spec.programs.tracepoint.is_some()
+            {
+                // The classic tracepoint carries the same event.
+                r.reasons
+                    .push(format!("raw_tracepoint: attach failed: {e:#}"));
+                method = Method::Tracepoint;
+                r.obtained = Some(method);
+                res = attach_one(&mut ebpf, r.spec, method, sample_hz, features);
+            }
+            if let Err(e) = res {
                 let why = format!("{}: attach failed: {e:#}", method.name());
                 if required {
                     bail!("probe {} could not be attached: {why}", r.spec.name);
@@ -425,6 +480,7 @@ fn program_for(spec: &ProbeSpec, method: Method) -> Option<&'static str> {
     match method {
         Method::Fentry => spec.programs.fentry,
         Method::Kprobe => spec.programs.kprobe,
+        Method::RawTracepoint => spec.programs.raw_tracepoint,
         Method::Tracepoint => spec.programs.tracepoint,
         Method::Sampling => spec.programs.perf_event,
     }
@@ -471,6 +527,15 @@ fn attach_one(
                         .with_context(|| format!("attaching {name} to {c}:{t}"))?;
                 }
             }
+            Ok(())
+        }
+        (Method::RawTracepoint, Hook::Tracepoint { name: tp, .. }) => {
+            let prog: &mut RawTracePoint = prog.try_into()?;
+            if prog.fd().is_err() {
+                prog.load().with_context(|| format!("loading {name}"))?;
+            }
+            prog.attach(tp)
+                .with_context(|| format!("attaching {name} to raw tracepoint {tp}"))?;
             Ok(())
         }
         (Method::Kprobe, Hook::Function { func, module, .. }) => {
@@ -578,12 +643,17 @@ impl Session {
         let mut names: Vec<(&str, &str)> = self.programs.iter().map(|(p, n)| (*p, *n)).collect();
         names.sort_by_key(|(probe, _)| !(*probe == "cpu:samples" || probe.starts_with("sched:")));
         let names: Vec<&str> = names.into_iter().map(|(_, n)| n).collect();
+        let ids: Vec<u32> = names
+            .iter()
+            .filter_map(|n| Some(self.ebpf.program(n)?.info().ok()?.id()))
+            .collect();
         for name in names {
             let Some(p) = self.ebpf.program_mut(name) else {
                 continue;
             };
             let res = match p {
                 aya::programs::Program::TracePoint(p) => p.unload(),
+                aya::programs::Program::RawTracePoint(p) => p.unload(),
                 aya::programs::Program::PerfEvent(p) => p.unload(),
                 aya::programs::Program::FEntry(p) => p.unload(),
                 aya::programs::Program::KProbe(p) => p.unload(),
@@ -593,5 +663,28 @@ impl Session {
                 log::warn!("detaching {name}: {e}");
             }
         }
+        wait_freed(&ids, std::time::Duration::from_secs(3));
+    }
+}
+
+/// Waits (at most `limit`) until the kernel has freed the programs `ids`:
+/// a detached raw tracepoint's program lingers until an RCU grace period
+/// ends, and whoever looks right after hvprof exits (`bpftool prog`)
+/// should find nothing of ours.
+fn wait_freed(ids: &[u32], limit: std::time::Duration) {
+    let t0 = std::time::Instant::now();
+    loop {
+        let left = aya::programs::loaded_programs()
+            .filter_map(Result::ok)
+            .filter(|p| ids.contains(&p.id()))
+            .count();
+        if left == 0 {
+            return;
+        }
+        if t0.elapsed() >= limit {
+            log::warn!("{left} detached program(s) not freed by the kernel yet");
+            return;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(20));
     }
 }

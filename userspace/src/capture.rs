@@ -132,14 +132,14 @@ pub async fn run_until<F: Future>(
     if let Some(kvm) = &fin.kvm {
         rundir::write_json(&dir.join(rundir::KVM), kvm)?;
     }
-    let tl = timeline::Timeline::read(dir)?;
+    let (connections, truncated_tail) = timeline::count_connections(dir)?;
     let summary = Summary {
-        connections: tl.connections.len() as u64,
+        connections,
         events: log.records,
         lost: fin.lost,
         probes: fin.stats,
         duration_s: fin.meta.duration_s.unwrap_or(0.0),
-        truncated_tail: tl.truncated_tail,
+        truncated_tail,
         samples: fin.stacks.samples,
         stacks: n_stacks,
         guests,

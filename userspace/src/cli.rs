@@ -62,6 +62,14 @@ impl Cli {
             // every topology (`record` stops on these signals itself).
             crate::topology::cleanup::install_signal_teardown();
         }
+        if matches!(self.command, Command::Probes(_) | Command::Topologies(_)) {
+            // Listings end quietly when the reader does (`| head`), as ls
+            // does. Only here: elsewhere a closed socket must be an error,
+            // not a signal.
+            // SAFETY: resetting a signal disposition at start-up, before
+            // any thread exists.
+            unsafe { libc::signal(libc::SIGPIPE, libc::SIG_DFL) };
+        }
         let res = self.dispatch();
         // After Ctrl-C/SIGTERM the teardown owns the exit.
         crate::topology::cleanup::finish();

@@ -150,7 +150,7 @@ fn involves(body: &event::Body, c: &std::net::SocketAddrV4) -> bool {
     use std::net::IpAddr;
     let at = |ip: IpAddr, port: u16| ip == IpAddr::V4(*c.ip()) && port == c.port();
     match body {
-        event::Body::SockState(s) => at(s.saddr, s.sport) || at(s.daddr, s.dport),
+        event::Body::SockLife(s) => at(s.saddr, s.sport) || at(s.daddr, s.dport),
         event::Body::DevPacket(p) => {
             at(IpAddr::V4(p.saddr), p.sport) || at(IpAddr::V4(p.daddr), p.dport)
         }

@@ -1,7 +1,7 @@
 //! Decoded events: the raw `#[repr(C)]` records of `hvprof-common`, turned
 //! into typed values by the path that owns each kind.
 
-use hvprof_common::{DevPacketEvent, EventHeader, FuncEvent, SampleEvent, SockStateEvent, kind};
+use hvprof_common::{DevPacketEvent, EventHeader, FuncEvent, SampleEvent, SockLifeEvent, kind};
 use std::borrow::Cow;
 
 use serde::Serialize;
@@ -35,7 +35,7 @@ pub struct Event {
 #[derive(Debug, Clone, Serialize)]
 #[serde(tag = "kind", rename_all = "snake_case")]
 pub enum Body {
-    SockState(tcp::SockState),
+    SockLife(tcp::SockLife),
     CpuSample(cpu::CpuSample),
     DevPacket(dev::DevPacket),
     Func(Func),
@@ -79,9 +79,9 @@ pub fn decode(bytes: &[u8], ctx: &Context) -> Result<Event, DecodeError> {
     let h = EventHeader::read(bytes).ok_or(DecodeError::Short(bytes.len()))?;
     let mut probe = Cow::Borrowed(probe_name(h.probe));
     let body = match h.kind {
-        kind::SOCK_STATE => {
-            let ev = sized(SockStateEvent::read(bytes), "sock_state", bytes)?;
-            Body::SockState(tcp::decode(&ev))
+        kind::SOCK_LIFE => {
+            let ev = sized(SockLifeEvent::read(bytes), "sock_life", bytes)?;
+            Body::SockLife(tcp::decode(&ev))
         }
         kind::CPU_SAMPLE => {
             let ev = sized(SampleEvent::read(bytes), "cpu_sample", bytes)?;

@@ -98,17 +98,9 @@ pub fn live_stats() -> Result<Vec<LiveStats>> {
         }
         let run_time_ns = u64::try_from(info.run_time().as_nanos()).unwrap_or(u64::MAX);
         let run_count = info.run_count();
-        let spec = catalog::all().into_iter().find(|s| {
-            [
-                s.programs.tracepoint,
-                s.programs.perf_event,
-                s.programs.fentry,
-                s.programs.kprobe,
-            ]
+        let spec = catalog::all()
             .into_iter()
-            .flatten()
-            .any(|p| p.starts_with(name))
-        });
+            .find(|s| s.programs.names().any(|p| p.starts_with(name)));
         out.push(LiveStats {
             id: info.id(),
             probe: spec.map_or_else(|| "?".into(), |s| s.name.to_string()),
@@ -181,12 +173,12 @@ impl ListArgs {
             return Ok(ExitCode::SUCCESS);
         }
         println!(
-            "{:<30} {:<9} {:<9} {:<10} {:<10} REASON",
+            "{:<30} {:<9} {:<9} {:<14} {:<14} REASON",
             "NAME", "LAYER", "PATH", "WANTED", "OBTAINED"
         );
         for s in &statuses {
             println!(
-                "{:<30} {:<9} {:<9} {:<10} {:<10} {}",
+                "{:<30} {:<9} {:<9} {:<14} {:<14} {}",
                 s.name,
                 s.layer,
                 s.path,

@@ -25,7 +25,7 @@ use crate::{
     paths::{
         dev,
         sched::{self, SchedSnapshot},
-        vmexit,
+        tcp, vmexit,
     },
     rundir::meta::{self, Meta, Status},
     stacks::Stacks,
@@ -309,7 +309,20 @@ impl Recorder {
             &self.window,
             &mut self.tap,
             &mut sink,
-        );
+        )
+        .and_then(|()| {
+            // Sockets still open: their lives so far, from the kernel's map.
+            if !self.session.programs.contains_key(tcp::PROBE) {
+                return Ok(());
+            }
+            for life in tcp::open_lives(&self.session.ebpf)? {
+                sink(&life)?;
+                if let Some(t) = &mut self.tap {
+                    t.event(&life);
+                }
+            }
+            Ok(())
+        });
         let lost = self.session.lost().unwrap_or_default();
         drop(self.ring);
         drop(self.session);

@@ -71,14 +71,16 @@ pub struct KvmTpOffsets {
 
 /// Event kinds: what follows the [`EventHeader`].
 pub mod kind {
-    /// [`super::SockStateEvent`]
-    pub const SOCK_STATE: u16 = 1;
+    // 1 was one event per TCP state change, before socket lives were
+    // aggregated in the kernel; retired.
     /// [`super::SampleEvent`]
     pub const CPU_SAMPLE: u16 = 2;
     /// [`super::DevPacketEvent`]
     pub const DEV_PACKET: u16 = 3;
     /// [`super::FuncEvent`]
     pub const FUNC: u16 = 4;
+    /// [`super::SockLifeEvent`]
+    pub const SOCK_LIFE: u16 = 5;
 }
 
 /// A probed kernel function was entered.
@@ -224,18 +226,37 @@ pub struct EventHeader {
     pub comm: [u8; COMM_LEN],
 }
 
-/// A TCP socket changed state (`sock:inet_sock_set_state`).
+/// State changes a [`SockLifeEvent`] keeps; a life with more keeps the
+/// first `SOCK_STEPS - 1` and the last.
+pub const SOCK_STEPS: usize = 8;
+
+/// [`SockLifeEvent::flags`] bits.
+pub mod sock_life {
+    /// The life ended (the socket reached TCP_CLOSE); without it the socket
+    /// was still open when the recording stopped.
+    pub const CLOSED: u8 = 1;
+    /// More than [`super::SOCK_STEPS`] state changes: middle ones dropped.
+    pub const STEPS_DROPPED: u8 = 2;
+}
+
+/// One TCP socket's life (`sock:inet_sock_set_state`), aggregated in the
+/// kernel: a map entry per socket collects each state change's time and
+/// the whole life crosses to user space once, when the socket closes (or
+/// when the recording stops). One event per endpoint instead of one per
+/// state change.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
-pub struct SockStateEvent {
+pub struct SockLifeEvent {
+    /// `ts_ns`: the last state change; `pid`/`tid`/`comm`: the first task
+    /// (with a pid) seen changing the socket's state — the connecting task
+    /// for a client socket.
     pub header: EventHeader,
     /// Kernel address of the `struct sock`: identifies one endpoint for its
     /// lifetime.
     pub skaddr: u64,
-    /// `tcp_sock.bytes_received` at the time of the change (0 if the offset
-    /// is unknown on this kernel).
+    /// `tcp_sock.bytes_received` at the end (0 if unknown on this kernel).
     pub bytes_received: u64,
-    /// `tcp_sock.bytes_acked` at the time of the change (0 if unknown).
+    /// `tcp_sock.bytes_acked` at the end (0 if unknown).
     pub bytes_acked: u64,
     /// AF_INET (2) or AF_INET6 (10).
     pub family: u16,
@@ -243,13 +264,50 @@ pub struct SockStateEvent {
     pub sport: u16,
     /// Remote port, host byte order.
     pub dport: u16,
-    /// TCP states as the kernel numbers them (TCP_ESTABLISHED = 1 ...).
-    pub oldstate: u8,
-    pub newstate: u8,
+    /// State changes recorded in `step_*` (at most [`SOCK_STEPS`]).
+    pub steps: u8,
+    /// [`sock_life`] bits.
+    pub flags: u8,
     /// Local address: IPv4 in the first 4 bytes, or IPv6.
     pub saddr: [u8; 16],
     /// Remote address: IPv4 in the first 4 bytes, or IPv6.
     pub daddr: [u8; 16],
+    /// Time of each state change (`bpf_ktime_get_ns`).
+    pub step_ns: [u64; SOCK_STEPS],
+    /// TCP states before and after each change, as the kernel numbers them
+    /// (TCP_ESTABLISHED = 1 ...).
+    pub step_old: [u8; SOCK_STEPS],
+    pub step_new: [u8; SOCK_STEPS],
+}
+
+/// Bytes at the start of `sock_common` the raw-tracepoint socket program
+/// reads in one go: the IPv4 addresses, remote port and family must lie in
+/// them ([`SockOffsets`] is valid only then).
+pub const SOCK_COMMON_HEAD: u32 = 24;
+
+/// Offsets in `struct sock` for the raw-tracepoint socket program, from the
+/// running kernel's BTF. `valid == 0`: not resolved (the program is then
+/// not used; the classic tracepoint one reads its record instead).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct SockOffsets {
+    /// `sock_common.skc_daddr`, `skc_rcv_saddr` (IPv4, network order).
+    pub daddr: u32,
+    pub rcv_saddr: u32,
+    /// `sock_common.skc_dport` and `inet_sock.inet_sport` (network
+    /// order; `skc_num` is already 0 when a closing socket's state
+    /// changes).
+    pub dport: u32,
+    pub sport: u32,
+    /// `sock_common.skc_family`.
+    pub family: u32,
+    /// `sock_common.skc_v6_daddr`, `skc_v6_rcv_saddr`.
+    pub v6_daddr: u32,
+    pub v6_rcv_saddr: u32,
+    /// `sock.sk_protocol` (u16).
+    pub protocol: u32,
+    pub valid: u32,
+    pub _pad: u32,
 }
 
 /// Byte offsets inside the `sock:inet_sock_set_state` tracepoint record, read
@@ -291,7 +349,8 @@ mod pod {
     unsafe impl aya::Pod for super::SockStateTpOffsets {}
     unsafe impl aya::Pod for super::KernelOffsets {}
     unsafe impl aya::Pod for super::EventHeader {}
-    unsafe impl aya::Pod for super::SockStateEvent {}
+    unsafe impl aya::Pod for super::SockLifeEvent {}
+    unsafe impl aya::Pod for super::SockOffsets {}
     unsafe impl aya::Pod for super::ThreadStats {}
     unsafe impl aya::Pod for super::CpuIdle {}
     unsafe impl aya::Pod for super::SchedTpOffsets {}
@@ -311,7 +370,7 @@ impl EventHeader {
     }
 }
 
-impl SockStateEvent {
+impl SockLifeEvent {
     pub fn read(bytes: &[u8]) -> Option<Self> {
         read_unaligned(bytes)
     }
@@ -368,7 +427,10 @@ mod tests {
     #[test]
     fn layout_is_stable() {
         assert_eq!(core::mem::size_of::<EventHeader>(), 40);
-        assert_eq!(core::mem::size_of::<SockStateEvent>(), 40 + 24 + 8 + 32);
+        assert_eq!(
+            core::mem::size_of::<SockLifeEvent>(),
+            40 + 24 + 8 + 32 + 8 * SOCK_STEPS + 2 * SOCK_STEPS
+        );
         assert_eq!(
             core::mem::size_of::<SampleEvent>(),
             40 + 8 + 2 * 8 * MAX_FRAMES

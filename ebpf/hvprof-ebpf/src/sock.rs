@@ -1,17 +1,28 @@
-//! Socket layer: TCP connection lifecycle from `sock:inet_sock_set_state`.
-//! Field offsets of the tracepoint record and of `struct tcp_sock` come
-//! from user space (read from the running kernel), never compiled in.
+//! Socket layer: each TCP socket's life from `sock:inet_sock_set_state`,
+//! aggregated in the kernel. A map entry per socket collects the time of
+//! every state change; the whole life goes to user space once, when the
+//! socket reaches TCP_CLOSE (sockets still open are read from the map when
+//! the recording stops). Two entry points feed it: the raw tracepoint
+//! (arguments in registers, `struct sock` offsets from BTF) and, where
+//! that can't be used, the classic tracepoint (its record's offsets from
+//! tracefs). Nothing is compiled in for one kernel.
 
 use aya_ebpf::{
-    EbpfContext, Global,
-    helpers::{bpf_probe_read_kernel, bpf_probe_read_kernel_buf},
-    macros::tracepoint,
-    programs::TracePointContext,
+    Global,
+    bindings::BPF_NOEXIST,
+    helpers::{bpf_get_current_comm, bpf_get_current_pid_tgid, bpf_ktime_get_ns},
+    helpers::{bpf_get_smp_processor_id, bpf_probe_read_kernel},
+    macros::{map, raw_tracepoint, tracepoint},
+    maps::{Array, HashMap},
+    programs::{RawTracePointContext, TracePointContext},
 };
-use hvprof_common::{KernelOffsets, SockStateEvent, SockStateTpOffsets, kind, probe};
+use hvprof_common::{
+    KernelOffsets, SOCK_STEPS, SockLifeEvent, SockOffsets, SockStateTpOffsets, kind, probe,
+    sock_life,
+};
 
 use crate::filter::task_wanted;
-use crate::maps::{EVENTS, count_lost, header, submit_flags};
+use crate::maps::{EVENTS, count_lost, submit_flags};
 
 #[unsafe(no_mangle)]
 static HVP_SOCK_STATE_TP: Global<SockStateTpOffsets> = Global::new(SockStateTpOffsets {
@@ -29,6 +40,20 @@ static HVP_SOCK_STATE_TP: Global<SockStateTpOffsets> = Global::new(SockStateTpOf
 });
 
 #[unsafe(no_mangle)]
+static HVP_SOCK_OFFSETS: Global<SockOffsets> = Global::new(SockOffsets {
+    daddr: 0,
+    rcv_saddr: 0,
+    dport: 0,
+    sport: 0,
+    family: 0,
+    v6_daddr: 0,
+    v6_rcv_saddr: 0,
+    protocol: 0,
+    valid: 0,
+    _pad: 0,
+});
+
+#[unsafe(no_mangle)]
 static HVP_KERNEL_OFFSETS: Global<KernelOffsets> = Global::new(KernelOffsets {
     tcp_bytes_received: 0,
     tcp_bytes_acked: 0,
@@ -36,107 +61,229 @@ static HVP_KERNEL_OFFSETS: Global<KernelOffsets> = Global::new(KernelOffsets {
     _pad: 0,
 });
 
-const IPPROTO_TCP: u16 = 6;
-const AF_INET6: u16 = 10;
+/// Open socket lives by `struct sock` address. User space sizes it at load
+/// time; a socket that finds it full is counted lost.
+#[map(name = "HVP_SOCKS")]
+static SOCKS: HashMap<u64, SockLifeEvent> = HashMap::with_max_entries(16384, 0);
 
-#[tracepoint(category = "sock", name = "inet_sock_set_state")]
-pub fn hvp_sock_state(ctx: TracePointContext) -> u32 {
-    let _ = try_sock_state(&ctx);
+/// One all-zero life, never written: the template of a new entry (a
+/// zeroed value on the stack would cost a memset per socket).
+#[map(name = "HVP_SOCK_ZERO")]
+static ZERO: Array<SockLifeEvent> = Array::with_max_entries(1, 0);
+
+const IPPROTO_TCP: u16 = 6;
+/// Bytes of `sock_common` read at once for the endpoints.
+const COMMON_HEAD: usize = hvprof_common::SOCK_COMMON_HEAD as usize;
+const AF_INET6: u16 = 10;
+const TCP_ESTABLISHED: u8 = 1;
+const TCP_CLOSE: u8 = 7;
+
+/// Where a state change's details come from.
+trait Source {
+    /// Whether the socket is TCP (asked once per life).
+    fn is_tcp(&self) -> bool;
+    /// Family, ports and addresses.
+    fn endpoints(&self, life: &mut SockLifeEvent);
+}
+
+#[raw_tracepoint(tracepoint = "inet_sock_set_state")]
+pub fn hvp_sock_raw(ctx: RawTracePointContext) -> i32 {
+    // TP_PROTO(const struct sock *sk, const int oldstate, const int newstate)
+    let sk: u64 = ctx.arg(0);
+    let old: i32 = ctx.arg(1);
+    let new: i32 = ctx.arg(2);
+    on_change(sk, old as u8, new as u8, &Sock(sk));
     0
 }
 
-#[inline(always)]
-fn try_sock_state(ctx: &TracePointContext) -> Result<(), i32> {
+#[tracepoint(category = "sock", name = "inet_sock_set_state")]
+pub fn hvp_sock_state(ctx: TracePointContext) -> u32 {
     let off = HVP_SOCK_STATE_TP.load();
-    // SAFETY: offsets come from this kernel's tracepoint format.
-    let Some(rec) = Record::copy(ctx) else {
-        return Ok(());
-    };
-    let protocol: u16 = rec.get(ctx, off.protocol);
-    if protocol != IPPROTO_TCP || !task_wanted() {
-        return Ok(());
-    }
-    let Some(mut entry) = EVENTS.reserve::<SockStateEvent>(0) else {
-        count_lost(probe::SOCK_STATE);
-        return Ok(());
-    };
-    let ev = fill(ctx, &rec, &off);
-    entry.write(ev);
-    entry.submit(submit_flags());
-    Ok(())
+    let rec = Record(&ctx, off);
+    let sk: u64 = rec.get(off.skaddr);
+    let old: i32 = rec.get(off.oldstate);
+    let new: i32 = rec.get(off.newstate);
+    on_change(sk, old as u8, new as u8, &rec);
+    0
 }
 
-/// The start of the tracepoint record, copied to the stack with one
-/// helper call; fields are then read from the copy (a helper call per
-/// field would cost more than the rest of the program).
-struct Record([u8; RECORD_BYTES]);
-
-const RECORD_BYTES: usize = 64;
-
-impl Record {
-    #[inline(always)]
-    fn copy(ctx: &TracePointContext) -> Option<Self> {
-        let mut r = Record([0; RECORD_BYTES]);
-        // SAFETY: probe_read tolerates faults; the destination is ours.
-        let rc = unsafe { bpf_probe_read_kernel_buf(ctx.as_ptr() as *const u8, &mut r.0) };
-        rc.ok().map(|()| r)
-    }
-
-    /// The `T` at `off`, from the copy (or the record itself beyond it).
-    #[inline(always)]
-    fn get<T: Copy + Default>(&self, ctx: &TracePointContext, off: u32) -> T {
-        let off = off as usize;
-        if off > RECORD_BYTES - core::mem::size_of::<T>() {
-            // SAFETY: the offset comes from this kernel's tracepoint format.
-            return unsafe { ctx.read_at::<T>(off) }.unwrap_or_default();
-        }
-        // SAFETY: bounds checked above; unaligned read from the stack.
-        unsafe { core::ptr::read_unaligned(self.0.as_ptr().add(off).cast::<T>()) }
-    }
-}
-
+/// Records one state change of socket `sk`; at TCP_CLOSE sends the life.
 #[inline(always)]
-fn fill(ctx: &TracePointContext, rec: &Record, off: &SockStateTpOffsets) -> SockStateEvent {
-    // Offsets come from this kernel's tracepoint format.
-    let read_u16 = |o: u32| rec.get::<u16>(ctx, o);
-    let read_i32 = |o: u32| rec.get::<i32>(ctx, o);
-    let skaddr: u64 = rec.get(ctx, off.skaddr);
-    let family = read_u16(off.family);
-    let mut ev = SockStateEvent {
-        header: header(kind::SOCK_STATE, probe::SOCK_STATE),
-        skaddr,
-        bytes_received: 0,
-        bytes_acked: 0,
-        family,
-        sport: read_u16(off.sport),
-        dport: read_u16(off.dport),
-        oldstate: read_i32(off.oldstate) as u8,
-        newstate: read_i32(off.newstate) as u8,
-        saddr: [0; 16],
-        daddr: [0; 16],
-    };
-    if family == AF_INET6 {
-        ev.saddr = unsafe { ctx.read_at(off.saddr_v6 as usize) }.unwrap_or([0; 16]);
-        ev.daddr = unsafe { ctx.read_at(off.daddr_v6 as usize) }.unwrap_or([0; 16]);
-    } else {
-        let s: u32 = rec.get(ctx, off.saddr);
-        let d: u32 = rec.get(ctx, off.daddr);
-        ev.saddr[..4].copy_from_slice(&s.to_ne_bytes());
-        ev.daddr[..4].copy_from_slice(&d.to_ne_bytes());
+fn on_change(sk: u64, old: u8, new: u8, src: &impl Source) {
+    if sk == 0 {
+        return;
     }
+    // SAFETY: plain helper call.
+    let now = unsafe { bpf_ktime_get_ns() };
+    let ptr = match SOCKS.get_ptr_mut(sk) {
+        Some(p) => p,
+        None => match begin(sk, src) {
+            Some(p) => p,
+            None => return,
+        },
+    };
+    // SAFETY: a map value; a socket's state changes are serialised by the
+    // socket's lock, so no other CPU writes this entry meanwhile.
+    let life = unsafe { &mut *ptr };
+    let mut i = life.steps as usize;
+    if i < SOCK_STEPS {
+        life.steps += 1;
+    } else {
+        life.flags |= sock_life::STEPS_DROPPED;
+        i = SOCK_STEPS - 1;
+    }
+    if let (Some(t), Some(o), Some(n)) = (
+        life.step_ns.get_mut(i),
+        life.step_old.get_mut(i),
+        life.step_new.get_mut(i),
+    ) {
+        *t = now;
+        *o = old;
+        *n = new;
+    }
+    life.header.ts_ns = now;
+    if life.header.pid == 0 {
+        let pid_tgid = bpf_get_current_pid_tgid();
+        life.header.pid = (pid_tgid >> 32) as u32;
+        life.header.tid = pid_tgid as u32;
+        life.header.comm = bpf_get_current_comm().unwrap_or_default();
+    }
+    // The 4-tuple is final once established (a client's port is chosen
+    // after SYN_SENT); a life that never got there takes it at the end.
+    if new == TCP_ESTABLISHED || (new == TCP_CLOSE && life.family == 0) {
+        src.endpoints(life);
+    }
+    if new == TCP_CLOSE {
+        life.flags |= sock_life::CLOSED;
+        bytes(sk, life);
+        // SAFETY: plain helper call.
+        life.header.cpu = unsafe { bpf_get_smp_processor_id() };
+        if EVENTS
+            .output::<SockLifeEvent>(&*life, submit_flags())
+            .is_err()
+        {
+            count_lost(probe::SOCK_STATE);
+        }
+        let _ = SOCKS.remove(sk);
+    }
+}
+
+/// A new entry for `sk`, if it is a TCP socket of a wanted task.
+#[inline(always)]
+fn begin(sk: u64, src: &impl Source) -> Option<*mut SockLifeEvent> {
+    if !src.is_tcp() || !task_wanted() {
+        return None;
+    }
+    let zero = ZERO.get(0)?;
+    let _ = SOCKS.insert(sk, zero, u64::from(BPF_NOEXIST));
+    let Some(p) = SOCKS.get_ptr_mut(sk) else {
+        // The map is full.
+        count_lost(probe::SOCK_STATE);
+        return None;
+    };
+    // SAFETY: the entry just made; see `on_change`.
+    unsafe {
+        (*p).header.kind = kind::SOCK_LIFE;
+        (*p).header.probe = probe::SOCK_STATE;
+        (*p).skaddr = sk;
+    }
+    Some(p)
+}
+
+/// `tcp_sock` byte counters, when this kernel's offsets are known.
+#[inline(always)]
+fn bytes(sk: u64, life: &mut SockLifeEvent) {
     let k = HVP_KERNEL_OFFSETS.load();
-    if k.valid != 0 && skaddr != 0 {
-        let base = skaddr as *const u8;
-        // SAFETY: kernel pointer from the tracepoint; probe_read tolerates
-        // faults.
-        unsafe {
-            ev.bytes_received =
-                bpf_probe_read_kernel(base.add(k.tcp_bytes_received as usize).cast::<u64>())
-                    .unwrap_or(0);
-            ev.bytes_acked =
-                bpf_probe_read_kernel(base.add(k.tcp_bytes_acked as usize).cast::<u64>())
-                    .unwrap_or(0);
+    if k.valid == 0 {
+        return;
+    }
+    let base = sk as *const u8;
+    // SAFETY: kernel pointer from the tracepoint; probe_read tolerates
+    // faults.
+    unsafe {
+        life.bytes_received =
+            bpf_probe_read_kernel(base.add(k.tcp_bytes_received as usize).cast::<u64>())
+                .unwrap_or(0);
+        life.bytes_acked =
+            bpf_probe_read_kernel(base.add(k.tcp_bytes_acked as usize).cast::<u64>()).unwrap_or(0);
+    }
+}
+
+/// The socket itself (raw tracepoint), read at `HVP_SOCK_OFFSETS`.
+struct Sock(u64);
+
+impl Sock {
+    #[inline(always)]
+    fn read<T: Default>(&self, off: u32) -> T {
+        // SAFETY: kernel pointer from the tracepoint, offsets from this
+        // kernel's BTF; probe_read tolerates faults.
+        unsafe { bpf_probe_read_kernel((self.0 as *const u8).add(off as usize).cast::<T>()) }
+            .unwrap_or_default()
+    }
+}
+
+impl Source for Sock {
+    #[inline(always)]
+    fn is_tcp(&self) -> bool {
+        let off = HVP_SOCK_OFFSETS.load();
+        off.valid != 0 && self.read::<u16>(off.protocol) == IPPROTO_TCP
+    }
+
+    #[inline(always)]
+    fn endpoints(&self, life: &mut SockLifeEvent) {
+        let off = HVP_SOCK_OFFSETS.load();
+        // The head of `sock_common` in one read: IPv4 addresses, remote
+        // port and family lie within its first 24 bytes (user space checks
+        // this kernel's offsets before choosing this program).
+        let head: [u8; COMMON_HEAD] = self.read(0);
+        let at = |o: u32| o as usize % COMMON_HEAD;
+        let u16_at = |o: u32| u16::from_ne_bytes([head[at(o)], head[(at(o) + 1) % COMMON_HEAD]]);
+        life.family = u16_at(off.family);
+        life.dport = u16::from_be(u16_at(off.dport));
+        life.sport = u16::from_be(self.read(off.sport));
+        if life.family == AF_INET6 {
+            life.saddr = self.read(off.v6_rcv_saddr);
+            life.daddr = self.read(off.v6_daddr);
+        } else {
+            for i in 0..4 {
+                life.saddr[i] = head[(at(off.rcv_saddr) + i) % COMMON_HEAD];
+                life.daddr[i] = head[(at(off.daddr) + i) % COMMON_HEAD];
+            }
         }
     }
-    ev
+}
+
+/// The classic tracepoint's record, read at `HVP_SOCK_STATE_TP`.
+struct Record<'a>(&'a TracePointContext, SockStateTpOffsets);
+
+impl Record<'_> {
+    #[inline(always)]
+    fn get<T: Default>(&self, off: u32) -> T {
+        // SAFETY: offsets from this kernel's tracepoint format.
+        unsafe { self.0.read_at::<T>(off as usize) }.unwrap_or_default()
+    }
+}
+
+impl Source for Record<'_> {
+    #[inline(always)]
+    fn is_tcp(&self) -> bool {
+        self.get::<u16>(self.1.protocol) == IPPROTO_TCP
+    }
+
+    #[inline(always)]
+    fn endpoints(&self, life: &mut SockLifeEvent) {
+        let off = &self.1;
+        life.family = self.get(off.family);
+        life.sport = self.get(off.sport);
+        life.dport = self.get(off.dport);
+        if life.family == AF_INET6 {
+            life.saddr = self.get(off.saddr_v6);
+            life.daddr = self.get(off.daddr_v6);
+        } else {
+            let s: u32 = self.get(off.saddr);
+            let d: u32 = self.get(off.daddr);
+            life.saddr[..4].copy_from_slice(&s.to_ne_bytes());
+            life.daddr[..4].copy_from_slice(&d.to_ne_bytes());
+        }
+    }
 }

@@ -57,12 +57,14 @@ impl Layer {
 }
 
 /// How a probe is attached, best first (DESIGN.md: fentry/fexit → kprobe →
-/// tracepoint → stack sampling only).
+/// tracepoint → stack sampling only; a raw tracepoint — the tracepoint's
+/// arguments, no record filled — before the classic one).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
 #[serde(rename_all = "snake_case")]
 pub enum Method {
     Fentry,
     Kprobe,
+    RawTracepoint,
     Tracepoint,
     Sampling,
 }
@@ -72,6 +74,7 @@ impl Method {
         match self {
             Method::Fentry => "fentry",
             Method::Kprobe => "kprobe",
+            Method::RawTracepoint => "raw_tracepoint",
             Method::Tracepoint => "tracepoint",
             Method::Sampling => "sampling",
         }
@@ -107,8 +110,24 @@ pub enum Hook {
 pub struct Programs {
     pub fentry: Option<&'static str>,
     pub kprobe: Option<&'static str>,
+    pub raw_tracepoint: Option<&'static str>,
     pub tracepoint: Option<&'static str>,
     pub perf_event: Option<&'static str>,
+}
+
+impl Programs {
+    /// Every program named, whatever its method.
+    pub fn names(&self) -> impl Iterator<Item = &'static str> {
+        [
+            self.fentry,
+            self.kprobe,
+            self.raw_tracepoint,
+            self.tracepoint,
+            self.perf_event,
+        ]
+        .into_iter()
+        .flatten()
+    }
 }
 
 /// One catalog row.
@@ -132,6 +151,9 @@ impl ProbeSpec {
     pub fn wanted(&self) -> Method {
         match self.hook {
             Hook::Function { .. } => Method::Fentry,
+            Hook::Tracepoint { .. } if self.programs.raw_tracepoint.is_some() => {
+                Method::RawTracepoint
+            }
             Hook::Tracepoint { .. } => Method::Tracepoint,
             Hook::PerfEvent => Method::Sampling,
         }

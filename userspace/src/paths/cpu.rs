@@ -19,6 +19,7 @@ pub const PATH: Path = Path {
         programs: Programs {
             fentry: None,
             kprobe: None,
+            raw_tracepoint: None,
             tracepoint: None,
             perf_event: Some("hvp_cpu_sample"),
         },

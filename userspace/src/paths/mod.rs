@@ -69,6 +69,7 @@ pub(crate) const fn func(
         programs: crate::catalog::Programs {
             fentry: None,
             kprobe: Some(FUNC_PROGRAM),
+            raw_tracepoint: None,
             tracepoint: None,
             perf_event: None,
         },
@@ -128,6 +129,7 @@ pub(crate) const fn tp_in(
         programs: crate::catalog::Programs {
             fentry: None,
             kprobe: None,
+            raw_tracepoint: None,
             tracepoint: None,
             perf_event: None,
         },

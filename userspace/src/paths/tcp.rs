@@ -1,11 +1,15 @@
 //! TCP/IP stack (socket layer): connection lifecycle from
-//! `sock:inet_sock_set_state` — its catalog row, the offsets its program
-//! needs from this kernel, and its event decoder.
+//! `sock:inet_sock_set_state` — its catalog row, the offsets its programs
+//! need from this kernel, the open lives read back at the end, and its
+//! event decoder (one event per socket life, aggregated in the kernel).
 
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 
 use anyhow::{Context as _, Result};
-use hvprof_common::{KernelOffsets, SockStateEvent, SockStateTpOffsets, probe};
+use hvprof_common::{
+    KernelOffsets, SOCK_COMMON_HEAD, SockLifeEvent, SockOffsets, SockStateTpOffsets, probe,
+    sock_life,
+};
 use serde::Serialize;
 
 use super::Path;
@@ -67,7 +71,7 @@ pub const PATH: Path = Path {
         ("__fput", Layer::Socket),
     ],
     rows: &[ProbeSpec {
-        name: "tcp:inet_sock_set_state",
+        name: PROBE,
         layer: Layer::Socket,
         path: "tcp",
         hook: Hook::Tracepoint {
@@ -82,14 +86,14 @@ pub const PATH: Path = Path {
             "sport",
             "daddr",
             "dport",
-            "old",
-            "new",
+            "transitions",
             "bytes_received",
             "bytes_acked",
         ],
         programs: Programs {
             fentry: None,
             kprobe: None,
+            raw_tracepoint: Some("hvp_sock_raw"),
             tracepoint: Some("hvp_sock_state"),
             perf_event: None,
         },
@@ -100,6 +104,11 @@ pub const PATH: Path = Path {
 /// Global names in the eBPF object.
 pub const TP_GLOBAL: &str = "HVP_SOCK_STATE_TP";
 pub const KERNEL_GLOBAL: &str = "HVP_KERNEL_OFFSETS";
+/// The catalog row's name.
+pub const PROBE: &str = "tcp:inet_sock_set_state";
+pub const SOCK_GLOBAL: &str = "HVP_SOCK_OFFSETS";
+/// Open socket lives, by socket address.
+pub const SOCKS_MAP: &str = "HVP_SOCKS";
 
 /// Tracepoint record offsets for this kernel.
 pub fn tp_offsets() -> Result<SockStateTpOffsets> {
@@ -150,9 +159,17 @@ pub fn kernel_offsets(btf: Option<&btf_rs::Btf>) -> KernelOffsets {
     }
 }
 
-/// A decoded TCP state change.
+/// One state change of a socket.
 #[derive(Debug, Clone, Serialize, PartialEq, Eq)]
-pub struct SockState {
+pub struct Transition {
+    pub ts_ns: u64,
+    pub old: &'static str,
+    pub new: &'static str,
+}
+
+/// A decoded socket life: its state changes, in order.
+#[derive(Debug, Clone, Serialize, PartialEq, Eq)]
+pub struct SockLife {
     /// Kernel address of the socket, hex: one endpoint for its lifetime.
     pub sk: String,
     pub family: &'static str,
@@ -160,8 +177,12 @@ pub struct SockState {
     pub sport: u16,
     pub daddr: IpAddr,
     pub dport: u16,
-    pub old: &'static str,
-    pub new: &'static str,
+    pub transitions: Vec<Transition>,
+    /// It reached CLOSE (else still open when the recording stopped).
+    pub closed: bool,
+    /// More state changes happened than an event keeps (middle ones
+    /// dropped).
+    pub steps_dropped: bool,
     pub bytes_received: u64,
     pub bytes_acked: u64,
 }
@@ -185,7 +206,7 @@ pub fn state_name(s: u8) -> &'static str {
     }
 }
 
-pub fn decode(ev: &SockStateEvent) -> SockState {
+pub fn decode(ev: &SockLifeEvent) -> SockLife {
     let (family, saddr, daddr) = if ev.family == 10 {
         (
             "inet6",
@@ -196,16 +217,84 @@ pub fn decode(ev: &SockStateEvent) -> SockState {
         let v4 = |a: &[u8; 16]| IpAddr::V4(Ipv4Addr::new(a[0], a[1], a[2], a[3]));
         ("inet", v4(&ev.saddr), v4(&ev.daddr))
     };
-    SockState {
+    let n = usize::from(ev.steps).min(hvprof_common::SOCK_STEPS);
+    SockLife {
         sk: format!("{:#x}", ev.skaddr),
         family,
         saddr,
         sport: ev.sport,
         daddr,
         dport: ev.dport,
-        old: state_name(ev.oldstate),
-        new: state_name(ev.newstate),
+        transitions: (0..n)
+            .map(|i| Transition {
+                ts_ns: ev.step_ns[i],
+                old: state_name(ev.step_old[i]),
+                new: state_name(ev.step_new[i]),
+            })
+            .collect(),
+        closed: ev.flags & sock_life::CLOSED != 0,
+        steps_dropped: ev.flags & sock_life::STEPS_DROPPED != 0,
         bytes_received: ev.bytes_received,
         bytes_acked: ev.bytes_acked,
     }
+}
+
+/// `struct sock` offsets for the raw-tracepoint program, from `btf`; with
+/// `valid == 0` (and the reason) when this kernel's BTF lacks one.
+pub fn sock_offsets(btf: Option<&btf_rs::Btf>) -> (SockOffsets, Option<String>) {
+    let Some(btf) = btf else {
+        return (SockOffsets::default(), Some("no kernel BTF".into()));
+    };
+    let common = |m: &str| btf::member_offset(btf, "sock_common", m);
+    let resolved = (|| -> Result<SockOffsets> {
+        Ok(SockOffsets {
+            daddr: common("skc_daddr")?,
+            rcv_saddr: common("skc_rcv_saddr")?,
+            dport: common("skc_dport")?,
+            sport: btf::member_offset(btf, "inet_sock", "inet_sport")?,
+            family: common("skc_family")?,
+            v6_daddr: common("skc_v6_daddr")?,
+            v6_rcv_saddr: common("skc_v6_rcv_saddr")?,
+            // `sock_common` is the first member of `struct sock`.
+            protocol: btf::member_offset(btf, "sock", "sk_protocol")?,
+            valid: 1,
+            _pad: 0,
+        })
+    })();
+    let resolved = resolved.and_then(|o| {
+        let head = [(o.daddr, 4), (o.rcv_saddr, 4), (o.dport, 2), (o.family, 2)];
+        if head.iter().any(|(off, size)| off + size > SOCK_COMMON_HEAD) {
+            anyhow::bail!("sock_common's addresses, port and family lie beyond its first {SOCK_COMMON_HEAD} bytes");
+        }
+        Ok(o)
+    });
+    match resolved {
+        Ok(o) => (o, None),
+        Err(e) => (SockOffsets::default(), Some(format!("{e:#}"))),
+    }
+}
+
+/// The lives still open in the kernel's map (sockets not closed when the
+/// recording stopped), as event records.
+pub fn open_lives(ebpf: &aya::Ebpf) -> Result<Vec<Vec<u8>>> {
+    let map = ebpf
+        .map(SOCKS_MAP)
+        .with_context(|| format!("map {SOCKS_MAP} missing"))?;
+    let socks: aya::maps::HashMap<_, u64, SockLifeEvent> = aya::maps::HashMap::try_from(map)?;
+    let mut out = Vec::new();
+    for entry in socks.iter() {
+        let (_, life) = entry.context("reading open socket lives")?;
+        if life.steps == 0 {
+            continue;
+        }
+        // SAFETY: plain #[repr(C)] data.
+        let bytes = unsafe {
+            std::slice::from_raw_parts(
+                (&raw const life).cast::<u8>(),
+                std::mem::size_of::<SockLifeEvent>(),
+            )
+        };
+        out.push(bytes.to_vec());
+    }
+    Ok(out)
 }

@@ -8,7 +8,7 @@ use std::fmt::Write as _;
 use std::sync::{Arc, Mutex, MutexGuard};
 
 use anyhow::{Context as _, Result};
-use hvprof_common::{EventHeader, SampleEvent, SockStateEvent, kind};
+use hvprof_common::{EventHeader, SOCK_STEPS, SampleEvent, SockLifeEvent, kind};
 
 use crate::{
     catalog::Layer,
@@ -86,14 +86,18 @@ impl Tap for LiveTap {
             .and_then(|ev| self.sample(&ev));
         let mut c = self.live.lock();
         *c.events.entry(event::probe_name(h.probe)).or_insert(0) += 1;
-        if h.kind == kind::SOCK_STATE
-            && let Some(s) = SockStateEvent::read(bytes)
-            && s.newstate == ESTABLISHED
+        // A socket's life arrives when it closes (a few ms after it opened
+        // in close mode).
+        if h.kind == kind::SOCK_LIFE
+            && let Some(s) = SockLifeEvent::read(bytes)
         {
-            match s.oldstate {
-                SYN_SENT => c.opened += 1,
-                SYN_RECV => c.accepted += 1,
-                _ => {}
+            let n = usize::from(s.steps).min(SOCK_STEPS);
+            for i in 0..n {
+                match (s.step_old[i], s.step_new[i]) {
+                    (SYN_SENT, ESTABLISHED) => c.opened += 1,
+                    (SYN_RECV, ESTABLISHED) => c.accepted += 1,
+                    _ => {}
+                }
             }
         }
         if let Some((layer, leaf)) = sample {
