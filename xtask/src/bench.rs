@@ -369,10 +369,12 @@ pub(crate) fn start_stand(bin: &Path, haproxy_threads: usize) -> Result<(Guard, 
 #[derive(clap::Args, Debug, Clone)]
 pub struct OverheadArgs {
     /// Seconds per measurement.
-    #[arg(short, long, default_value_t = 5)]
+    #[arg(short, long, default_value_t = 3)]
     pub duration: u64,
     /// A/B rounds (each round runs both once, alternating which first).
-    #[arg(short, long, default_value_t = 3)]
+    /// The machine's own speed drifts between rounds: the overhead is the
+    /// median of each round's paired ratio.
+    #[arg(short, long, default_value_t = 8)]
     pub rounds: usize,
     /// Connections in flight.
     #[arg(short, long, default_value_t = 64)]
@@ -480,10 +482,23 @@ pub fn bench_overhead(o: &OverheadArgs) -> Result<()> {
         );
     }
     stand.stop();
+    let mut ratios: Vec<f64> = plain.iter().zip(&probed).map(|(a, b)| b / a).collect();
+    let ratio = median(&mut ratios);
     let (pa, pb) = (median(&mut plain), median(&mut probed));
     println!(
-        "plain {pa:.0} conn/s, with every probe {pb:.0} conn/s: overhead {:.1}% (medians); lost events {lost:.0}",
-        100.0 * (1.0 - pb / pa)
+        "plain {pa:.0} conn/s, with every probe {pb:.0} conn/s (medians); overhead {:.1}% (median of the rounds' paired ratios, {:.1}% .. {:.1}%); lost events {lost:.0}",
+        100.0 * (1.0 - ratio),
+        100.0 * (1.0 - ratios.last().copied().unwrap_or(1.0)),
+        100.0 * (1.0 - ratios.first().copied().unwrap_or(1.0)),
+    );
+    // The programs' own CPU time, from the kernel's statistics: a floor of
+    // the overhead that the machine's drifting speed doesn't blur.
+    let cpus = std::thread::available_parallelism().map_or(1, |n| n.get()) as f64;
+    let bpf_ns: f64 = programs.values().map(|(ns, _)| ns).sum();
+    println!(
+        "CPU time in hvprof's programs: {:.2}% of the machine ({} CPUs) while probed",
+        100.0 * bpf_ns / (cpus * 1e9 * (o.duration * o.rounds as u64) as f64),
+        cpus
     );
     println!(
         "{:<20} {:>14} {:>12} {:>9}",

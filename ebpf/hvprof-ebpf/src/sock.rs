@@ -64,7 +64,7 @@ static HVP_KERNEL_OFFSETS: Global<KernelOffsets> = Global::new(KernelOffsets {
 /// Open socket lives by `struct sock` address. User space sizes it at load
 /// time; a socket that finds it full is counted lost.
 #[map(name = "HVP_SOCKS")]
-static SOCKS: HashMap<u64, SockLifeEvent> = HashMap::with_max_entries(16384, 0);
+static SOCKS: HashMap<u64, SockLifeEvent> = HashMap::with_max_entries(65536, 0);
 
 /// One all-zero life, never written: the template of a new entry (a
 /// zeroed value on the stack would cost a memset per socket).
