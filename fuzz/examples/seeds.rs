@@ -57,7 +57,7 @@ fn main() -> Result<()> {
     // events.log: one file per kind, a mixed log, an empty one, a cut tail.
     let mut logs: Vec<(&str, Vec<u8>)> = vec![
         ("empty", event_log(&[])),
-        ("sock-state", event_log(&[sock4.clone(), sock6.clone()])),
+        ("sock-life", event_log(&[sock4.clone(), sock6.clone()])),
         ("dev-packet", event_log(&[xmit.clone(), recv.clone()])),
         ("cpu-sample", event_log(std::slice::from_ref(&sample))),
         ("func", event_log(std::slice::from_ref(&func))),
