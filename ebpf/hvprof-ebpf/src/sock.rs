@@ -72,9 +72,9 @@ static SOCKS: HashMap<u64, SockLifeEvent> = HashMap::with_max_entries(65536, 0);
 static ZERO: Array<SockLifeEvent> = Array::with_max_entries(1, 0);
 
 const IPPROTO_TCP: u16 = 6;
+const AF_INET6: u16 = 10;
 /// Bytes of `sock_common` read at once for the endpoints.
 const COMMON_HEAD: usize = hvprof_common::SOCK_COMMON_HEAD as usize;
-const AF_INET6: u16 = 10;
 const TCP_ESTABLISHED: u8 = 1;
 const TCP_CLOSE: u8 = 7;
 
