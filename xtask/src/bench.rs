@@ -365,6 +365,38 @@ pub(crate) fn start_stand(bin: &Path, haproxy_threads: usize) -> Result<(Guard, 
     Ok((stand, proxy))
 }
 
+/// `hvprof record -q EXTRA -o DIR -- hvprof load URL -q -c C -d Ds --json
+/// JSON`: a close-mode load recorded from its start to its end.
+pub(crate) fn recorded_load(
+    bin: &Path,
+    extra: &[&str],
+    dir: &Path,
+    url: &str,
+    concurrency: usize,
+    duration_s: u64,
+    json: &Path,
+) -> Command {
+    let mut cmd = Command::new(bin);
+    cmd.args(["record", "-q"])
+        .args(extra)
+        .arg("-o")
+        .arg(dir)
+        .arg("--")
+        .arg(bin)
+        .args([
+            "load",
+            url,
+            "-q",
+            "-c",
+            &concurrency.to_string(),
+            "-d",
+            &format!("{duration_s}s"),
+            "--json",
+        ])
+        .arg(json);
+    cmd
+}
+
 /// Options of `cargo xtask bench overhead`.
 #[derive(clap::Args, Debug, Clone)]
 pub struct OverheadArgs {
@@ -422,28 +454,8 @@ pub fn bench_overhead(o: &OverheadArgs) -> Result<()> {
         let mut b_run = || -> Result<f64> {
             let dir = tmp.join(format!("run{round}"));
             let json = tmp.join(format!("load{round}.json"));
-            let status = Command::new(&bin)
-                .args(["record", "-q"])
-                .args(if o.no_packets {
-                    &[][..]
-                } else {
-                    &["--dev", "lo"][..]
-                })
-                .arg("-o")
-                .arg(&dir)
-                .arg("--")
-                .arg(&bin)
-                .args([
-                    "load",
-                    &url,
-                    "-q",
-                    "-c",
-                    &o.concurrency.to_string(),
-                    "-d",
-                    &format!("{}s", o.duration),
-                    "--json",
-                ])
-                .arg(&json)
+            let packets: &[&str] = if o.no_packets { &[] } else { &["--dev", "lo"] };
+            let status = recorded_load(&bin, packets, &dir, &url, o.concurrency, o.duration, &json)
                 .status()
                 .context("running hvprof record")?;
             if !status.success() {

@@ -9,12 +9,12 @@
 //! can't run.
 
 use std::path::PathBuf;
-use std::process::{Command, Stdio};
+use std::process::Stdio;
 use std::time::{Duration, Instant};
 
 use anyhow::{Context as _, Result, bail};
 
-use crate::bench::{DirGuard, Guard, start_stand};
+use crate::bench::{DirGuard, Guard, recorded_load, start_stand};
 use crate::bench_report::dir_bytes;
 
 /// Options of `cargo xtask bench soak`.
@@ -90,27 +90,10 @@ pub fn bench_soak(a: &SoakArgs) -> Result<()> {
         a.duration,
         a.freq.map_or(String::new(), |f| format!(" at {f} Hz"))
     );
-    let mut cmd = Command::new(&bin);
-    cmd.args(["record", "-q"]);
-    if let Some(f) = a.freq {
-        cmd.args(["-F", &f.to_string()]);
-    }
-    cmd.arg("-o")
-        .arg(&run)
-        .arg("--")
-        .arg(&bin)
-        .args([
-            "load",
-            &url,
-            "-q",
-            "-c",
-            &a.concurrency.to_string(),
-            "-d",
-            &format!("{}s", a.duration),
-            "--json",
-        ])
-        .arg(&json)
-        .stdin(Stdio::null());
+    let freq = a.freq.map(|f| f.to_string());
+    let extra: Vec<&str> = freq.iter().flat_map(|f| ["-F", f.as_str()]).collect();
+    let mut cmd = recorded_load(&bin, &extra, &run, &url, a.concurrency, a.duration, &json);
+    cmd.stdin(Stdio::null());
     let t0 = Instant::now();
     let child = cmd.spawn().context("cannot start hvprof record")?;
     let pid = child.id();
