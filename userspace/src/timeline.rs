@@ -270,14 +270,7 @@ mod tests {
             ev.step_old[i] = o;
             ev.step_new[i] = n;
         }
-        // SAFETY: plain #[repr(C)] data.
-        unsafe {
-            std::slice::from_raw_parts(
-                (&raw const ev).cast::<u8>(),
-                std::mem::size_of::<SockLifeEvent>(),
-            )
-        }
-        .to_vec()
+        ev.as_bytes().to_vec()
     }
 
     const CLIENT: [(u8, u8); 5] = [(7, 2), (2, 1), (1, 4), (4, 5), (5, 7)];

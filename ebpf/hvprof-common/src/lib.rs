@@ -374,6 +374,19 @@ impl SockLifeEvent {
     pub fn read(bytes: &[u8]) -> Option<Self> {
         read_unaligned(bytes)
     }
+
+    /// The record as the event log stores it (a life read back from the
+    /// kernel's map by user space).
+    pub fn as_bytes(&self) -> &[u8] {
+        // SAFETY: #[repr(C)] integers and byte arrays with no padding
+        // holes (see `layout_is_stable`), so every byte is initialised.
+        unsafe {
+            core::slice::from_raw_parts(
+                (self as *const Self).cast::<u8>(),
+                core::mem::size_of::<Self>(),
+            )
+        }
+    }
 }
 
 impl FuncEvent {

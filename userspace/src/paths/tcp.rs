@@ -287,14 +287,7 @@ pub fn open_lives(ebpf: &aya::Ebpf) -> Result<Vec<Vec<u8>>> {
         if life.steps == 0 {
             continue;
         }
-        // SAFETY: plain #[repr(C)] data.
-        let bytes = unsafe {
-            std::slice::from_raw_parts(
-                (&raw const life).cast::<u8>(),
-                std::mem::size_of::<SockLifeEvent>(),
-            )
-        };
-        out.push(bytes.to_vec());
+        out.push(life.as_bytes().to_vec());
     }
     Ok(out)
 }
