@@ -1,8 +1,9 @@
 //! Loading the eBPF object and attaching catalog probes: decides each
 //! probe's method from what this kernel offers (fentry → kprobe → raw
-//! tracepoint → tracepoint → sampling), hands the programs this kernel's offsets as
-//! read-only globals, attaches, and detaches everything when dropped (all
-//! attachments are fd-based, so even a killed hvprof leaves nothing).
+//! tracepoint → tracepoint → sampling), hands the programs this kernel's
+//! offsets as read-only globals, attaches, and detaches everything when
+//! dropped (all attachments are fd-based, so even a killed hvprof leaves
+//! nothing).
 
 use std::{collections::BTreeMap, os::fd::OwnedFd};
 

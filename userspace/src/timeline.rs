@@ -5,6 +5,7 @@
 use std::{collections::HashMap, net::IpAddr, path::Path};
 
 use anyhow::{Context as _, Result};
+use hvprof_common::{EventHeader, kind};
 use serde::Serialize;
 
 use crate::{
@@ -99,8 +100,8 @@ fn role(s: &SockLife) -> &'static str {
 
 /// Whether a life is an end of a connection (listeners and never-connected
 /// sockets are not).
-fn is_endpoint(role: &str, remote_port: u16, s: &SockLife) -> bool {
-    remote_port != 0 && role != "unknown" || s.transitions.iter().any(|t| t.new == "ESTABLISHED")
+fn is_endpoint(role: &str, s: &SockLife) -> bool {
+    s.dport != 0 && role != "unknown" || s.transitions.iter().any(|t| t.new == "ESTABLISHED")
 }
 
 /// (client, server) address of a connection, from either end.
@@ -124,13 +125,16 @@ pub fn count_connections(dir: &Path) -> Result<(u64, bool)> {
     let (mut count, mut records) = (0u64, 0u64);
     while let Some(rec) = reader.next_record()? {
         records += 1;
+        if EventHeader::read(rec).is_some_and(|h| h.kind != kind::SOCK_LIFE) {
+            continue;
+        }
         let ev = event::decode(rec, &ctx)
             .with_context(|| format!("{}: record {records}", path.display()))?;
         let Body::SockLife(s) = &ev.body else {
             continue;
         };
         let role = role(s);
-        if !is_endpoint(role, s.dport, s) {
+        if !is_endpoint(role, s) {
             continue;
         }
         let key = tuple(role, (s.saddr, s.sport), (s.daddr, s.dport));
@@ -163,7 +167,7 @@ impl Builder {
     /// One socket's life (the kernel sends it whole, at its end).
     fn add(&mut self, pid: u32, comm: &str, s: &SockLife) {
         let role = role(s);
-        if !is_endpoint(role, s.dport, s) {
+        if !is_endpoint(role, s) {
             return;
         }
         self.done.push(Endpoint {
