@@ -431,6 +431,11 @@ pub fn cleanup_stale(dry_run: bool) -> CleanupReport {
             report.removed.extend(remove_all(&state));
             let _ = std::fs::remove_file(&path);
         }
+        // The state file is a leftover too: a run killed before its first
+        // object (or whose children all died with it) leaves only this.
+        report
+            .removed
+            .push(format!("state file {}", path.display()));
     }
     // Namespaces marked by name whose creator is gone (state file lost, or
     // killed between creating one and recording it).
@@ -568,6 +573,9 @@ mod tests {
             std::process::id()
         ));
         std::fs::write(&tmp, b"{\"pid\":").unwrap();
+        // A run killed before its first object leaves only its state file.
+        let bare = state_path(dead);
+        std::fs::write(&bare, format!("{{\"pid\":{dead}}}")).unwrap();
         std::fs::create_dir_all(&dir).unwrap();
         std::fs::create_dir_all(&hp).unwrap();
         std::fs::create_dir_all(&hp_mine).unwrap();
@@ -576,6 +584,7 @@ mod tests {
         std::fs::write(&mine, b"{").unwrap();
         let report = cleanup_stale(true);
         let _ = std::fs::remove_file(&tmp);
+        let _ = std::fs::remove_file(&bare);
         let _ = std::fs::remove_dir(&dir);
         let _ = std::fs::remove_file(&mine);
         let _ = std::fs::remove_dir(&hp);
@@ -599,6 +608,12 @@ mod tests {
             report
                 .removed
                 .contains(&format!("state file {}", tmp.display())),
+            "{report:?}"
+        );
+        assert!(
+            report
+                .removed
+                .contains(&format!("state file {}", bare.display())),
             "{report:?}"
         );
         assert!(
