@@ -269,6 +269,75 @@ fn sockets_still_open_when_recording_stops_keep_their_lives() {
     assert_eq!(eps.len(), 2, "both ends of {c}");
 }
 
+#[test]
+fn more_open_sockets_than_max_sockets_are_counted_lost_and_flagged() {
+    require_bpf!("record_max_sockets");
+    let _g = bpf_lock();
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let run = tmp.path().join("run");
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("listen");
+    let port = listener.local_addr().expect("addr").port();
+    let child = Command::new(hvprof_bin())
+        .args([
+            "record",
+            "-p",
+            "tcp",
+            "--max-sockets",
+            "8",
+            "-d",
+            "3s",
+            "-o",
+        ])
+        .arg(&run)
+        .stdout(Stdio::piped())
+        .spawn()
+        .expect("hvprof runs");
+    let mut rec = Owned(child);
+    let t0 = Instant::now();
+    while !run.join("events.log").exists() {
+        assert!(t0.elapsed() < Duration::from_secs(20), "never started");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    // 20 connections (40 sockets) open at once, more than the map holds.
+    let mut held = Vec::new();
+    for _ in 0..20 {
+        let c = std::net::TcpStream::connect(("127.0.0.1", port)).expect("connect");
+        let (s, _) = listener.accept().expect("accept");
+        held.push((c, s));
+    }
+    let status = rec.0.wait().expect("hvprof ends");
+    drop(held);
+    assert!(status.success(), "{status}");
+    let mut text = String::new();
+    use std::io::Read as _;
+    let _ = rec
+        .0
+        .stdout
+        .take()
+        .expect("stdout")
+        .read_to_string(&mut text);
+    let summary: Value =
+        serde_json::from_slice(&std::fs::read(run.join("summary.json")).expect("summary"))
+            .expect("summary is JSON");
+    let lost = summary["lost"]["tcp:inet_sock_set_state"]
+        .as_u64()
+        .unwrap_or(0);
+    assert!(lost >= 32, "40 sockets, 8 followed: lost {lost}; {summary}");
+    assert!(
+        text.contains("--max-sockets"),
+        "the summary names the way out: {text}"
+    );
+    let conns = connections_to(&run, &port.to_string());
+    let ends: usize = conns
+        .iter()
+        .map(|c| c["endpoints"].as_array().map_or(0, |e| e.len()))
+        .sum();
+    assert!(
+        (1..=8).contains(&ends),
+        "at most 8 sockets followed: {ends} in {conns:?}"
+    );
+}
+
 /// Where cgroup v2 is mounted, if it is.
 fn cgroup2_mount() -> Option<std::path::PathBuf> {
     std::fs::read_to_string("/proc/mounts")

@@ -3,7 +3,11 @@
 //! NIC-driver events, the host's TAP events, packets matched across the
 //! boundary and the guest clock's offset with its error bound.
 
-use std::{path::Path, process::Command};
+use std::{
+    path::Path,
+    process::Command,
+    time::{Duration, Instant},
+};
 
 use hvprof_tests::{
     assert_ok, bpf_lock, bpf_unavailable, dump_events, hvprof, hvprof_bin, json_lines,
@@ -244,6 +248,54 @@ fn record_topology_brings_a_path_up_records_it_and_tears_it_down() {
         "no packets of the path's devices"
     );
     hvprof_tests::topology_support::assert_nothing_left(pid);
+    assert!(our_bpf_programs().is_empty(), "programs left attached");
+}
+
+#[test]
+fn ctrl_c_ends_a_topology_recording_in_order() {
+    if let Some(why) = bpf_unavailable() {
+        skip("record_topology_ctrl_c", &why);
+        return;
+    }
+    let _g = bpf_lock();
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let run = tmp.path().join("run");
+    let run_s = run.to_string_lossy().to_string();
+    let mut p = hvprof_tests::topology_support::HvprofProc::spawn(&[
+        "record",
+        "--topology",
+        "veth",
+        "-p",
+        "tcp",
+        "-d",
+        "60s",
+        "-o",
+        &run_s,
+    ]);
+    p.wait_for("the recording starts", Duration::from_secs(60), |_| {
+        run.join("events.log").exists()
+    });
+    // Something to record: connections through the path.
+    std::thread::sleep(Duration::from_millis(500));
+    p.signal(libc::SIGINT);
+    let t0 = Instant::now();
+    let out = p.wait(Duration::from_secs(30));
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(130), "exit 128+SIGINT: {stderr}");
+    assert!(
+        t0.elapsed() < Duration::from_secs(20),
+        "stopped in {:?}",
+        t0.elapsed()
+    );
+    // The summary is written and printed before the topology goes down.
+    let summary = json(&run.join("summary.json"));
+    assert!(summary["events"].as_u64().is_some(), "{summary}");
+    assert!(
+        String::from_utf8_lossy(&out.stdout).contains("ns/run"),
+        "summary table printed: {}",
+        String::from_utf8_lossy(&out.stdout)
+    );
+    hvprof_tests::topology_support::assert_nothing_left(p.pid);
     assert!(our_bpf_programs().is_empty(), "programs left attached");
 }
 

@@ -260,6 +260,8 @@ fn one_error(e: &dyn std::error::Error) -> String {
 /// Options for loading.
 pub struct LoadOptions<'a> {
     pub ringbuf_bytes: u32,
+    /// Entries of the open-socket map.
+    pub max_sockets: u32,
     /// Trace only the devices put in the device filter (else every device).
     pub dev_filter: bool,
     /// Only these tasks' samples, function and socket events.
@@ -371,6 +373,7 @@ pub fn load(opts: &LoadOptions) -> Result<Ebpf> {
         .override_global(vmexit::TP_GLOBAL, &vmexit::tp_offsets(), true)
         .override_global(TASK_FILTER_GLOBAL, &opts.tasks.bits(), true)
         .map_max_entries(EVENTS_MAP, opts.ringbuf_bytes)
+        .map_max_entries(tcp::SOCKS_MAP, opts.max_sockets)
         .load(OBJECT)
         .context("loading hvprof's eBPF object")?;
     opts.tasks

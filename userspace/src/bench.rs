@@ -269,6 +269,7 @@ fn record_point(
         freq: rec.freq,
         load_window: true,
         tasks: Default::default(),
+        max_sockets: crate::paths::tcp::DEFAULT_MAX_SOCKETS,
     };
     // The stand (origin, HAProxy) comes up before the probes attach, and
     // CPU samples count only between the load's start and end (the

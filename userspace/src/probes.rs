@@ -162,6 +162,7 @@ impl ListArgs {
         };
         let mut ebpf = attach::load(&LoadOptions {
             ringbuf_bytes: 4096 * 16,
+            max_sockets: 1,
             dev_filter: true,
             tasks: &attach::TaskFilter::default(),
         })?;

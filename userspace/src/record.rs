@@ -85,6 +85,11 @@ pub struct RecordArgs {
     /// Size of the kernel event ring buffer in MiB (a power of two).
     #[arg(long, value_name = "MIB", default_value_t = 16, value_parser = parse_ringbuf_mib)]
     pub ringbuf_mib: u32,
+    /// TCP sockets followed at once (each open socket holds a kernel map
+    /// entry of about 240 bytes until it closes); beyond that, new
+    /// sockets are counted lost.
+    #[arg(long, value_name = "N", default_value_t = crate::paths::tcp::DEFAULT_MAX_SOCKETS, value_parser = clap::value_parser!(u32).range(1..=4_194_304))]
+    pub max_sockets: u32,
     /// CPU sampling frequency per CPU, in Hz.
     #[arg(short = 'F', long, value_name = "HZ", default_value_t = crate::paths::cpu::DEFAULT_HZ, value_parser = clap::value_parser!(u64).range(1..=10_000))]
     pub freq: u64,
@@ -181,6 +186,7 @@ impl RecordArgs {
             freq: self.freq,
             load_window: false,
             tasks: self.tasks()?,
+            max_sockets: self.max_sockets,
         };
         let config = loadgen::sweep::SweepConfig::default();
         let (ready_tx, ready_rx) =
@@ -209,6 +215,9 @@ impl RecordArgs {
                     .recv()
                     .map_err(|_| anyhow::anyhow!("{name}: the stand did not start"))?
                     .map_err(|e| anyhow::anyhow!("{name}: {e}"))?;
+                // From here a stop signal ends the recording in order:
+                // its summary written, the topology taken down.
+                let _grace = crate::topology::cleanup::stop_in_order(STOP_GRACE);
                 let cap = crate::bench::start_capture(up_ref, &dir, opts, name)?;
                 let url = format!("http://{proxy}");
                 if !self.quiet {
@@ -283,6 +292,7 @@ impl RecordArgs {
             freq: self.freq,
             load_window: false,
             tasks: self.tasks()?,
+            max_sockets: self.max_sockets,
         };
         // Counters for --live and --metrics, fed as events are drained.
         let counters = (self.live || self.metrics.is_some()).then(live::Live::default);
@@ -453,6 +463,17 @@ fn wait_for_end(
             }
         };
         let deadline = duration.map(|d| tokio::time::Instant::now() + d);
+        // The topology's signal handler sees every stop signal (it may
+        // have been installed after this runtime's).
+        let stopped = async {
+            let mut tick = tokio::time::interval(Duration::from_millis(100));
+            loop {
+                tick.tick().await;
+                if let Some(sig) = crate::topology::cleanup::stop_signal() {
+                    break sig;
+                }
+            }
+        };
         Ok(tokio::select! {
             _ = recorder::sleep_until(deadline) => {
                 stop_child(&mut child, libc::SIGTERM).await;
@@ -467,9 +488,17 @@ fn wait_for_end(
             },
             _ = sigint.recv() => { stop_child(&mut child, libc::SIGINT).await; ExitCode::from(130) }
             _ = sigterm.recv() => { stop_child(&mut child, libc::SIGTERM).await; ExitCode::from(143) }
+            sig = stopped => {
+                stop_child(&mut child, sig).await;
+                ExitCode::from(128 + sig.clamp(1, 127) as u8)
+            }
         })
     })
 }
+
+/// How long a stopped `record --topology` has to write its summary and
+/// take its topology down before a stop signal tears down regardless.
+const STOP_GRACE: Duration = Duration::from_secs(20);
 
 /// Checks that `cmd` names an executable (directly or through `PATH`)
 /// before anything is attached.
@@ -547,7 +576,7 @@ fn print_summary(dir: &Path, s: &capture::Summary) {
     let total_lost: u64 = s.lost.values().sum();
     if total_lost > 0 {
         println!(
-            "WARNING: {total_lost} events lost in the kernel (ring buffer full); raise --ringbuf-mib"
+            "WARNING: {total_lost} events lost in the kernel (ring buffer full, or more open sockets than --max-sockets); raise --ringbuf-mib or --max-sockets"
         );
     }
 }

@@ -45,6 +45,8 @@ pub struct Options {
     pub load_window: bool,
     /// `--pid` / `--comm`.
     pub tasks: attach::TaskFilter,
+    /// Open sockets followed at once (`--max-sockets`).
+    pub max_sockets: u32,
 }
 
 /// Catalog rows for `names` (all rows when empty), and the names of the
@@ -160,6 +162,7 @@ impl Recorder {
             .collect::<Result<Vec<_>>>()?;
         let mut ebpf = attach::load(&LoadOptions {
             ringbuf_bytes: opts.ringbuf_mib * 1024 * 1024,
+            max_sockets: opts.max_sockets,
             dev_filter: !all_devices,
             tasks: &opts.tasks,
         })?;

@@ -109,6 +109,10 @@ pub const PROBE: &str = "tcp:inet_sock_set_state";
 pub const SOCK_GLOBAL: &str = "HVP_SOCK_OFFSETS";
 /// Open socket lives, by socket address.
 pub const SOCKS_MAP: &str = "HVP_SOCKS";
+/// Sockets followed at once by default (`record --max-sockets`): about
+/// 15 MiB of kernel memory; a socket that finds the map full is counted
+/// lost.
+pub const DEFAULT_MAX_SOCKETS: u32 = 65536;
 
 /// Tracepoint record offsets for this kernel.
 pub fn tp_offsets() -> Result<SockStateTpOffsets> {

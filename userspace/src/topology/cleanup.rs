@@ -190,6 +190,33 @@ fn remove_all(state: &State) -> Vec<String> {
 static SIGNAL_PIPE: AtomicI32 = AtomicI32::new(-1);
 /// The signal the teardown is handling (0: none yet).
 static GOT_SIGNAL: AtomicI32 = AtomicI32::new(0);
+/// Seconds a command that stops on signals itself (`record --topology`)
+/// gets to finish in order before the teardown takes over (0: none).
+static GRACE_S: AtomicI32 = AtomicI32::new(0);
+
+/// While the returned guard lives, a stop signal lets the command finish
+/// in order (write what it recorded, take its topology down) for up to
+/// `grace`; a second signal, or the grace running out, tears down at
+/// once. The exit status stays 128 + signal either way.
+pub fn stop_in_order(grace: Duration) -> GraceGuard {
+    GRACE_S.store(grace.as_secs().clamp(1, 3600) as i32, Ordering::SeqCst);
+    install_signal_teardown();
+    GraceGuard
+}
+
+/// The stop signal received, if any (see [`stop_in_order`]).
+pub fn stop_signal() -> Option<i32> {
+    Some(GOT_SIGNAL.load(Ordering::SeqCst)).filter(|&s| s != 0)
+}
+
+/// See [`stop_in_order`].
+pub struct GraceGuard;
+
+impl Drop for GraceGuard {
+    fn drop(&mut self) {
+        GRACE_S.store(0, Ordering::SeqCst);
+    }
+}
 
 extern "C" fn on_signal(sig: libc::c_int) {
     GOT_SIGNAL.store(sig, Ordering::SeqCst);
@@ -227,11 +254,17 @@ fn start_teardown_thread() -> Result<(), String> {
     std::thread::Builder::new()
         .name("hvprof-teardown".into())
         .spawn(move || {
-            let mut b = 0u8;
-            // SAFETY: blocking one-byte read from our pipe.
-            let n = unsafe { libc::read(read_fd, (&mut b as *mut u8).cast(), 1) };
-            if n != 1 {
+            let Some(b) = read_signal(read_fd, -1) else {
                 return;
+            };
+            let grace = GRACE_S.load(Ordering::SeqCst);
+            if grace > 0 {
+                eprintln!(
+                    "hvprof: signal {b}: stopping (again to tear down at once; at the latest in {grace} s)"
+                );
+                // The command ends in order and exits through `finish`;
+                // a second signal or the deadline ends it here.
+                let _ = read_signal(read_fd, grace.saturating_mul(1000));
             }
             eprintln!("hvprof: signal {b}: tearing down topologies");
             teardown_and_exit(128 + i32::from(b));
@@ -250,6 +283,30 @@ fn start_teardown_thread() -> Result<(), String> {
         }
     }
     Ok(())
+}
+
+/// The next signal number written to the pipe, waiting at most
+/// `timeout_ms` (-1: for ever).
+fn read_signal(fd: libc::c_int, timeout_ms: i32) -> Option<u8> {
+    let mut pfd = libc::pollfd {
+        fd,
+        events: libc::POLLIN,
+        revents: 0,
+    };
+    loop {
+        // SAFETY: one pollfd we own.
+        let n = unsafe { libc::poll(&mut pfd, 1, timeout_ms) };
+        if n < 0 && std::io::Error::last_os_error().kind() == std::io::ErrorKind::Interrupted {
+            continue;
+        }
+        if n != 1 {
+            return None;
+        }
+        let mut b = 0u8;
+        // SAFETY: one-byte read from our pipe into a byte we own.
+        let r = unsafe { libc::read(fd, (&mut b as *mut u8).cast(), 1) };
+        return (r == 1).then_some(b);
+    }
 }
 
 /// Removes everything this process created and exits with `code`, holding
