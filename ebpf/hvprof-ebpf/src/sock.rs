@@ -113,8 +113,6 @@ fn on_change(sk: u64, old: u8, new: u8, src: &impl Source) {
     if sk == 0 {
         return;
     }
-    // SAFETY: plain helper call.
-    let now = unsafe { bpf_ktime_get_ns() };
     let ptr = match SOCKS.get_ptr_mut(sk) {
         Some(p) => p,
         None => match begin(sk, src) {
@@ -122,6 +120,10 @@ fn on_change(sk: u64, old: u8, new: u8, src: &impl Source) {
             None => return,
         },
     };
+    // Read once the socket is known to be followed (not for sockets the
+    // task filter leaves out).
+    // SAFETY: plain helper call.
+    let now = unsafe { bpf_ktime_get_ns() };
     // SAFETY: a map value; a socket's state changes are serialised by the
     // socket's lock, so no other CPU writes this entry meanwhile.
     let life = unsafe { &mut *ptr };
