@@ -63,7 +63,12 @@ impl Rng {
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
 enum Cmd {
     Bench(&'static str),
-    Record { dev_lo: bool },
+    Record {
+        dev_lo: bool,
+    },
+    /// `record --topology NAME`: stops in order on a signal (summary,
+    /// then teardown).
+    RecordTopology(&'static str),
 }
 
 impl Cmd {
@@ -78,6 +83,7 @@ impl Cmd {
             Cmd::Bench(t) => format!("bench --topology {t} --sizes 0 -d 3s"),
             Cmd::Record { dev_lo: false } => "record -d 5s".into(),
             Cmd::Record { dev_lo: true } => "record -d 5s --dev lo".into(),
+            Cmd::RecordTopology(t) => format!("record --topology {t} -d 4s"),
         }
     }
     fn args(self, out: &Path) -> Vec<String> {
@@ -102,6 +108,17 @@ impl Cmd {
             Cmd::Record { .. } => ["record", "-d", "5s", "-o", &format!("{out}/run")]
                 .map(String::from)
                 .to_vec(),
+            Cmd::RecordTopology(t) => [
+                "record",
+                "--topology",
+                t,
+                "-d",
+                "4s",
+                "-o",
+                &format!("{out}/run"),
+            ]
+            .map(String::from)
+            .to_vec(),
         };
         if self.is_vm() {
             a.extend(["--testbed".into(), testbed_dir().display().to_string()]);
@@ -117,6 +134,7 @@ impl Cmd {
             Cmd::Bench(_) if self.is_vm() => Duration::from_secs(2),
             Cmd::Bench(_) => Duration::from_secs(3),
             Cmd::Record { .. } => Duration::from_secs(5),
+            Cmd::RecordTopology(_) => Duration::from_secs(4),
         }
     }
 }
@@ -206,6 +224,7 @@ fn plan(seed: u64, trials: usize, vm: bool) -> Vec<Trial> {
         Cmd::Bench("veth"),
         Cmd::Record { dev_lo: false },
         Cmd::Record { dev_lo: true },
+        Cmd::RecordTopology("veth"),
     ];
     let mut cmds: Vec<Cmd> = (0..trials.saturating_sub(vm_trials))
         .map(|i| others[i % others.len()])
@@ -225,13 +244,16 @@ fn plan(seed: u64, trials: usize, vm: bool) -> Vec<Trial> {
             let roll = rng.below(10);
             let (phase, delay) = match cmd {
                 // From spawn: argument checks, automatic cleanup (a few ms).
-                Cmd::Bench(_) if roll < 2 => (Phase::Start, rng.millis(0, 15)),
+                Cmd::Bench(_) | Cmd::RecordTopology(_) if roll < 2 => {
+                    (Phase::Start, rng.millis(0, 15))
+                }
                 Cmd::Record { .. } if roll < 2 => (Phase::Start, rng.millis(0, 30)),
                 // From spawn: loading and attaching take about a second.
                 Cmd::Record { .. } if roll < 6 => (Phase::Attach, rng.millis(50, 1600)),
                 // From spawn for the local topologies, which are up within
                 // 20-130 ms here; from the namespace for a guest (its boot
                 // takes 10-20 s under emulation).
+                Cmd::RecordTopology(_) if roll < 6 => (Phase::BringUp, rng.millis(10, 80)),
                 Cmd::Bench(t) if roll < 6 => {
                     let (lo, hi) = match t {
                         "native" => (0, 30),
@@ -853,6 +875,10 @@ fn fire(run: &mut Run, t: &Trial) -> (String, Phase) {
             r.stderr_has("hvprof: recording")
         }),
         (Phase::BringUp, Cmd::Record { .. }) => true,
+        (Phase::BringUp, Cmd::RecordTopology(_)) => true,
+        (Phase::Load, Cmd::RecordTopology(_)) => {
+            run.wait_until(Duration::from_secs(30), |r| r.stderr_has("recording into"))
+        }
     };
     let from = match t.phase {
         Phase::Start | Phase::Attach => run.started,
@@ -883,7 +909,7 @@ fn fire(run: &mut Run, t: &Trial) -> (String, Phase) {
         .any(|c| c.contains("haproxy -db") || c.contains("guest-haproxy"))
         || run.proxy_seen();
     let qemu = kids.iter().any(|c| c.contains("qemu-system")) || run.qemu_seen();
-    let attached = run.stderr_has("hvprof: recording");
+    let attached = run.stderr_has("hvprof: recording") || run.stderr_has("recording into");
     let up = run.stderr_has("up in");
     if !exited_before {
         run.signal(t.sig.number());
@@ -900,6 +926,20 @@ fn fire(run: &mut Run, t: &Trial) -> (String, Phase) {
             let yn = |b: bool| if b { "yes" } else { "no" };
             (
                 format!("ns={ns} qemu={} proxy={}", yn(qemu), yn(proxy)),
+                phase,
+            )
+        }
+        Cmd::RecordTopology(_) => {
+            let phase = if attached {
+                Phase::Load
+            } else if ns > 0 || proxy {
+                Phase::BringUp
+            } else {
+                Phase::Start
+            };
+            let yn = |b: bool| if b { "yes" } else { "no" };
+            (
+                format!("ns={ns} proxy={} recording={}", yn(proxy), yn(attached)),
                 phase,
             )
         }
@@ -991,7 +1031,7 @@ fn teardown_under_faults() {
     let mut tally = Tally::default();
     let mut pending: Option<Pending> = None;
     for (i, t) in plan.iter().enumerate() {
-        let _bpf = matches!(t.cmd, Cmd::Record { .. }).then(bpf_lock);
+        let _bpf = matches!(t.cmd, Cmd::Record { .. } | Cmd::RecordTopology(_)).then(bpf_lock);
         let head = header(i, trials, t);
         let base = Baseline::now();
         let out = tmp.path().join(format!("t{i}"));
@@ -1069,6 +1109,19 @@ fn teardown_under_faults() {
                 describe(status),
                 t.sig.name(),
                 128 + t.sig.number()
+            ));
+        }
+        // Stopped while recording a topology: it ends in order, with its
+        // summary written before the teardown.
+        if signalled
+            && t.sig != Sig::Kill
+            && matches!(t.cmd, Cmd::RecordTopology(_))
+            && fired.contains("recording=yes")
+            && !out.join("run").join("summary.json").exists()
+        {
+            problems.push(format!(
+                "stopped while recording, but no summary.json: {}",
+                run.stderr_text()
             ));
         }
         let pid = run.pid;
