@@ -233,6 +233,26 @@ fn the_classic_tracepoint_records_the_same_lives_where_raw_ones_are_avoided() {
     }
 }
 
+/// `hvprof record ARGS -o RUN` in the background, once its event log
+/// exists (the probes are attached).
+fn recording(args: &[&str], run: &std::path::Path, stdout: Stdio) -> Owned {
+    let child = Command::new(hvprof_bin())
+        .arg("record")
+        .args(args)
+        .arg("-o")
+        .arg(run)
+        .stdout(stdout)
+        .spawn()
+        .expect("hvprof runs");
+    let rec = Owned(child);
+    let t0 = Instant::now();
+    while !run.join("events.log").exists() {
+        assert!(t0.elapsed() < Duration::from_secs(20), "never started");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    rec
+}
+
 #[test]
 fn sockets_still_open_when_recording_stops_keep_their_lives() {
     require_bpf!("record_open_sockets");
@@ -241,18 +261,7 @@ fn sockets_still_open_when_recording_stops_keep_their_lives() {
     let run = tmp.path().join("run");
     let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("listen");
     let port = listener.local_addr().expect("addr").port().to_string();
-    let child = Command::new(hvprof_bin())
-        .args(["record", "-q", "-p", "tcp", "-d", "3s", "-o"])
-        .arg(&run)
-        .stdout(Stdio::null())
-        .spawn()
-        .expect("hvprof runs");
-    let mut rec = Owned(child);
-    let t0 = Instant::now();
-    while !run.join("events.log").exists() {
-        assert!(t0.elapsed() < Duration::from_secs(20), "never started");
-        std::thread::sleep(Duration::from_millis(50));
-    }
+    let mut rec = recording(&["-q", "-p", "tcp", "-d", "3s"], &run, Stdio::null());
     // Opened during the recording, still open when it stops.
     let client =
         std::net::TcpStream::connect(("127.0.0.1", port.parse().expect("port"))).expect("connect");
@@ -277,27 +286,11 @@ fn more_open_sockets_than_max_sockets_are_counted_lost_and_flagged() {
     let run = tmp.path().join("run");
     let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("listen");
     let port = listener.local_addr().expect("addr").port();
-    let child = Command::new(hvprof_bin())
-        .args([
-            "record",
-            "-p",
-            "tcp",
-            "--max-sockets",
-            "8",
-            "-d",
-            "3s",
-            "-o",
-        ])
-        .arg(&run)
-        .stdout(Stdio::piped())
-        .spawn()
-        .expect("hvprof runs");
-    let mut rec = Owned(child);
-    let t0 = Instant::now();
-    while !run.join("events.log").exists() {
-        assert!(t0.elapsed() < Duration::from_secs(20), "never started");
-        std::thread::sleep(Duration::from_millis(50));
-    }
+    let mut rec = recording(
+        &["-p", "tcp", "--max-sockets", "8", "-d", "3s"],
+        &run,
+        Stdio::piped(),
+    );
     // 20 connections (40 sockets) open at once, more than the map holds.
     let mut held = Vec::new();
     for _ in 0..20 {
