@@ -446,6 +446,8 @@ pub fn bench_overhead(o: &OverheadArgs) -> Result<()> {
     let (mut plain, mut probed) = (Vec::new(), Vec::new());
     let mut programs: std::collections::BTreeMap<String, (f64, f64)> = Default::default();
     let mut lost = 0.0;
+    // The recorder's own CPU seconds while its load ran, and those seconds.
+    let mut recorder = (0.0, 0.0);
     println!(
         "probe overhead: 0-byte close mode through HAProxy on native, {} s per run, {} A/B rounds",
         o.duration, o.rounds
@@ -455,9 +457,13 @@ pub fn bench_overhead(o: &OverheadArgs) -> Result<()> {
             let dir = tmp.join(format!("run{round}"));
             let json = tmp.join(format!("load{round}.json"));
             let packets: &[&str] = if o.no_packets { &[] } else { &["--dev", "lo"] };
-            let status = recorded_load(&bin, packets, &dir, &url, o.concurrency, o.duration, &json)
-                .status()
-                .context("running hvprof record")?;
+            let mut child =
+                recorded_load(&bin, packets, &dir, &url, o.concurrency, o.duration, &json)
+                    .spawn()
+                    .context("running hvprof record")?;
+            let (status, cpu) = recorder_cpu_during_load(&mut child)?;
+            recorder.0 += cpu.0;
+            recorder.1 += cpu.1;
             if !status.success() {
                 bail!("hvprof record failed: {status}");
             }
@@ -507,11 +513,17 @@ pub fn bench_overhead(o: &OverheadArgs) -> Result<()> {
     // the overhead that the machine's drifting speed doesn't blur.
     let cpus = std::thread::available_parallelism().map_or(1, |n| n.get()) as f64;
     let bpf_ns: f64 = programs.values().map(|(ns, _)| ns).sum();
+    let bpf_share = 100.0 * bpf_ns / (cpus * 1e9 * (o.duration * o.rounds as u64) as f64);
     println!(
-        "CPU time in hvprof's programs: {:.2}% of the machine ({} CPUs) while probed",
-        100.0 * bpf_ns / (cpus * 1e9 * (o.duration * o.rounds as u64) as f64),
-        cpus
+        "CPU time in hvprof's programs: {bpf_share:.2}% of the machine ({cpus} CPUs) while probed"
     );
+    if recorder.1 > 0.0 {
+        let rec_share = 100.0 * recorder.0 / (cpus * recorder.1);
+        println!(
+            "CPU time in the recorder (user space) during the load: {rec_share:.2}%; hvprof in all: {:.2}% of the machine",
+            bpf_share + rec_share
+        );
+    }
     println!(
         "{:<20} {:>14} {:>12} {:>9}",
         "program", "runs", "run time ms", "ns/run"
@@ -580,6 +592,47 @@ fn compare_origins(bin: &Path, a: &BenchLoadArgs) -> Result<()> {
         );
     }
     Ok(())
+}
+
+/// Waits for `hvprof record -- hvprof load ...`; returns its status and
+/// the recorder's own CPU seconds (user + system, from /proc, 10 ms
+/// ticks) while its load command ran, with that time in seconds.
+fn recorder_cpu_during_load(child: &mut Child) -> Result<(std::process::ExitStatus, (f64, f64))> {
+    let pid = child.id();
+    let cpu = || -> Option<f64> {
+        let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+        let f: Vec<&str> = stat[stat.rfind(')')? + 1..].split_whitespace().collect();
+        Some((f.get(11)?.parse::<f64>().ok()? + f.get(12)?.parse::<f64>().ok()?) / 100.0)
+    };
+    let loading = || {
+        std::fs::read_dir(format!("/proc/{pid}/task"))
+            .into_iter()
+            .flatten()
+            .flatten()
+            .any(|t| {
+                std::fs::read_to_string(t.path().join("children"))
+                    .is_ok_and(|c| !c.trim().is_empty())
+            })
+    };
+    let mut first: Option<(Instant, f64)> = None;
+    let mut last: Option<(Instant, f64)> = None;
+    loop {
+        if let Some(status) = child.try_wait()? {
+            let used = match (first, last) {
+                (Some((t0, c0)), Some((t1, c1))) => (c1 - c0, (t1 - t0).as_secs_f64()),
+                _ => (0.0, 0.0),
+            };
+            return Ok((status, used));
+        }
+        if loading()
+            && let Some(c) = cpu()
+        {
+            let now = (Instant::now(), c);
+            first.get_or_insert(now);
+            last = Some(now);
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
 }
 
 /// User + system CPU seconds of `pid` and its direct children (nginx's
