@@ -93,12 +93,13 @@ impl OriginArgs {
     pub fn run(self) -> anyhow::Result<ExitCode> {
         let threads = self.threads.unwrap_or_else(cpus);
         let origin = Origin::start(&OriginConfig::new(self.listen, threads))?;
+        let stop = StopSignal::install()?;
         eprintln!(
             "hvprof origin: listening on {} ({threads} thread{}); GET /?s=SIZE",
             origin.local_addr(),
             if threads == 1 { "" } else { "s" }
         );
-        wait_for_stop_signal()?;
+        stop.wait();
         let stats = origin.stop();
         let mut out = std::io::stdout().lock();
         serde_json::to_writer(&mut out, &stats)?;
@@ -209,22 +210,42 @@ fn write_json(path: &std::path::Path, report: &LoadReport) -> anyhow::Result<()>
     Ok(())
 }
 
-/// Blocks until SIGINT or SIGTERM: for commands that keep servers up until
-/// they are told to stop.
-pub fn wait_for_stop_signal() -> anyhow::Result<()> {
-    let rt = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-        .context("cannot build signal runtime")?;
-    rt.block_on(async {
+/// SIGINT and SIGTERM, caught from the moment this is made: for commands
+/// that keep servers up until told to stop. Make it before announcing the
+/// server, so a stop sent right after the announcement is caught rather
+/// than fatal.
+pub struct StopSignal {
+    rt: tokio::runtime::Runtime,
+    term: tokio::signal::unix::Signal,
+    int: tokio::signal::unix::Signal,
+}
+
+impl StopSignal {
+    pub fn install() -> anyhow::Result<Self> {
         use tokio::signal::unix::{SignalKind, signal};
-        let mut term = signal(SignalKind::terminate()).context("cannot catch SIGTERM")?;
-        tokio::select! {
-            _ = term.recv() => {},
-            r = tokio::signal::ctrl_c() => r.context("cannot catch SIGINT")?,
-        }
-        anyhow::Ok(())
-    })
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .context("cannot build signal runtime")?;
+        let (term, int) = {
+            let _in_rt = rt.enter();
+            (
+                signal(SignalKind::terminate()).context("cannot catch SIGTERM")?,
+                signal(SignalKind::interrupt()).context("cannot catch SIGINT")?,
+            )
+        };
+        Ok(Self { rt, term, int })
+    }
+
+    /// Blocks until either signal arrives.
+    pub fn wait(mut self) {
+        self.rt.block_on(async {
+            tokio::select! {
+                _ = self.term.recv() => {},
+                _ = self.int.recv() => {},
+            }
+        });
+    }
 }
 
 #[cfg(test)]

@@ -387,12 +387,13 @@ pub fn start_capture(
 
 fn serve(topology: &dyn sweep::Topology, config: &SweepConfig) -> anyhow::Result<ExitCode> {
     let stand = sweep::Stand::start(topology, config)?;
+    let stop = loadgen::cli::StopSignal::install()?;
     println!("proxy http://{}/  (GET /?s=SIZE)", stand.proxy);
     println!("origin http://{}/", stand.origin.local_addr());
     println!("haproxy pid {}", stand.haproxy.pid());
     use std::io::Write as _;
     std::io::stdout().flush()?;
-    loadgen::cli::wait_for_stop_signal()?;
+    stop.wait();
     drop(stand);
     Ok(ExitCode::SUCCESS)
 }
