@@ -354,6 +354,8 @@ const PIDS_MAP: &str = "HVP_PIDS";
 const COMMS_MAP: &str = "HVP_COMMS";
 const CGROUPS_MAP: &str = "HVP_CGROUPS";
 const TASK_FILTER_GLOBAL: &str = "HVP_TASK_FILTER";
+/// Bytes waiting in the ring at which a program wakes the reader.
+const WAKEUP_GLOBAL: &str = "HVP_WAKEUP_BYTES";
 
 /// Loads the object with this kernel's offsets as globals. Nothing is
 /// attached yet.
@@ -364,6 +366,7 @@ pub fn load(opts: &LoadOptions) -> Result<Ebpf> {
     let (sock_off, _) = tcp::sock_offsets(btf.as_ref());
     let sched_tp = sched::tp_offsets()?;
     let dev_off = dev::offsets(btf.as_ref(), opts.dev_filter);
+    let wakeup_bytes = u64::from(opts.ringbuf_bytes) / 4;
     let mut ebpf = EbpfLoader::new()
         .override_global(dev::OFFSETS_GLOBAL, &dev_off, true)
         .override_global(tcp::TP_GLOBAL, &tp, true)
@@ -372,6 +375,7 @@ pub fn load(opts: &LoadOptions) -> Result<Ebpf> {
         .override_global(sched::TP_GLOBAL, &sched_tp, true)
         .override_global(vmexit::TP_GLOBAL, &vmexit::tp_offsets(), true)
         .override_global(TASK_FILTER_GLOBAL, &opts.tasks.bits(), true)
+        .override_global(WAKEUP_GLOBAL, &wakeup_bytes, true)
         .map_max_entries(EVENTS_MAP, opts.ringbuf_bytes)
         .map_max_entries(tcp::SOCKS_MAP, opts.max_sockets)
         .load(OBJECT)

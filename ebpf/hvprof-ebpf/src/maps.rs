@@ -2,7 +2,8 @@
 //! lost-event counters, and the common event header filler.
 
 use aya_ebpf::{
-    bindings::{BPF_RB_AVAIL_DATA, BPF_RB_FORCE_WAKEUP, BPF_RB_NO_WAKEUP, BPF_RB_RING_SIZE},
+    Global,
+    bindings::{BPF_RB_AVAIL_DATA, BPF_RB_FORCE_WAKEUP, BPF_RB_NO_WAKEUP},
     helpers::{
         bpf_get_current_comm, bpf_get_current_pid_tgid, bpf_get_smp_processor_id, bpf_ktime_get_ns,
     },
@@ -20,14 +21,17 @@ pub static EVENTS: RingBuf = RingBuf::with_byte_size(8 * 1024 * 1024, 0);
 #[map(name = "HVP_LOST")]
 pub static LOST: PerCpuArray<u64> = PerCpuArray::with_max_entries(MAX_PROBES, 0);
 
-/// Wake the reader only once this much is waiting (or the ring is a
-/// quarter full); user space also drains on a short timer. A wakeup per
-/// event would cost more than the event itself.
+/// Bytes waiting in the ring at which a submit wakes the reader: a quarter
+/// of the ring, set by user space with the ring's size.
+#[unsafe(no_mangle)]
+static HVP_WAKEUP_BYTES: Global<u64> = Global::new(2 * 1024 * 1024);
+
+/// Wake the reader only once a quarter of the ring is waiting; user space
+/// also drains on a short timer. A wakeup per event would cost more than
+/// the event itself.
 #[inline(always)]
 pub fn submit_flags() -> u64 {
-    let avail = EVENTS.query(u64::from(BPF_RB_AVAIL_DATA));
-    let size = EVENTS.query(u64::from(BPF_RB_RING_SIZE));
-    if avail >= size / 4 {
+    if EVENTS.query(u64::from(BPF_RB_AVAIL_DATA)) >= HVP_WAKEUP_BYTES.load() {
         u64::from(BPF_RB_FORCE_WAKEUP)
     } else {
         u64::from(BPF_RB_NO_WAKEUP)

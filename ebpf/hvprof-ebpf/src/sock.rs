@@ -76,7 +76,9 @@ const AF_INET6: u16 = 10;
 /// Bytes of `sock_common` read at once for the endpoints.
 const COMMON_HEAD: usize = hvprof_common::SOCK_COMMON_HEAD as usize;
 const TCP_ESTABLISHED: u8 = 1;
+const TCP_SYN_RECV: u8 = 3;
 const TCP_CLOSE: u8 = 7;
+const TCP_LISTEN: u8 = 10;
 
 /// Where a state change's details come from.
 trait Source {
@@ -113,7 +115,14 @@ fn on_change(sk: u64, old: u8, new: u8, src: &impl Source) {
     if sk == 0 {
         return;
     }
-    let ptr = match SOCKS.get_ptr_mut(sk) {
+    // A life starts from TCP_CLOSE (connect, listen) or, for a connection
+    // a listener accepts, from LISTEN to SYN_RECV (the child is a copy of
+    // the listener): no entry to look for, since every life's entry goes
+    // at TCP_CLOSE. Any other change of a socket not followed yet is one
+    // whose life began before the recording.
+    let fresh = old == TCP_CLOSE || (old == TCP_LISTEN && new == TCP_SYN_RECV);
+    let found = if fresh { None } else { SOCKS.get_ptr_mut(sk) };
+    let ptr = match found {
         Some(p) => p,
         None => match begin(sk, src) {
             Some(p) => p,
@@ -143,7 +152,6 @@ fn on_change(sk: u64, old: u8, new: u8, src: &impl Source) {
         *o = old;
         *n = new;
     }
-    life.header.ts_ns = now;
     if life.header.pid == 0 {
         let pid_tgid = bpf_get_current_pid_tgid();
         life.header.pid = (pid_tgid >> 32) as u32;
@@ -156,6 +164,9 @@ fn on_change(sk: u64, old: u8, new: u8, src: &impl Source) {
         src.endpoints(life);
     }
     if new == TCP_CLOSE {
+        // The header's time is the last change's (user space sets it for
+        // lives still open at the end).
+        life.header.ts_ns = now;
         life.flags |= sock_life::CLOSED;
         bytes(sk, life);
         // SAFETY: plain helper call.

@@ -287,10 +287,12 @@ pub fn open_lives(ebpf: &aya::Ebpf) -> Result<Vec<Vec<u8>>> {
     let socks: aya::maps::HashMap<_, u64, SockLifeEvent> = aya::maps::HashMap::try_from(map)?;
     let mut out = Vec::new();
     for entry in socks.iter() {
-        let (_, life) = entry.context("reading open socket lives")?;
-        if life.steps == 0 {
+        let (_, mut life) = entry.context("reading open socket lives")?;
+        let Some(last) = (life.steps as usize).checked_sub(1) else {
             continue;
-        }
+        };
+        // The kernel sets the header's time when a life closes.
+        life.header.ts_ns = life.step_ns[last.min(hvprof_common::SOCK_STEPS - 1)];
         out.push(life.as_bytes().to_vec());
     }
     Ok(out)
