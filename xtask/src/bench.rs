@@ -301,13 +301,21 @@ pub fn bench_load(a: &BenchLoadArgs) -> Result<()> {
             errs.1 += w.errors;
             rounds.push(format!("{:.0}/{:.0}", h.rate, w.rate));
         }
+        // The machine's speed drifts between rounds: the ratio is the
+        // median of each round's paired ratio, as in `bench overhead`.
+        let mut ratios: Vec<f64> = hv
+            .iter()
+            .zip(&wk)
+            .map(|(h, w)| if *w > 0.0 { h / w } else { f64::NAN })
+            .collect();
+        let ratio = median(&mut ratios);
         let (h, w) = (median(&mut hv), median(&mut wk));
         println!(
             "{:>5} {:>13.0} {:>13.0} {:>6.2}x {:>10.1} us {:>10.1} us   {}{}",
             size,
             h,
             w,
-            if w > 0.0 { h / w } else { f64::NAN },
+            ratio,
             median(&mut hv_cpu),
             median(&mut wk_cpu),
             rounds.join("  "),
@@ -319,8 +327,9 @@ pub fn bench_load(a: &BenchLoadArgs) -> Result<()> {
         );
     }
     println!(
-        "(conn/s: medians over the rounds; CPU/c: client user+system CPU per connection, the number \
-         that does not depend on what else shares the cores)"
+        "(conn/s: medians over the rounds; ratio: median of the rounds' paired hvprof/wrk ratios; \
+         CPU/c: client user+system CPU per connection, the number that does not depend on what \
+         else shares the cores)"
     );
     stand.stop();
     if !a.no_origins {
