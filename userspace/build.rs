@@ -6,10 +6,11 @@
 fn main() -> anyhow::Result<()> {
     let toolchain = std::env::var("HVPROF_EBPF_TOOLCHAIN").unwrap_or_else(|_| "debian".into());
     println!("cargo:rerun-if-env-changed=HVPROF_EBPF_TOOLCHAIN");
-    // aya-ebpf needs one unstable feature on the BPF target; unlock it for
-    // that crate alone. (Not "1": aya-build would then add -Z build-std.)
+    // aya-ebpf needs one unstable feature on the BPF target, hvprof-ebpf
+    // another (the compare-exchange intrinsic); unlock them for those
+    // crates alone. (Not "1": aya-build would then add -Z build-std.)
     // SAFETY: build scripts are single-threaded at this point.
-    unsafe { std::env::set_var("RUSTC_BOOTSTRAP", "aya_ebpf") };
+    unsafe { std::env::set_var("RUSTC_BOOTSTRAP", "aya_ebpf,hvprof_ebpf") };
     let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
         .join("../ebpf/hvprof-ebpf")
         .canonicalize()?;

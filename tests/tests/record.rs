@@ -29,8 +29,7 @@ fn record_sees_exactly_500_connections_with_monotone_timestamps_and_no_loss() {
     let run = tmp.path().join("run");
     let portfile = tmp.path().join("port");
     let out = Command::new(hvprof_bin())
-        .arg("record")
-        .arg("-o")
+        .args(["record", "--bpf-stats", "-o"])
         .arg(&run)
         .arg("--")
         .arg(helper_bin("tcp-burst"))
@@ -229,6 +228,8 @@ fn the_classic_tracepoint_records_the_same_lives_where_raw_ones_are_avoided() {
         summary["probes"][0]["program"], "hvp_sock_state",
         "{summary}"
     );
+    // Without --bpf-stats the kernel's statistics stay off: no counts.
+    assert!(summary["probes"][0]["run_count"].is_null(), "{summary}");
     let port = std::fs::read_to_string(run.with_extension("port")).expect("port");
     let conns = connections_to(&run, port.trim());
     assert_eq!(conns.len(), 200);

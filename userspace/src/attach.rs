@@ -260,7 +260,7 @@ fn one_error(e: &dyn std::error::Error) -> String {
 /// Options for loading.
 pub struct LoadOptions<'a> {
     pub ringbuf_bytes: u32,
-    /// Entries of the open-socket map.
+    /// Open sockets followed at once at most.
     pub max_sockets: u32,
     /// Trace only the devices put in the device filter (else every device).
     pub dev_filter: bool,
@@ -367,6 +367,7 @@ pub fn load(opts: &LoadOptions) -> Result<Ebpf> {
     let sched_tp = sched::tp_offsets()?;
     let dev_off = dev::offsets(btf.as_ref(), opts.dev_filter);
     let wakeup_bytes = u64::from(opts.ringbuf_bytes) / 4;
+    let (slots, overflow) = tcp::map_sizes(opts.max_sockets);
     let mut ebpf = EbpfLoader::new()
         .override_global(dev::OFFSETS_GLOBAL, &dev_off, true)
         .override_global(tcp::TP_GLOBAL, &tp, true)
@@ -376,8 +377,10 @@ pub fn load(opts: &LoadOptions) -> Result<Ebpf> {
         .override_global(vmexit::TP_GLOBAL, &vmexit::tp_offsets(), true)
         .override_global(TASK_FILTER_GLOBAL, &opts.tasks.bits(), true)
         .override_global(WAKEUP_GLOBAL, &wakeup_bytes, true)
+        .override_global(tcp::SLOT_COUNT_GLOBAL, &slots, true)
         .map_max_entries(EVENTS_MAP, opts.ringbuf_bytes)
-        .map_max_entries(tcp::SOCKS_MAP, opts.max_sockets)
+        .map_max_entries(tcp::SLOTS_MAP, slots)
+        .map_max_entries(tcp::SOCKS_MAP, overflow)
         .load(OBJECT)
         .context("loading hvprof's eBPF object")?;
     opts.tasks
@@ -395,8 +398,9 @@ pub struct Session {
     pub programs: BTreeMap<&'static str, &'static str>,
     /// Functions probed by the generic function-entry program.
     pub functions: Vec<FunctionAddr>,
-    /// Kernel BPF run-time statistics stay on while this fd is open.
-    _stats: Option<OwnedFd>,
+    /// Kernel BPF run-time statistics stay on while this fd is open (when
+    /// they were asked for).
+    stats: Option<OwnedFd>,
 }
 
 /// A probed function's address, to name function-entry events.
@@ -414,11 +418,14 @@ pub fn attach(
     resolved: Vec<Resolution>,
     required: &[&str],
     sample_hz: u64,
+    bpf_stats: bool,
     features: &Features,
 ) -> Result<Session> {
-    let stats = aya::sys::enable_stats(aya::sys::Stats::RunTime)
-        .map_err(|e| log::warn!("BPF run-time stats unavailable: {e}"))
-        .ok();
+    let stats = if bpf_stats {
+        Some(enable_stats()?)
+    } else {
+        None
+    };
     let mut statuses = Vec::new();
     let mut programs = BTreeMap::new();
     let mut functions = Vec::new();
@@ -480,7 +487,7 @@ pub fn attach(
         statuses,
         programs,
         functions,
-        _stats: stats,
+        stats,
     })
 }
 
@@ -586,28 +593,41 @@ fn attach_one(
     }
 }
 
-/// Per-program kernel statistics.
+/// Turns the kernel's BPF run-time statistics on for as long as the fd
+/// returned stays open.
+pub fn enable_stats() -> Result<OwnedFd> {
+    aya::sys::enable_stats(aya::sys::Stats::RunTime)
+        .map_err(|e| anyhow!("turning on the kernel's BPF run-time statistics: {e}"))
+}
+
+/// Per-program kernel statistics (`None`: not kept, see `--bpf-stats`).
 #[derive(Debug, Clone, serde::Serialize)]
 pub struct ProgramStats {
     pub name: String,
     pub program: String,
-    pub run_time_ns: u64,
-    pub run_count: u64,
+    pub run_time_ns: Option<u64>,
+    pub run_count: Option<u64>,
 }
 
 impl Session {
-    /// Run time and count of each attached program since attach.
+    /// Each attached program, with its run time and count since attach
+    /// when the statistics are on.
     pub fn program_stats(&self) -> Vec<ProgramStats> {
         self.programs
             .iter()
-            .filter_map(|(probe, prog)| {
-                let info = self.ebpf.program(prog)?.info().ok()?;
-                Some(ProgramStats {
+            .map(|(probe, prog)| {
+                let info = self
+                    .stats
+                    .as_ref()
+                    .and_then(|_| self.ebpf.program(prog)?.info().ok());
+                ProgramStats {
                     name: (*probe).to_string(),
                     program: (*prog).to_string(),
-                    run_time_ns: u64::try_from(info.run_time().as_nanos()).unwrap_or(u64::MAX),
-                    run_count: info.run_count(),
-                })
+                    run_time_ns: info
+                        .as_ref()
+                        .map(|i| u64::try_from(i.run_time().as_nanos()).unwrap_or(u64::MAX)),
+                    run_count: info.as_ref().map(|i| i.run_count()),
+                }
             })
             .collect()
     }

@@ -270,6 +270,7 @@ fn record_point(
         load_window: true,
         tasks: Default::default(),
         max_sockets: crate::paths::tcp::DEFAULT_MAX_SOCKETS,
+        bpf_stats: false,
     };
     // The stand (origin, HAProxy) comes up before the probes attach, and
     // CPU samples count only between the load's start and end (the

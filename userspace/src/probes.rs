@@ -67,51 +67,83 @@ pub struct ListArgs {
     /// Only probes of this path or layer.
     #[arg(long, value_name = "NAME")]
     pub filter: Option<String>,
-    /// Instead of the catalog: run time and count of each hvprof program
-    /// loaded right now (by a running `hvprof record`), from kernel BPF stats.
+    /// Instead of the catalog: each hvprof program loaded right now (by a
+    /// running `hvprof record`), its runs and run time over --interval,
+    /// from the kernel's BPF statistics (turned on for the interval if
+    /// they are off).
     #[arg(long)]
     pub stats: bool,
+    /// How long --stats measures.
+    #[arg(long, value_name = "DURATION", default_value = "1s", value_parser = crate::record::parse_duration, requires = "stats")]
+    pub interval: std::time::Duration,
 }
 
-/// Kernel statistics of one loaded hvprof program.
+/// Kernel statistics of one loaded hvprof program over an interval.
 #[derive(Debug, serde::Serialize)]
 pub struct LiveStats {
     pub id: u32,
     /// Catalog probe using the program (kernel names are cut at 15 bytes).
     pub probe: String,
     pub program: String,
+    pub interval_s: f64,
     pub run_time_ns: u64,
     pub run_count: u64,
     pub ns_per_run: f64,
+    pub runs_per_s: f64,
+    /// Its run time as a share of one CPU.
+    pub cpu_pct: f64,
 }
 
-/// Every loaded program whose name says it is hvprof's.
-pub fn live_stats() -> Result<Vec<LiveStats>> {
-    let mut out = Vec::new();
+/// Run time and count of every loaded program whose name says it is
+/// hvprof's, by id.
+fn snapshot() -> Result<std::collections::BTreeMap<u32, (String, u64, u64)>> {
+    let mut out = std::collections::BTreeMap::new();
     for info in aya::programs::loaded_programs() {
         let info = info.map_err(|e| anyhow::anyhow!("listing loaded BPF programs: {e}"))?;
         let Some(name) = info.name_as_str() else {
             continue;
         };
-        if !name.starts_with("hvp_") {
-            continue;
+        if name.starts_with("hvp_") {
+            let ns = u64::try_from(info.run_time().as_nanos()).unwrap_or(u64::MAX);
+            out.insert(info.id(), (name.to_string(), ns, info.run_count()));
         }
-        let run_time_ns = u64::try_from(info.run_time().as_nanos()).unwrap_or(u64::MAX);
-        let run_count = info.run_count();
+    }
+    Ok(out)
+}
+
+/// hvprof's loaded programs, measured over `interval`.
+pub fn live_stats(interval: std::time::Duration) -> Result<Vec<LiveStats>> {
+    let _on = crate::attach::enable_stats()?;
+    let before = snapshot()?;
+    if before.is_empty() {
+        return Ok(Vec::new());
+    }
+    let t0 = std::time::Instant::now();
+    std::thread::sleep(interval);
+    let after = snapshot()?;
+    let secs = t0.elapsed().as_secs_f64();
+    let mut out = Vec::new();
+    for (id, (name, ns, runs)) in after {
+        // Programs loaded meanwhile count from zero.
+        let (ns0, runs0) = before.get(&id).map_or((0, 0), |b| (b.1, b.2));
+        let (ns, runs) = (ns.saturating_sub(ns0), runs.saturating_sub(runs0));
         let spec = catalog::all()
             .into_iter()
-            .find(|s| s.programs.names().any(|p| p.starts_with(name)));
+            .find(|s| s.programs.names().any(|p| p.starts_with(name.as_str())));
         out.push(LiveStats {
-            id: info.id(),
+            id,
             probe: spec.map_or_else(|| "?".into(), |s| s.name.to_string()),
-            program: name.to_string(),
-            run_time_ns,
-            run_count,
-            ns_per_run: if run_count > 0 {
-                run_time_ns as f64 / run_count as f64
+            program: name,
+            interval_s: secs,
+            run_time_ns: ns,
+            run_count: runs,
+            ns_per_run: if runs > 0 {
+                ns as f64 / runs as f64
             } else {
                 0.0
             },
+            runs_per_s: runs as f64 / secs,
+            cpu_pct: 100.0 * ns as f64 / (secs * 1e9),
         });
     }
     Ok(out)
@@ -129,20 +161,33 @@ impl ProbesArgs {
 impl ListArgs {
     fn run(self) -> Result<ExitCode> {
         if self.stats {
-            let stats = live_stats()?;
+            let stats = live_stats(self.interval)?;
             if self.json {
                 println!("{}", serde_json::to_string_pretty(&stats)?);
             } else if stats.is_empty() {
                 println!("no hvprof program is loaded; start `hvprof record` first");
             } else {
                 println!(
-                    "{:>6} {:<26} {:<16} {:>12} {:>14} {:>9}",
-                    "ID", "PROBE", "PROGRAM", "RUNS", "RUN TIME NS", "NS/RUN"
+                    "over {:.1}s:\n{:>6} {:<26} {:<16} {:>10} {:>12} {:>8} {:>7}",
+                    stats[0].interval_s,
+                    "ID",
+                    "PROBE",
+                    "PROGRAM",
+                    "RUNS",
+                    "RUNS/S",
+                    "NS/RUN",
+                    "CPU %"
                 );
                 for s in &stats {
                     println!(
-                        "{:>6} {:<26} {:<16} {:>12} {:>14} {:>9.0}",
-                        s.id, s.probe, s.program, s.run_count, s.run_time_ns, s.ns_per_run
+                        "{:>6} {:<26} {:<16} {:>10} {:>12.0} {:>8.0} {:>7.2}",
+                        s.id,
+                        s.probe,
+                        s.program,
+                        s.run_count,
+                        s.runs_per_s,
+                        s.ns_per_run,
+                        s.cpu_pct
                     );
                 }
             }

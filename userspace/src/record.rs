@@ -88,11 +88,19 @@ pub struct RecordArgs {
     /// TCP sockets followed at once (each open socket holds a kernel map
     /// entry of about 240 bytes until it closes); beyond that, new
     /// sockets are counted lost.
-    #[arg(long, value_name = "N", default_value_t = crate::paths::tcp::DEFAULT_MAX_SOCKETS, value_parser = clap::value_parser!(u32).range(1..=4_194_304))]
+    #[arg(long, value_name = "N", default_value_t = crate::paths::tcp::DEFAULT_MAX_SOCKETS, value_parser = clap::value_parser!(u32).range(2..=4_194_304))]
     pub max_sockets: u32,
     /// CPU sampling frequency per CPU, in Hz.
     #[arg(short = 'F', long, value_name = "HZ", default_value_t = crate::paths::cpu::DEFAULT_HZ, value_parser = clap::value_parser!(u64).range(1..=10_000))]
     pub freq: u64,
+    /// Keep the kernel's BPF run-time statistics on while recording: the
+    /// summary then gives each probe's runs and time per run. They cost
+    /// every BPF program on the machine two clock reads per run (about a
+    /// fifth of hvprof's probe cost here), so they are off by default;
+    /// `hvprof probes list --stats` measures a running recording for a
+    /// moment instead.
+    #[arg(long)]
+    pub bpf_stats: bool,
     /// Do not print the summary table.
     #[arg(short, long)]
     pub quiet: bool,
@@ -101,7 +109,7 @@ pub struct RecordArgs {
     pub command: Vec<String>,
 }
 
-fn parse_duration(s: &str) -> Result<Duration, String> {
+pub(crate) fn parse_duration(s: &str) -> Result<Duration, String> {
     let d = humantime::parse_duration(s)
         .map_err(|e| format!("{s:?} is not a duration ({e}); use e.g. 10s, 2m, 500ms"))?;
     if d.is_zero() {
@@ -187,6 +195,7 @@ impl RecordArgs {
             load_window: false,
             tasks: self.tasks()?,
             max_sockets: self.max_sockets,
+            bpf_stats: self.bpf_stats,
         };
         let config = loadgen::sweep::SweepConfig::default();
         let (ready_tx, ready_rx) =
@@ -293,6 +302,7 @@ impl RecordArgs {
             load_window: false,
             tasks: self.tasks()?,
             max_sockets: self.max_sockets,
+            bpf_stats: self.bpf_stats,
         };
         // Counters for --live and --metrics, fed as events are drained.
         let counters = (self.live || self.metrics.is_some()).then(live::Live::default);
@@ -554,24 +564,31 @@ fn print_summary(dir: &Path, s: &capture::Summary) {
         s.duration_s,
         dir.display()
     );
-    println!(
-        "{:<28} {:>10} {:>14} {:>10} {:>8}",
-        "probe", "runs", "run time ns", "ns/run", "lost"
-    );
-    for p in &s.probes {
-        let per = if p.run_count > 0 {
-            p.run_time_ns as f64 / p.run_count as f64
-        } else {
-            0.0
-        };
+    let lost = |name: &str| s.lost.get(name).copied().unwrap_or(0);
+    if s.probes.iter().any(|p| p.run_count.is_none()) {
+        println!("{:<28} {:>8}", "probe", "lost");
+        for p in &s.probes {
+            println!("{:<28} {:>8}", p.name, lost(&p.name));
+        }
         println!(
-            "{:<28} {:>10} {:>14} {:>10.0} {:>8}",
-            p.name,
-            p.run_count,
-            p.run_time_ns,
-            per,
-            s.lost.get(&p.name).copied().unwrap_or(0)
+            "(runs and time per run: record with --bpf-stats, or `hvprof probes list --stats` while recording)"
         );
+    } else {
+        println!(
+            "{:<28} {:>10} {:>14} {:>10} {:>8}",
+            "probe", "runs", "run time ns", "ns/run", "lost"
+        );
+        for p in &s.probes {
+            let (ns, runs) = (p.run_time_ns.unwrap_or(0), p.run_count.unwrap_or(0));
+            println!(
+                "{:<28} {:>10} {:>14} {:>10.0} {:>8}",
+                p.name,
+                runs,
+                ns,
+                ns as f64 / runs.max(1) as f64,
+                lost(&p.name)
+            );
+        }
     }
     let total_lost: u64 = s.lost.values().sum();
     if total_lost > 0 {

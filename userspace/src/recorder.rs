@@ -47,6 +47,8 @@ pub struct Options {
     pub tasks: attach::TaskFilter,
     /// Open sockets followed at once (`--max-sockets`).
     pub max_sockets: u32,
+    /// Keep the kernel's BPF run-time statistics on (`--bpf-stats`).
+    pub bpf_stats: bool,
 }
 
 /// Catalog rows for `names` (all rows when empty), and the names of the
@@ -192,7 +194,14 @@ impl Recorder {
         if sampled && !resolved.iter().any(|r| r.spec.name == "cpu:samples") {
             resolved.extend(probe.resolve(&catalog::select("cpu:samples")));
         }
-        let mut session = attach::attach(ebpf, resolved, &required, opts.freq, &probe.features)?;
+        let mut session = attach::attach(
+            ebpf,
+            resolved,
+            &required,
+            opts.freq,
+            opts.bpf_stats,
+            &probe.features,
+        )?;
         // SAFETY: the ring buffer owns its fd, which stays open for as long
         // as the AsyncFd that owns the ring buffer.
         let ring = unsafe { AsyncFd::register(session.take_events()?) }

@@ -374,17 +374,30 @@ pub(crate) fn start_stand(bin: &Path, haproxy_threads: usize) -> Result<(Guard, 
     Ok((stand, proxy))
 }
 
-/// `hvprof record -q EXTRA -o DIR -- hvprof load URL -q -c C -d Ds --json
-/// JSON`: a close-mode load recorded from its start to its end.
+/// A close-mode `hvprof load`: where, how many client threads and
+/// connections in flight, for how long.
+pub(crate) struct ClosedLoad<'a> {
+    pub url: &'a str,
+    pub threads: usize,
+    pub concurrency: usize,
+    pub duration_s: u64,
+}
+
+/// `hvprof record -q EXTRA -o DIR -- hvprof load URL -q -t T -c C -d Ds
+/// --json JSON`: a close-mode load recorded from its start to its end.
 pub(crate) fn recorded_load(
     bin: &Path,
     extra: &[&str],
     dir: &Path,
-    url: &str,
-    concurrency: usize,
-    duration_s: u64,
+    load: &ClosedLoad,
     json: &Path,
 ) -> Command {
+    let ClosedLoad {
+        url,
+        threads,
+        concurrency,
+        duration_s,
+    } = *load;
     let mut cmd = Command::new(bin);
     cmd.args(["record", "-q"])
         .args(extra)
@@ -396,6 +409,8 @@ pub(crate) fn recorded_load(
             "load",
             url,
             "-q",
+            "-t",
+            &threads.to_string(),
             "-c",
             &concurrency.to_string(),
             "-d",
@@ -461,44 +476,62 @@ pub fn bench_overhead(o: &OverheadArgs) -> Result<()> {
         "probe overhead: 0-byte close mode through HAProxy on native, {} s per run, {} A/B rounds",
         o.duration, o.rounds
     );
-    for round in 0..o.rounds {
-        let mut b_run = || -> Result<f64> {
-            let dir = tmp.join(format!("run{round}"));
-            let json = tmp.join(format!("load{round}.json"));
-            let packets: &[&str] = if o.no_packets { &[] } else { &["--dev", "lo"] };
-            let mut child =
-                recorded_load(&bin, packets, &dir, &url, o.concurrency, o.duration, &json)
-                    .spawn()
-                    .context("running hvprof record")?;
-            let (status, cpu) = recorder_cpu_during_load(&mut child)?;
-            recorder.0 += cpu.0;
-            recorder.1 += cpu.1;
-            if !status.success() {
-                bail!("hvprof record failed: {status}");
-            }
-            let text = std::fs::read_to_string(&json)?;
-            let cps = json_number(&text, "conn_per_s").context("no conn_per_s")?;
-            let summary: serde_json::Value =
-                serde_json::from_slice(&std::fs::read(dir.join("summary.json"))?)?;
+    // One recorded load (B); with the kernel's BPF statistics on, its
+    // programs' run time and count are added to `programs`.
+    let mut b_run = |run: String, bpf_stats: bool| -> Result<f64> {
+        let dir = tmp.join(&run);
+        let json = tmp.join(format!("{run}.json"));
+        let mut extra: Vec<&str> = if o.no_packets {
+            vec![]
+        } else {
+            vec!["--dev", "lo"]
+        };
+        if bpf_stats {
+            extra.push("--bpf-stats");
+        }
+        let load = ClosedLoad {
+            url: &url,
+            threads: a.threads,
+            concurrency: o.concurrency,
+            duration_s: o.duration,
+        };
+        let mut child = recorded_load(&bin, &extra, &dir, &load, &json)
+            .spawn()
+            .context("running hvprof record")?;
+        let (status, cpu) = recorder_cpu_during_load(&mut child)?;
+        if !status.success() {
+            bail!("hvprof record failed: {status}");
+        }
+        let text = std::fs::read_to_string(&json)?;
+        let cps = json_number(&text, "conn_per_s").context("no conn_per_s")?;
+        let summary: serde_json::Value =
+            serde_json::from_slice(&std::fs::read(dir.join("summary.json"))?)?;
+        if bpf_stats {
             for p in summary["probes"].as_array().into_iter().flatten() {
                 let name = p["program"].as_str().unwrap_or("?").to_string();
                 let e = programs.entry(name).or_default();
                 e.0 += p["run_time_ns"].as_f64().unwrap_or(0.0);
                 e.1 += p["run_count"].as_f64().unwrap_or(0.0);
             }
-            lost += summary["lost"]
-                .as_object()
-                .into_iter()
-                .flatten()
-                .filter_map(|(_, v)| v.as_f64())
-                .sum::<f64>();
-            Ok(cps)
-        };
+        } else {
+            recorder.0 += cpu.0;
+            recorder.1 += cpu.1;
+        }
+        lost += summary["lost"]
+            .as_object()
+            .into_iter()
+            .flatten()
+            .filter_map(|(_, v)| v.as_f64())
+            .sum::<f64>();
+        Ok(cps)
+    };
+    for round in 0..o.rounds {
+        let run = format!("run{round}");
         if round % 2 == 0 {
             plain.push(hvprof_load(&bin, &url, &a)?.rate);
-            probed.push(b_run()?);
+            probed.push(b_run(run, false)?);
         } else {
-            probed.push(b_run()?);
+            probed.push(b_run(run, false)?);
             plain.push(hvprof_load(&bin, &url, &a)?.rate);
         }
         println!(
@@ -508,6 +541,10 @@ pub fn bench_overhead(o: &OverheadArgs) -> Result<()> {
             probed[round]
         );
     }
+    // The statistics cost every program two clock reads per run: they are
+    // off in the rounds above and on in one more recorded load, for the
+    // time per run alone.
+    let stats_cps = b_run("stats".into(), true)?;
     stand.stop();
     let mut ratios: Vec<f64> = plain.iter().zip(&probed).map(|(a, b)| b / a).collect();
     let ratio = median(&mut ratios);
@@ -519,12 +556,14 @@ pub fn bench_overhead(o: &OverheadArgs) -> Result<()> {
         100.0 * (1.0 - ratios.first().copied().unwrap_or(1.0)),
     );
     // The programs' own CPU time, from the kernel's statistics: a floor of
-    // the overhead that the machine's drifting speed doesn't blur.
+    // the overhead that the machine's drifting speed doesn't blur (an upper
+    // one of it, as the statistics' own clock reads are inside).
     let cpus = std::thread::available_parallelism().map_or(1, |n| n.get()) as f64;
     let bpf_ns: f64 = programs.values().map(|(ns, _)| ns).sum();
-    let bpf_share = 100.0 * bpf_ns / (cpus * 1e9 * (o.duration * o.rounds as u64) as f64);
+    let bpf_share = 100.0 * bpf_ns / (cpus * 1e9 * o.duration as f64);
     println!(
-        "CPU time in hvprof's programs: {bpf_share:.2}% of the machine ({cpus} CPUs) while probed"
+        "CPU time in hvprof's programs: {bpf_share:.2}% of the machine ({cpus} CPUs), from one more \
+         recorded load with --bpf-stats ({stats_cps:.0} conn/s)"
     );
     if recorder.1 > 0.0 {
         let rec_share = 100.0 * recorder.0 / (cpus * recorder.1);

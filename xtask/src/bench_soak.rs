@@ -14,7 +14,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context as _, Result, bail};
 
-use crate::bench::{DirGuard, Guard, recorded_load, start_stand};
+use crate::bench::{ClosedLoad, DirGuard, Guard, recorded_load, start_stand};
 use crate::bench_report::dir_bytes;
 
 /// Options of `cargo xtask bench soak`.
@@ -92,7 +92,13 @@ pub fn bench_soak(a: &SoakArgs) -> Result<()> {
     );
     let freq = a.freq.map(|f| f.to_string());
     let extra: Vec<&str> = freq.iter().flat_map(|f| ["-F", f.as_str()]).collect();
-    let mut cmd = recorded_load(&bin, &extra, &run, &url, a.concurrency, a.duration, &json);
+    let load = ClosedLoad {
+        url: &url,
+        threads: std::thread::available_parallelism().map_or(1, |n| n.get()),
+        concurrency: a.concurrency,
+        duration_s: a.duration,
+    };
+    let mut cmd = recorded_load(&bin, &extra, &run, &load, &json);
     cmd.stdin(Stdio::null());
     let t0 = Instant::now();
     let child = cmd.spawn().context("cannot start hvprof record")?;

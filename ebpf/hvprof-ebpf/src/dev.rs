@@ -124,7 +124,8 @@ fn packet(ctx: &TracePointContext, dir: u8, probe_id: u16) -> Result<(), i32> {
         dir,
         ifname: read(dev, o.dev_name).unwrap_or([0; 16]),
     };
+    let ts = ev.header.ts_ns;
     entry.write(ev);
-    entry.submit(submit_flags());
+    entry.submit(submit_flags(ts));
     Ok(())
 }

@@ -26,7 +26,8 @@ pub fn hvp_fn_entry(ctx: ProbeContext) -> u32 {
         ip: unsafe { bpf_get_func_ip(ctx.as_ptr()) },
         arg0: ctx.arg::<u64>(0).unwrap_or(0),
     };
+    let ts = ev.header.ts_ns;
     entry.write(ev);
-    entry.submit(submit_flags());
+    entry.submit(submit_flags(ts));
     0
 }

@@ -7,6 +7,12 @@
 //! from anyone else's in `bpftool prog`.
 #![cfg_attr(target_arch = "bpf", no_std)]
 #![cfg_attr(target_arch = "bpf", no_main)]
+// Compare-and-exchange (`sock.rs`): the BPF target's atomics have none.
+#![cfg_attr(
+    target_arch = "bpf",
+    allow(internal_features),
+    feature(core_intrinsics)
+)]
 
 #[cfg(target_arch = "bpf")]
 mod dev;

@@ -27,8 +27,10 @@ pub fn hvp_cpu_sample(ctx: PerfEventContext) -> u32 {
     const BYTES: u32 = (MAX_FRAMES * 8) as u32;
     // SAFETY: `ev` points at reserved ring-buffer memory of the right size;
     // bpf_get_stack writes at most BYTES into each array.
+    let head = header(kind::CPU_SAMPLE, probe::CPU_SAMPLE);
+    let ts = head.ts_ns;
     unsafe {
-        (*ev).header = header(kind::CPU_SAMPLE, probe::CPU_SAMPLE);
+        (*ev).header = head;
         let k = bpf_get_stack(ctx.as_ptr(), (*ev).kstack.as_mut_ptr().cast(), BYTES, 0);
         (*ev).kstack_bytes = k as i32;
         let u = bpf_get_stack(
@@ -39,6 +41,6 @@ pub fn hvp_cpu_sample(ctx: PerfEventContext) -> u32 {
         );
         (*ev).ustack_bytes = u as i32;
     }
-    entry.submit(submit_flags());
+    entry.submit(submit_flags(ts));
     0
 }

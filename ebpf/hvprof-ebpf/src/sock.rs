@@ -1,8 +1,11 @@
 //! Socket layer: each TCP socket's life from `sock:inet_sock_set_state`,
-//! aggregated in the kernel. A map entry per socket collects the time of
+//! aggregated in the kernel. An entry per socket collects the time of
 //! every state change; the whole life goes to user space once, when the
-//! socket reaches TCP_CLOSE (sockets still open are read from the map when
-//! the recording stops). Two entry points feed it: the raw tracepoint
+//! socket reaches TCP_CLOSE (sockets still open are read from the maps
+//! when the recording stops). A socket's entry is a slot of an array
+//! picked by a hash of its address — claimed and freed by writing the
+//! address, found without a bucket walk, nothing allocated — or, when
+//! another socket holds that slot, an entry of a hash map. Two entry points feed it: the raw tracepoint
 //! (arguments in registers, `struct sock` offsets from BTF) and, where
 //! that can't be used, the classic tracepoint (its record's offsets from
 //! tracefs). Nothing is compiled in for one kernel.
@@ -61,10 +64,20 @@ static HVP_KERNEL_OFFSETS: Global<KernelOffsets> = Global::new(KernelOffsets {
     _pad: 0,
 });
 
-/// Open socket lives by `struct sock` address. User space sizes it at load
-/// time; a socket that finds it full is counted lost.
+/// Open socket lives, each in the slot its socket's address hashes to
+/// (`skaddr` is the slot's owner; 0: free). User space sizes it at load
+/// time and sets `HVP_SOCK_SLOT_COUNT` to match.
+#[map(name = "HVP_SOCK_SLOTS")]
+static SLOTS: Array<SockLifeEvent> = Array::with_max_entries(57344, 0);
+
+#[unsafe(no_mangle)]
+static HVP_SOCK_SLOT_COUNT: Global<u32> = Global::new(57344);
+
+/// Open socket lives whose slot another socket holds, by `struct sock`
+/// address. User space sizes it; a socket that finds it full is counted
+/// lost.
 #[map(name = "HVP_SOCKS")]
-static SOCKS: HashMap<u64, SockLifeEvent> = HashMap::with_max_entries(65536, 0);
+static SOCKS: HashMap<u64, SockLifeEvent> = HashMap::with_max_entries(8192, 0);
 
 /// One all-zero life, never written: the template of a new entry (a
 /// zeroed value on the stack would cost a memset per socket).
@@ -121,10 +134,11 @@ fn on_change(sk: u64, old: u8, new: u8, src: &impl Source) {
     // at TCP_CLOSE. Any other change of a socket not followed yet is one
     // whose life began before the recording.
     let fresh = old == TCP_CLOSE || (old == TCP_LISTEN && new == TCP_SYN_RECV);
-    let found = if fresh { None } else { SOCKS.get_ptr_mut(sk) };
+    let slot = slot_of(sk);
+    let found = if fresh { None } else { find(sk, slot) };
     let ptr = match found {
         Some(p) => p,
-        None => match begin(sk, src) {
+        None => match begin(sk, slot, src) {
             Some(p) => p,
             None => return,
         },
@@ -172,33 +186,100 @@ fn on_change(sk: u64, old: u8, new: u8, src: &impl Source) {
         // SAFETY: plain helper call.
         life.header.cpu = unsafe { bpf_get_smp_processor_id() };
         if EVENTS
-            .output::<SockLifeEvent>(&*life, submit_flags())
+            .output::<SockLifeEvent>(&*life, submit_flags(now))
             .is_err()
         {
             count_lost(probe::SOCK_STATE);
         }
-        let _ = SOCKS.remove(sk);
+        if slot == Some(ptr) {
+            // Freed once the life is out (the helper call comes first).
+            // SAFETY: this socket's slot, an aligned u64 (stored whole).
+            unsafe { core::ptr::write_volatile(&raw mut (*ptr).skaddr, 0) };
+        } else {
+            let _ = SOCKS.remove(sk);
+        }
     }
 }
 
-/// A new entry for `sk`, if it is a TCP socket of a wanted task.
+/// The slot `sk` hashes to (multiplicative hashing, then a multiply-shift
+/// onto the slot count).
 #[inline(always)]
-fn begin(sk: u64, src: &impl Source) -> Option<*mut SockLifeEvent> {
+fn slot_of(sk: u64) -> Option<*mut SockLifeEvent> {
+    let h = sk.wrapping_mul(0x9E37_79B9_7F4A_7C15) >> 32;
+    let i = (h * u64::from(HVP_SOCK_SLOT_COUNT.load())) >> 32;
+    SLOTS.get_ptr_mut(i as u32)
+}
+
+/// The life of a followed `sk`: in its slot, or else in the hash map.
+#[inline(always)]
+fn find(sk: u64, slot: Option<*mut SockLifeEvent>) -> Option<*mut SockLifeEvent> {
+    if let Some(p) = slot {
+        // SAFETY: a slot of `SLOTS`, its owner an aligned u64 (read
+        // whole).
+        if unsafe { core::ptr::read_volatile(&raw const (*p).skaddr) } == sk {
+            return Some(p);
+        }
+    }
+    SOCKS.get_ptr_mut(sk)
+}
+
+/// Takes `slot` for `sk` if it is free (or already `sk`'s). The BPF
+/// target's `AtomicU64` has no compare-exchange; the intrinsic is the
+/// instruction itself (BPF_CMPXCHG). Owners are otherwise read and
+/// written as plain aligned words: only this exchange must decide
+/// between CPUs.
+#[inline(always)]
+fn claim(sk: u64, slot: *mut SockLifeEvent) -> bool {
+    use core::intrinsics::{AtomicOrdering, atomic_cxchg};
+    // SAFETY: an aligned u64 of a slot of `SLOTS`; the exchange decides
+    // between CPUs.
+    let (owner, _) = unsafe {
+        atomic_cxchg::<u64, { AtomicOrdering::AcqRel }, { AtomicOrdering::Relaxed }>(
+            &raw mut (*slot).skaddr,
+            0,
+            sk,
+        )
+    };
+    owner == 0 || owner == sk
+}
+
+/// A new entry for `sk`, if it is a TCP socket of a wanted task: its
+/// slot, or an entry of the hash map if another socket holds the slot.
+#[inline(always)]
+fn begin(
+    sk: u64,
+    slot: Option<*mut SockLifeEvent>,
+    src: &impl Source,
+) -> Option<*mut SockLifeEvent> {
     if !src.is_tcp() || !task_wanted() {
         return None;
     }
-    let zero = ZERO.get(0)?;
-    let _ = SOCKS.insert(sk, zero, u64::from(BPF_NOEXIST));
-    let Some(p) = SOCKS.get_ptr_mut(sk) else {
-        // The map is full.
-        count_lost(probe::SOCK_STATE);
-        return None;
+    let p = match slot {
+        Some(p) if claim(sk, p) => p,
+        _ => {
+            let zero = ZERO.get(0)?;
+            let _ = SOCKS.insert(sk, zero, u64::from(BPF_NOEXIST));
+            let Some(p) = SOCKS.get_ptr_mut(sk) else {
+                // The map is full.
+                count_lost(probe::SOCK_STATE);
+                return None;
+            };
+            p
+        }
     };
-    // SAFETY: the entry just made; see `on_change`.
+    // A slot keeps its last life's contents (and a hash entry may be
+    // stale): clear what a life reads before it writes it.
+    // SAFETY: the entry this socket now owns; see `on_change`.
     unsafe {
         (*p).header.kind = kind::SOCK_LIFE;
         (*p).header.probe = probe::SOCK_STATE;
+        (*p).header.pid = 0;
         (*p).skaddr = sk;
+        (*p).steps = 0;
+        (*p).flags = 0;
+        (*p).family = 0;
+        (*p).bytes_received = 0;
+        (*p).bytes_acked = 0;
     }
     Some(p)
 }

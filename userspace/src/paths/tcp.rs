@@ -107,12 +107,29 @@ pub const KERNEL_GLOBAL: &str = "HVP_KERNEL_OFFSETS";
 /// The catalog row's name.
 pub const PROBE: &str = "tcp:inet_sock_set_state";
 pub const SOCK_GLOBAL: &str = "HVP_SOCK_OFFSETS";
-/// Open socket lives, by socket address.
+/// Open socket lives: a slot per socket by a hash of its address, and the
+/// lives whose slot another socket holds by address.
+pub const SLOTS_MAP: &str = "HVP_SOCK_SLOTS";
+pub const SLOT_COUNT_GLOBAL: &str = "HVP_SOCK_SLOT_COUNT";
 pub const SOCKS_MAP: &str = "HVP_SOCKS";
-/// Sockets followed at once by default (`record --max-sockets`): about
-/// 15 MiB of kernel memory; a socket that finds the map full is counted
+/// Sockets followed at once at most by default (`record --max-sockets`):
+/// about 15 MiB of kernel memory; a socket that finds no room is counted
 /// lost.
 pub const DEFAULT_MAX_SOCKETS: u32 = 65536;
+
+/// Slots at most: a table that stays in the CPUs' caches (about 750 KiB);
+/// more slots made each state change slower here (cache misses), and
+/// lives beyond them go to the hash map.
+const MAX_SLOTS: u32 = 4096;
+
+/// Slots and hash-map entries for `max_sockets` (2 at least), adding up to
+/// it (so that no more are ever followed at once): an eighth at least (one
+/// at least) take the lives whose slot another socket holds.
+pub fn map_sizes(max_sockets: u32) -> (u32, u32) {
+    let max = max_sockets.max(2);
+    let slots = (max - (max / 8).max(1)).min(MAX_SLOTS);
+    (slots, max - slots)
+}
 
 /// Tracepoint record offsets for this kernel.
 pub fn tp_offsets() -> Result<SockStateTpOffsets> {
@@ -281,13 +298,20 @@ pub fn sock_offsets(btf: Option<&btf_rs::Btf>) -> (SockOffsets, Option<String>) 
 /// The lives still open in the kernel's map (sockets not closed when the
 /// recording stopped), as event records.
 pub fn open_lives(ebpf: &aya::Ebpf) -> Result<Vec<Vec<u8>>> {
-    let map = ebpf
-        .map(SOCKS_MAP)
-        .with_context(|| format!("map {SOCKS_MAP} missing"))?;
-    let socks: aya::maps::HashMap<_, u64, SockLifeEvent> = aya::maps::HashMap::try_from(map)?;
+    let map = |name: &str| {
+        ebpf.map(name)
+            .with_context(|| format!("map {name} missing"))
+    };
+    let slots: aya::maps::Array<_, SockLifeEvent> = aya::maps::Array::try_from(map(SLOTS_MAP)?)?;
+    let socks: aya::maps::HashMap<_, u64, SockLifeEvent> =
+        aya::maps::HashMap::try_from(map(SOCKS_MAP)?)?;
+    let in_slots = slots
+        .iter()
+        .filter(|l| l.as_ref().map_or(true, |l| l.skaddr != 0));
+    let in_map = socks.iter().map(|e| e.map(|(_, life)| life));
     let mut out = Vec::new();
-    for entry in socks.iter() {
-        let (_, mut life) = entry.context("reading open socket lives")?;
+    for life in in_slots.chain(in_map) {
+        let mut life = life.context("reading open socket lives")?;
         let Some(last) = (life.steps as usize).checked_sub(1) else {
             continue;
         };
@@ -296,4 +320,21 @@ pub fn open_lives(ebpf: &aya::Ebpf) -> Result<Vec<Vec<u8>>> {
         out.push(life.as_bytes().to_vec());
     }
     Ok(out)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn slots_and_hash_entries_add_up_to_max_sockets() {
+        for max in [2, 8, 100, 4096, DEFAULT_MAX_SOCKETS, 4_194_304] {
+            let (slots, overflow) = map_sizes(max);
+            assert_eq!(slots + overflow, max, "{max}");
+            assert!(slots >= 1 && overflow >= 1, "{max}: {slots} + {overflow}");
+            assert!(slots <= MAX_SLOTS, "{max}: {slots} slots");
+        }
+        assert_eq!(map_sizes(8), (7, 1));
+        assert_eq!(map_sizes(DEFAULT_MAX_SOCKETS), (4096, 61440));
+    }
 }
