@@ -25,10 +25,10 @@ pub fn hvp_cpu_sample(ctx: PerfEventContext) -> u32 {
     };
     let ev = entry.as_mut_ptr();
     const BYTES: u32 = (MAX_FRAMES * 8) as u32;
-    // SAFETY: `ev` points at reserved ring-buffer memory of the right size;
-    // bpf_get_stack writes at most BYTES into each array.
     let head = header(kind::CPU_SAMPLE, probe::CPU_SAMPLE);
     let ts = head.ts_ns;
+    // SAFETY: `ev` points at reserved ring-buffer memory of the right size;
+    // bpf_get_stack writes at most BYTES into each array.
     unsafe {
         (*ev).header = head;
         let k = bpf_get_stack(ctx.as_ptr(), (*ev).kstack.as_mut_ptr().cast(), BYTES, 0);

@@ -5,10 +5,11 @@
 //! when the recording stops). A socket's entry is a slot of an array
 //! picked by a hash of its address — claimed and freed by writing the
 //! address, found without a bucket walk, nothing allocated — or, when
-//! another socket holds that slot, an entry of a hash map. Two entry points feed it: the raw tracepoint
-//! (arguments in registers, `struct sock` offsets from BTF) and, where
-//! that can't be used, the classic tracepoint (its record's offsets from
-//! tracefs). Nothing is compiled in for one kernel.
+//! another socket holds that slot, an entry of a hash map. Two entry
+//! points feed it: the raw tracepoint (arguments in registers, `struct
+//! sock` offsets from BTF) and, where that can't be used, the classic
+//! tracepoint (its record's offsets from tracefs). Nothing is compiled in
+//! for one kernel.
 
 use aya_ebpf::{
     Global,
@@ -68,16 +69,16 @@ static HVP_KERNEL_OFFSETS: Global<KernelOffsets> = Global::new(KernelOffsets {
 /// (`skaddr` is the slot's owner; 0: free). User space sizes it at load
 /// time and sets `HVP_SOCK_SLOT_COUNT` to match.
 #[map(name = "HVP_SOCK_SLOTS")]
-static SLOTS: Array<SockLifeEvent> = Array::with_max_entries(57344, 0);
+static SLOTS: Array<SockLifeEvent> = Array::with_max_entries(4096, 0);
 
 #[unsafe(no_mangle)]
-static HVP_SOCK_SLOT_COUNT: Global<u32> = Global::new(57344);
+static HVP_SOCK_SLOT_COUNT: Global<u32> = Global::new(4096);
 
 /// Open socket lives whose slot another socket holds, by `struct sock`
 /// address. User space sizes it; a socket that finds it full is counted
 /// lost.
 #[map(name = "HVP_SOCKS")]
-static SOCKS: HashMap<u64, SockLifeEvent> = HashMap::with_max_entries(8192, 0);
+static SOCKS: HashMap<u64, SockLifeEvent> = HashMap::with_max_entries(61440, 0);
 
 /// One all-zero life, never written: the template of a new entry (a
 /// zeroed value on the stack would cost a memset per socket).
