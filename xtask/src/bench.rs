@@ -476,6 +476,12 @@ pub fn bench_overhead(o: &OverheadArgs) -> Result<()> {
         "probe overhead: 0-byte close mode through HAProxy on native, {} s per run, {} A/B rounds",
         o.duration, o.rounds
     );
+    let load = ClosedLoad {
+        url: &url,
+        threads: a.threads,
+        concurrency: o.concurrency,
+        duration_s: o.duration,
+    };
     // One recorded load (B); with the kernel's BPF statistics on, its
     // programs' run time and count are added to `programs`.
     let mut b_run = |run: String, bpf_stats: bool| -> Result<f64> {
@@ -489,12 +495,6 @@ pub fn bench_overhead(o: &OverheadArgs) -> Result<()> {
         if bpf_stats {
             extra.push("--bpf-stats");
         }
-        let load = ClosedLoad {
-            url: &url,
-            threads: a.threads,
-            concurrency: o.concurrency,
-            duration_s: o.duration,
-        };
         let mut child = recorded_load(&bin, &extra, &dir, &load, &json)
             .spawn()
             .context("running hvprof record")?;
@@ -555,9 +555,9 @@ pub fn bench_overhead(o: &OverheadArgs) -> Result<()> {
         100.0 * (1.0 - ratios.last().copied().unwrap_or(1.0)),
         100.0 * (1.0 - ratios.first().copied().unwrap_or(1.0)),
     );
-    // The programs' own CPU time, from the kernel's statistics: a floor of
-    // the overhead that the machine's drifting speed doesn't blur (an upper
-    // one of it, as the statistics' own clock reads are inside).
+    // The programs' own CPU time, from the kernel's statistics: a share
+    // the machine's drifting speed doesn't blur (somewhat high, as the
+    // statistics' own clock reads are inside it).
     let cpus = std::thread::available_parallelism().map_or(1, |n| n.get()) as f64;
     let bpf_ns: f64 = programs.values().map(|(ns, _)| ns).sum();
     let bpf_share = 100.0 * bpf_ns / (cpus * 1e9 * o.duration as f64);
