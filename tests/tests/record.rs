@@ -29,7 +29,7 @@ fn record_sees_exactly_500_connections_with_monotone_timestamps_and_no_loss() {
     let run = tmp.path().join("run");
     let portfile = tmp.path().join("port");
     let out = Command::new(hvprof_bin())
-        .args(["record", "--bpf-stats", "-o"])
+        .args(["record", "--bpf-stats", "--all-tcp-states", "-o"])
         .arg(&run)
         .arg("--")
         .arg(helper_bin("tcp-burst"))
@@ -83,8 +83,8 @@ fn record_sees_exactly_500_connections_with_monotone_timestamps_and_no_loss() {
             .all(|e| e["ts_ns"].is_u64() && e["probe"].is_string())
     );
     // One event per socket life, aggregated in the kernel, carrying every
-    // state change (stats are read just before detaching: a few more
-    // changes may follow).
+    // state change with --all-tcp-states (stats are read just before
+    // detaching: a few more changes may follow).
     let lives: Vec<&Value> = lines.iter().filter(|e| e["kind"] == "sock_life").collect();
     assert!(lives.len() >= 2 * 500, "{} socket lives", lives.len());
     let changes: u64 = lives
@@ -95,6 +95,10 @@ fn record_sees_exactly_500_connections_with_monotone_timestamps_and_no_loss() {
     assert!(
         changes >= runs,
         "every program run is a state change of a life: {changes} < {runs}"
+    );
+    assert!(
+        !skipped_states(&lives).is_empty(),
+        "--all-tcp-states keeps FIN_WAIT2 and LAST_ACK"
     );
     assert!(
         lines
@@ -141,6 +145,22 @@ fn record_sees_exactly_500_connections_with_monotone_timestamps_and_no_loss() {
     assert!(our_bpf_programs().is_empty(), "programs left attached");
 }
 
+/// Transitions into the states a recording skips unless
+/// `--all-tcp-states`, in these lives.
+fn skipped_states<'a>(lives: &[&'a Value]) -> Vec<&'a Value> {
+    lives
+        .iter()
+        .filter_map(|e| e["transitions"].as_array())
+        .flatten()
+        .filter(|t| {
+            matches!(
+                t["new"].as_str(),
+                Some("FIN_WAIT2" | "LAST_ACK" | "CLOSING")
+            )
+        })
+        .collect()
+}
+
 /// Asserts that every event is of process `pid`.
 fn assert_only_pid(events: &[Value], pid: u32) {
     let other = events
@@ -183,8 +203,15 @@ fn pid_and_comm_filters_keep_only_those_tasks_in_the_kernel() {
 
     // --comm of the burst: its socket events, nobody else's.
     let events = record_burst(&tmp.path().join("comm"), &["--comm", "tcp-burst"], 300);
-    let sock = events.iter().filter(|e| e["kind"] == "sock_life").count();
-    assert!(sock >= 300, "only {sock} socket lives of tcp-burst");
+    let lives: Vec<&Value> = events.iter().filter(|e| e["kind"] == "sock_life").collect();
+    assert!(
+        lives.len() >= 300,
+        "only {} socket lives of tcp-burst",
+        lives.len()
+    );
+    // By default the kernel skips the changes nothing reads.
+    let skipped = skipped_states(&lives);
+    assert!(skipped.is_empty(), "recorded {:?}", skipped.first());
     let others: Vec<&Value> = events.iter().filter(|e| e["comm"] != "tcp-burst").collect();
     assert!(
         others.is_empty(),
@@ -237,7 +264,13 @@ fn the_classic_tracepoint_records_the_same_lives_where_raw_ones_are_avoided() {
         let eps = c["endpoints"].as_array().expect("endpoints");
         assert_eq!(eps.len(), 2, "both ends of {c}");
         assert!(c["syn_ns"].as_u64() <= c["established_ns"].as_u64(), "{c}");
+        assert!(
+            c["fin_ns"].is_u64() && c["fin_ns"].as_u64() <= c["close_ns"].as_u64(),
+            "{c}"
+        );
         assert!(c["close_ns"].is_u64(), "{c}");
+        let eps: Vec<&Value> = eps.iter().collect();
+        assert!(skipped_states(&eps).is_empty(), "{c}");
     }
 }
 

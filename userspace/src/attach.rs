@@ -5,7 +5,10 @@
 //! dropped (all attachments are fd-based, so even a killed hvprof leaves
 //! nothing).
 
-use std::{collections::BTreeMap, os::fd::OwnedFd};
+use std::{
+    collections::BTreeMap,
+    os::fd::{AsFd as _, AsRawFd as _, BorrowedFd, OwnedFd},
+};
 
 use anyhow::{Context as _, Result, anyhow, bail};
 use aya::{
@@ -266,6 +269,8 @@ pub struct LoadOptions<'a> {
     pub dev_filter: bool,
     /// Only these tasks' samples, function and socket events.
     pub tasks: &'a TaskFilter,
+    /// Follow every TCP state change, not only those something reads.
+    pub all_tcp_states: bool,
 }
 
 /// `--pid` / `--comm` / `--cgroup`: the tasks whose CPU samples, function-entry and
@@ -378,6 +383,11 @@ pub fn load(opts: &LoadOptions) -> Result<Ebpf> {
         .override_global(TASK_FILTER_GLOBAL, &opts.tasks.bits(), true)
         .override_global(WAKEUP_GLOBAL, &wakeup_bytes, true)
         .override_global(tcp::SLOT_COUNT_GLOBAL, &slots, true)
+        .override_global(
+            tcp::ALL_STATES_GLOBAL,
+            &u32::from(opts.all_tcp_states),
+            true,
+        )
         .map_max_entries(EVENTS_MAP, opts.ringbuf_bytes)
         .map_max_entries(tcp::SLOTS_MAP, slots)
         .map_max_entries(tcp::SOCKS_MAP, overflow)
@@ -398,6 +408,12 @@ pub struct Session {
     pub programs: BTreeMap<&'static str, &'static str>,
     /// Functions probed by the generic function-entry program.
     pub functions: Vec<FunctionAddr>,
+    /// Programs that serve attached probes without being one (the timer
+    /// sending the socket lives' batches).
+    helpers: Vec<&'static str>,
+    /// Runs the kernel skipped, per probe, read when the programs were
+    /// detached (afterwards their counters are gone).
+    skipped_at_detach: Option<BTreeMap<String, u64>>,
     /// Kernel BPF run-time statistics stay on while this fd is open (when
     /// they were asked for).
     stats: Option<OwnedFd>,
@@ -429,6 +445,7 @@ pub fn attach(
     let mut statuses = Vec::new();
     let mut programs = BTreeMap::new();
     let mut functions = Vec::new();
+    let mut helpers = Vec::new();
     // The CPU sampler and the scheduler accounting go last, so that the
     // window they measure starts when everything is attached (loading
     // the other programs takes a while), like the recording's duration.
@@ -459,6 +476,12 @@ pub fn attach(
                 r.obtained = None;
             } else if let Some(p) = program_for(r.spec, method) {
                 programs.insert(r.spec.name, p);
+                if r.spec.name == tcp::PROBE && features.sampling.is_ok() {
+                    match tcp::start_batching(&mut ebpf) {
+                        Ok(()) => helpers.push(tcp::FLUSH_PROGRAM),
+                        Err(e) => log::info!("socket lives sent one by one: {e:#}"),
+                    }
+                }
                 if let (Method::Kprobe, Hook::Function { func, module, .. }) = (method, r.spec.hook)
                 {
                     functions.push(FunctionAddr {
@@ -487,6 +510,8 @@ pub fn attach(
         statuses,
         programs,
         functions,
+        helpers,
+        skipped_at_detach: None,
         stats,
     })
 }
@@ -632,7 +657,27 @@ impl Session {
             .collect()
     }
 
-    /// Lost events per attached probe (summed over CPUs).
+    /// Runs of each attached probe's program the kernel skipped because a
+    /// BPF program was already running on that CPU (`recursion_misses`):
+    /// events no program saw, so none could count them.
+    fn skipped_runs(&self) -> BTreeMap<String, u64> {
+        if let Some(s) = &self.skipped_at_detach {
+            return s.clone();
+        }
+        self.programs
+            .iter()
+            .filter_map(|(probe, prog)| {
+                let fd = self.ebpf.program(prog)?.fd().ok()?;
+                let n = recursion_misses(fd.as_fd())
+                    .inspect_err(|e| log::debug!("{prog}: {e:#}"))
+                    .ok()?;
+                Some(((*probe).to_string(), n))
+            })
+            .collect()
+    }
+
+    /// Lost events per attached probe (summed over CPUs): dropped by the
+    /// programs (ring or map full) and runs the kernel skipped.
     pub fn lost(&self) -> Result<BTreeMap<String, u64>> {
         let map = self
             .ebpf
@@ -652,6 +697,9 @@ impl Session {
             let per_cpu = arr.get(&u32::from(hvprof_common::probe::FUNC), 0)?;
             out.insert(FUNC_PROBES.to_string(), per_cpu.iter().sum());
         }
+        for (probe, n) in self.skipped_runs() {
+            *out.entry(probe).or_insert(0) += n;
+        }
         Ok(out)
     }
 
@@ -666,11 +714,16 @@ impl Session {
 
     /// Detaches and unloads every program; maps stay readable.
     pub fn detach(&mut self) {
+        self.skipped_at_detach = Some(self.skipped_runs());
         // The sampler and the scheduler accounting first: their window is
         // the recording's.
         let mut names: Vec<(&str, &str)> = self.programs.iter().map(|(p, n)| (*p, *n)).collect();
         names.sort_by_key(|(probe, _)| !(*probe == "cpu:samples" || probe.starts_with("sched:")));
-        let names: Vec<&str> = names.into_iter().map(|(_, n)| n).collect();
+        let names: Vec<&str> = names
+            .into_iter()
+            .map(|(_, n)| n)
+            .chain(self.helpers.iter().copied())
+            .collect();
         let ids: Vec<u32> = names
             .iter()
             .filter_map(|n| Some(self.ebpf.program(n)?.info().ok()?.id()))
@@ -693,6 +746,46 @@ impl Session {
         }
         wait_freed(&ids, std::time::Duration::from_secs(3));
     }
+}
+
+/// `recursion_misses` of the program `fd`: its runs the kernel skipped
+/// because a BPF program was running on that CPU already.
+fn recursion_misses(fd: BorrowedFd<'_>) -> Result<u64> {
+    // `struct bpf_prog_info` up to `recursion_misses` (the kernel's ABI
+    // only ever appends to it): 29 u64s, the field at byte 208.
+    const INFO_WORDS: usize = 29;
+    const MISSES_WORD: usize = 208 / 8;
+    const BPF_OBJ_GET_INFO_BY_FD: libc::c_long = 15;
+    #[repr(C)]
+    struct InfoAttr {
+        bpf_fd: u32,
+        info_len: u32,
+        info: u64,
+    }
+    let mut info = [0u64; INFO_WORDS];
+    let mut attr = InfoAttr {
+        bpf_fd: u32::try_from(fd.as_raw_fd()).context("program fd")?,
+        info_len: u32::try_from(std::mem::size_of_val(&info)).context("info size")?,
+        info: info.as_mut_ptr() as u64,
+    };
+    // SAFETY: `attr` describes `info`, a buffer of `info_len` bytes the
+    // kernel fills (at most that many); both outlive the call.
+    let rc = unsafe {
+        libc::syscall(
+            libc::SYS_bpf,
+            BPF_OBJ_GET_INFO_BY_FD,
+            &raw mut attr,
+            std::mem::size_of::<InfoAttr>(),
+        )
+    };
+    if rc < 0 {
+        return Err(std::io::Error::last_os_error()).context("BPF_OBJ_GET_INFO_BY_FD");
+    }
+    // A kernel older than the field fills less of the buffer.
+    if (attr.info_len as usize) < (MISSES_WORD + 1) * 8 {
+        return Ok(0);
+    }
+    Ok(info[MISSES_WORD])
 }
 
 /// Waits (at most `limit`) until the kernel has freed the programs `ids`:

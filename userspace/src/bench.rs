@@ -271,6 +271,7 @@ fn record_point(
         tasks: Default::default(),
         max_sockets: crate::paths::tcp::DEFAULT_MAX_SOCKETS,
         bpf_stats: false,
+        all_tcp_states: false,
     };
     // The stand (origin, HAProxy) comes up before the probes attach, and
     // CPU samples count only between the load's start and end (the

@@ -130,9 +130,16 @@ pub fn live_stats(interval: std::time::Duration) -> Result<Vec<LiveStats>> {
         let spec = catalog::all()
             .into_iter()
             .find(|s| s.programs.names().any(|p| p.starts_with(name.as_str())));
+        // The timer sending the socket lives' batches serves that probe.
+        let helps = crate::paths::tcp::FLUSH_PROGRAM
+            .starts_with(name.as_str())
+            .then_some(crate::paths::tcp::PROBE);
         out.push(LiveStats {
             id,
-            probe: spec.map_or_else(|| "?".into(), |s| s.name.to_string()),
+            probe: spec
+                .map(|s| s.name)
+                .or(helps)
+                .map_or_else(|| "?".into(), str::to_string),
             program: name,
             interval_s: secs,
             run_time_ns: ns,
@@ -210,6 +217,7 @@ impl ListArgs {
             max_sockets: 1,
             dev_filter: true,
             tasks: &attach::TaskFilter::default(),
+            all_tcp_states: false,
         })?;
         let probe = Probe::detect(&mut ebpf);
         drop(ebpf);

@@ -101,6 +101,12 @@ pub struct RecordArgs {
     /// moment instead.
     #[arg(long)]
     pub bpf_stats: bool,
+    /// Record every TCP state change of a socket. By default the changes
+    /// nothing reads (into FIN_WAIT2, LAST_ACK, CLOSING: a fifth of a
+    /// proxied connection's) are skipped in the kernel, which saves a
+    /// sixth of the socket probe's cost.
+    #[arg(long)]
+    pub all_tcp_states: bool,
     /// Do not print the summary table.
     #[arg(short, long)]
     pub quiet: bool,
@@ -196,6 +202,7 @@ impl RecordArgs {
             tasks: self.tasks()?,
             max_sockets: self.max_sockets,
             bpf_stats: self.bpf_stats,
+            all_tcp_states: self.all_tcp_states,
         };
         let config = loadgen::sweep::SweepConfig::default();
         let (ready_tx, ready_rx) =
@@ -303,6 +310,7 @@ impl RecordArgs {
             tasks: self.tasks()?,
             max_sockets: self.max_sockets,
             bpf_stats: self.bpf_stats,
+            all_tcp_states: self.all_tcp_states,
         };
         // Counters for --live and --metrics, fed as events are drained.
         let counters = (self.live || self.metrics.is_some()).then(live::Live::default);

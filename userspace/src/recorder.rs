@@ -15,7 +15,7 @@ use std::{
 
 use anyhow::{Result, bail};
 use aya::maps::{MapData, RingBuf};
-use hvprof_common::{EventHeader, kind};
+use hvprof_common::{EventHeader, SockLivesEvent, kind};
 use tokio::io::unix::AsyncFd;
 
 use crate::{
@@ -49,6 +49,8 @@ pub struct Options {
     pub max_sockets: u32,
     /// Keep the kernel's BPF run-time statistics on (`--bpf-stats`).
     pub bpf_stats: bool,
+    /// Follow every TCP state change (`--all-tcp-states`).
+    pub all_tcp_states: bool,
 }
 
 /// Catalog rows for `names` (all rows when empty), and the names of the
@@ -167,6 +169,7 @@ impl Recorder {
             max_sockets: opts.max_sockets,
             dev_filter: !all_devices,
             tasks: &opts.tasks,
+            all_tcp_states: opts.all_tcp_states,
         })?;
         dev::install(&mut ebpf, &devices)?;
         let probe = Probe::detect(&mut ebpf);
@@ -323,11 +326,16 @@ impl Recorder {
             &mut sink,
         )
         .and_then(|()| {
-            // Sockets still open: their lives so far, from the kernel's map.
+            // Lives closed but not sent yet, and sockets still open (their
+            // lives so far), from the kernel's maps.
             if !self.session.programs.contains_key(tcp::PROBE) {
                 return Ok(());
             }
-            for life in tcp::open_lives(&self.session.ebpf)? {
+            let ebpf = &self.session.ebpf;
+            for life in tcp::unsent_lives(ebpf)?
+                .into_iter()
+                .chain(tcp::open_lives(ebpf)?)
+            {
                 sink(&life)?;
                 if let Some(t) = &mut self.tap {
                     t.event(&life);
@@ -367,13 +375,22 @@ fn drain_ring(
     sink: &mut dyn FnMut(&[u8]) -> Result<()>,
 ) -> Result<()> {
     while let Some(item) = ring.next() {
+        let head = EventHeader::read(&item);
+        if head.is_some_and(|h| h.kind == kind::SOCK_LIVES) {
+            // Lives that crossed together are kept one by one.
+            for life in SockLivesEvent::lives_in(&item) {
+                sink(life)?;
+                if let Some(t) = tap {
+                    t.event(life);
+                }
+            }
+            continue;
+        }
         sink(&item)?;
         if let Some(t) = tap {
             t.event(&item);
         }
-        if EventHeader::read(&item)
-            .is_some_and(|h| h.kind == kind::CPU_SAMPLE && window.contains(h.ts_ns))
-        {
+        if head.is_some_and(|h| h.kind == kind::CPU_SAMPLE && window.contains(h.ts_ns)) {
             stacks.add(&item);
         }
     }

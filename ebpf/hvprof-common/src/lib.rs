@@ -81,6 +81,9 @@ pub mod kind {
     pub const FUNC: u16 = 4;
     /// [`super::SockLifeEvent`]
     pub const SOCK_LIFE: u16 = 5;
+    /// [`super::SockLivesEvent`]: in the ring buffer only (the recorder
+    /// writes each life as its own `SOCK_LIFE` record).
+    pub const SOCK_LIVES: u16 = 6;
 }
 
 /// A probed kernel function was entered.
@@ -280,6 +283,31 @@ pub struct SockLifeEvent {
     pub step_new: [u8; SOCK_STEPS],
 }
 
+/// Lives a [`SockLivesEvent`] carries at most.
+pub const SOCK_BATCH: usize = 8;
+
+/// Closed socket lives that cross to user space together: a CPU gathers
+/// them and sends them in one ring-buffer record (a reservation per life
+/// cost a quarter of the socket program, the ring's lock and positions
+/// being shared by all CPUs). Also the per-CPU map value they gather in.
+/// The record holds `count` lives, not always [`SOCK_BATCH`].
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct SockLivesEvent {
+    /// `ts_ns`: when the record was sent; no task.
+    pub header: EventHeader,
+    /// Lives in `lives` (at most [`SOCK_BATCH`]).
+    pub count: u32,
+    pub _pad: u32,
+    /// In the map: 1 while a program on this CPU changes the batch (the
+    /// timer that sends a waiting batch may interrupt the socket
+    /// program). Meaningless in the ring.
+    pub held: u64,
+    /// When the first of them was added.
+    pub first_ns: u64,
+    pub lives: [SockLifeEvent; SOCK_BATCH],
+}
+
 /// Bytes at the start of `sock_common` the raw-tracepoint socket program
 /// reads in one go: the IPv4 addresses, remote port and family must lie in
 /// them ([`SockOffsets`] is valid only then).
@@ -350,6 +378,7 @@ mod pod {
     unsafe impl aya::Pod for super::KernelOffsets {}
     unsafe impl aya::Pod for super::EventHeader {}
     unsafe impl aya::Pod for super::SockLifeEvent {}
+    unsafe impl aya::Pod for super::SockLivesEvent {}
     unsafe impl aya::Pod for super::SockOffsets {}
     unsafe impl aya::Pod for super::ThreadStats {}
     unsafe impl aya::Pod for super::CpuIdle {}
@@ -386,6 +415,24 @@ impl SockLifeEvent {
                 core::mem::size_of::<Self>(),
             )
         }
+    }
+}
+
+impl SockLivesEvent {
+    /// Offset of `lives`.
+    pub const LIVES_AT: usize = core::mem::offset_of!(SockLivesEvent, lives);
+
+    /// The lives a record of this kind carries, each as the event log
+    /// stores it (a short or hostile record yields what it holds whole).
+    pub fn lives_in(bytes: &[u8]) -> impl Iterator<Item = &[u8]> {
+        let at = core::mem::offset_of!(SockLivesEvent, count);
+        let count = read_unaligned::<u32>(bytes.get(at..).unwrap_or_default()).unwrap_or(0);
+        let size = core::mem::size_of::<SockLifeEvent>();
+        bytes
+            .get(Self::LIVES_AT..)
+            .unwrap_or_default()
+            .chunks_exact(size)
+            .take((count as usize).min(SOCK_BATCH))
     }
 }
 
@@ -438,8 +485,51 @@ mod tests {
     use super::*;
 
     #[test]
+    fn a_batch_of_lives_yields_only_the_whole_lives_it_claims() {
+        let mut ev = SockLivesEvent {
+            count: 3,
+            ..Default::default()
+        };
+        for (i, l) in ev.lives.iter_mut().enumerate() {
+            l.skaddr = i as u64 + 1;
+        }
+        fn bytes_of(ev: &SockLivesEvent) -> &[u8] {
+            // SAFETY: #[repr(C)] integers and arrays without padding holes.
+            unsafe {
+                core::slice::from_raw_parts(
+                    (ev as *const SockLivesEvent).cast::<u8>(),
+                    core::mem::size_of::<SockLivesEvent>(),
+                )
+            }
+        }
+        let bytes = bytes_of(&ev);
+        let addrs = |b: &[u8]| -> usize {
+            SockLivesEvent::lives_in(b)
+                .map(|l| SockLifeEvent::read(l).map_or(0, |l| l.skaddr as usize))
+                .sum()
+        };
+        assert_eq!(addrs(bytes), 1 + 2 + 3);
+        // Cut inside the third life: two whole ones.
+        let size = core::mem::size_of::<SockLifeEvent>();
+        assert_eq!(
+            addrs(&bytes[..SockLivesEvent::LIVES_AT + 2 * size + 5]),
+            1 + 2
+        );
+        // A count beyond the batch, or a record too short for its count.
+        ev.count = u32::MAX;
+        let bytes = bytes_of(&ev);
+        assert_eq!(SockLivesEvent::lives_in(bytes).count(), SOCK_BATCH);
+        assert_eq!(SockLivesEvent::lives_in(&bytes[..10]).count(), 0);
+    }
+
+    #[test]
     fn layout_is_stable() {
         assert_eq!(core::mem::size_of::<EventHeader>(), 40);
+        assert_eq!(SockLivesEvent::LIVES_AT, 64);
+        assert_eq!(
+            core::mem::size_of::<SockLivesEvent>(),
+            64 + SOCK_BATCH * core::mem::size_of::<SockLifeEvent>()
+        );
         assert_eq!(
             core::mem::size_of::<SockLifeEvent>(),
             40 + 24 + 8 + 32 + 8 * SOCK_STEPS + 2 * SOCK_STEPS

@@ -43,9 +43,15 @@ pub fn submit_flags(ts_ns: u64) -> u64 {
 /// Counts one lost event for `probe`.
 #[inline(always)]
 pub fn count_lost(probe: u16) {
+    count_lost_n(probe, 1);
+}
+
+/// Counts `n` lost events for `probe`.
+#[inline(always)]
+pub fn count_lost_n(probe: u16, n: u64) {
     if let Some(slot) = LOST.get_ptr_mut(u32::from(probe)) {
         // SAFETY: per-CPU slot, no concurrent writer on this CPU.
-        unsafe { *slot += 1 };
+        unsafe { *slot += n };
     }
 }
 

@@ -1,32 +1,36 @@
 //! Socket layer: each TCP socket's life from `sock:inet_sock_set_state`,
-//! aggregated in the kernel. An entry per socket collects the time of
-//! every state change; the whole life goes to user space once, when the
-//! socket reaches TCP_CLOSE (sockets still open are read from the maps
-//! when the recording stops). A socket's entry is a slot of an array
-//! picked by a hash of its address — claimed and freed by writing the
-//! address, found without a bucket walk, nothing allocated — or, when
-//! another socket holds that slot, an entry of a hash map. Two entry
-//! points feed it: the raw tracepoint (arguments in registers, `struct
-//! sock` offsets from BTF) and, where that can't be used, the classic
-//! tracepoint (its record's offsets from tracefs). Nothing is compiled in
-//! for one kernel.
+//! aggregated in the kernel. An entry per socket collects the time of its
+//! state changes (all of them with `--all-tcp-states`; by default not the
+//! intermediate ones nothing reads); the whole life goes to user space
+//! once, when the socket reaches TCP_CLOSE, in a batch of a CPU's closed
+//! lives that a timer program sends if it waits (sockets still open, and
+//! batches not sent, are read from the maps when the recording stops). A
+//! socket's entry is a slot of an array picked by a hash of its address —
+//! claimed and freed by writing the address, found without a bucket
+//! walk, nothing allocated — or, when another socket holds that slot, an
+//! entry of a hash map. Two entry points feed it: the raw tracepoint
+//! (arguments in registers, `struct sock` offsets from BTF) and, where
+//! that can't be used, the classic tracepoint (its record's offsets from
+//! tracefs). Nothing is compiled in for one kernel.
+
+use core::sync::atomic::{Ordering, compiler_fence};
 
 use aya_ebpf::{
     Global,
     bindings::BPF_NOEXIST,
     helpers::{bpf_get_current_comm, bpf_get_current_pid_tgid, bpf_ktime_get_ns},
     helpers::{bpf_get_smp_processor_id, bpf_probe_read_kernel},
-    macros::{map, raw_tracepoint, tracepoint},
-    maps::{Array, HashMap},
-    programs::{RawTracePointContext, TracePointContext},
+    macros::{map, perf_event, raw_tracepoint, tracepoint},
+    maps::{Array, HashMap, PerCpuArray},
+    programs::{PerfEventContext, RawTracePointContext, TracePointContext},
 };
 use hvprof_common::{
-    KernelOffsets, SOCK_STEPS, SockLifeEvent, SockOffsets, SockStateTpOffsets, kind, probe,
-    sock_life,
+    KernelOffsets, SOCK_BATCH, SOCK_STEPS, SockLifeEvent, SockLivesEvent, SockOffsets,
+    SockStateTpOffsets, kind, probe, sock_life,
 };
 
 use crate::filter::task_wanted;
-use crate::maps::{EVENTS, count_lost, submit_flags};
+use crate::maps::{EVENTS, count_lost, count_lost_n, submit_flags};
 
 #[unsafe(no_mangle)]
 static HVP_SOCK_STATE_TP: Global<SockStateTpOffsets> = Global::new(SockStateTpOffsets {
@@ -80,6 +84,26 @@ static HVP_SOCK_SLOT_COUNT: Global<u32> = Global::new(4096);
 #[map(name = "HVP_SOCKS")]
 static SOCKS: HashMap<u64, SockLifeEvent> = HashMap::with_max_entries(61440, 0);
 
+/// Closed lives waiting to cross together, per CPU.
+#[map(name = "HVP_SOCK_BATCH")]
+static BATCH: PerCpuArray<SockLivesEvent> = PerCpuArray::with_max_entries(1, 0);
+
+/// 1 once `hvp_sock_flush` runs on every CPU: closed lives then wait in
+/// their CPU's batch; else each is sent alone (a batch nobody sends could
+/// wait forever on a quiet CPU). Set by user space after attaching it.
+#[map(name = "HVP_SOCK_BATCHING")]
+static BATCHING: Array<u32> = Array::with_max_entries(1, 0);
+
+/// How long a closed life may wait in its CPU's batch while lives keep
+/// closing there (`hvp_sock_flush` sends what waits on a quiet CPU).
+const BATCH_WAIT_NS: u64 = 100_000_000;
+
+/// Non-zero: follow every state change. Zero (the default): skip the
+/// changes nothing reads — into FIN_WAIT2, LAST_ACK and CLOSING, about a
+/// fifth of a connection's — before any work. Set at load time.
+#[unsafe(no_mangle)]
+static HVP_SOCK_ALL_STATES: Global<u32> = Global::new(0);
+
 /// One all-zero life, never written: the template of a new entry (a
 /// zeroed value on the stack would cost a memset per socket).
 #[map(name = "HVP_SOCK_ZERO")]
@@ -90,6 +114,9 @@ const AF_INET6: u16 = 10;
 /// Bytes of `sock_common` read at once for the endpoints.
 const COMMON_HEAD: usize = hvprof_common::SOCK_COMMON_HEAD as usize;
 const TCP_ESTABLISHED: u8 = 1;
+const TCP_FIN_WAIT2: u8 = 5;
+const TCP_LAST_ACK: u8 = 9;
+const TCP_CLOSING: u8 = 11;
 const TCP_SYN_RECV: u8 = 3;
 const TCP_CLOSE: u8 = 7;
 const TCP_LISTEN: u8 = 10;
@@ -127,6 +154,10 @@ pub fn hvp_sock_state(ctx: TracePointContext) -> u32 {
 #[inline(always)]
 fn on_change(sk: u64, old: u8, new: u8, src: &impl Source) {
     if sk == 0 {
+        return;
+    }
+    if matches!(new, TCP_FIN_WAIT2 | TCP_LAST_ACK | TCP_CLOSING) && HVP_SOCK_ALL_STATES.load() == 0
+    {
         return;
     }
     // A life starts from TCP_CLOSE (connect, listen) or, for a connection
@@ -186,12 +217,7 @@ fn on_change(sk: u64, old: u8, new: u8, src: &impl Source) {
         bytes(sk, life);
         // SAFETY: plain helper call.
         life.header.cpu = unsafe { bpf_get_smp_processor_id() };
-        if EVENTS
-            .output::<SockLifeEvent>(&*life, submit_flags(now))
-            .is_err()
-        {
-            count_lost(probe::SOCK_STATE);
-        }
+        send(life, now);
         if slot == Some(ptr) {
             // Freed once the life is out (the helper call comes first).
             // SAFETY: this socket's slot, an aligned u64 (stored whole).
@@ -200,6 +226,109 @@ fn on_change(sk: u64, old: u8, new: u8, src: &impl Source) {
             let _ = SOCKS.remove(sk);
         }
     }
+}
+
+/// Sends a closed life: alone, or through this CPU's batch, which goes
+/// when it is full or its first life has waited long enough (what a quiet
+/// CPU's batch holds, `hvp_sock_flush` sends; what is left when the
+/// recording stops, user space reads from the map).
+#[inline(always)]
+fn send(life: &SockLifeEvent, now: u64) {
+    let batching = BATCHING.get(0).is_some_and(|on| *on != 0);
+    let Some(b) = BATCH.get_ptr_mut(0).filter(|b| batching && hold(*b)) else {
+        if EVENTS
+            .output::<SockLifeEvent>(life, submit_flags(now))
+            .is_err()
+        {
+            count_lost(probe::SOCK_STATE);
+        }
+        return;
+    };
+    // SAFETY: this CPU's batch, held: the timer program can't change it
+    // meanwhile, and a socket program doesn't run twice at once on a CPU
+    // (the kernel skips a nested run).
+    let batch = unsafe { &mut *b };
+    let n = batch.count as usize;
+    if let Some(slot) = batch.lives.get_mut(n) {
+        *slot = *life;
+        batch.count += 1;
+        if n == 0 {
+            batch.first_ns = now;
+        }
+    }
+    if batch.count as usize >= SOCK_BATCH || now.wrapping_sub(batch.first_ns) >= BATCH_WAIT_NS {
+        send_batch(batch, now);
+    }
+    release(b);
+}
+
+/// Sends what `batch` (held) holds, in one record of just its lives.
+#[inline(always)]
+fn send_batch(batch: &mut SockLivesEvent, now: u64) {
+    let n = (batch.count as usize).min(SOCK_BATCH);
+    if n == 0 {
+        return;
+    }
+    batch.header.ts_ns = now;
+    batch.header.kind = kind::SOCK_LIVES;
+    batch.header.probe = probe::SOCK_STATE;
+    // SAFETY: plain helper call.
+    batch.header.cpu = unsafe { bpf_get_smp_processor_id() };
+    let len = SockLivesEvent::LIVES_AT + n * core::mem::size_of::<SockLifeEvent>();
+    // SAFETY: the first `len` bytes of the batch (`n` is at most
+    // SOCK_BATCH), a plain `#[repr(C)]` value.
+    let bytes = unsafe { core::slice::from_raw_parts((&raw const *batch).cast::<u8>(), len) };
+    if EVENTS.output::<[u8]>(bytes, submit_flags(now)).is_err() {
+        count_lost_n(probe::SOCK_STATE, n as u64);
+    }
+    batch.count = 0;
+}
+
+/// Takes this CPU's batch (1 in `held`): fails only while a program this
+/// one interrupted holds it. Only programs on this CPU touch its batch,
+/// and an interrupting one runs to its end before the interrupted one
+/// goes on, so plain reads and writes in program order suffice (an atomic
+/// would wait for every store before it, the slot's cache misses among
+/// them); the fences keep the compiler from moving the batch's reads and
+/// writes out from between `hold` and `release`.
+#[inline(always)]
+fn hold(batch: *mut SockLivesEvent) -> bool {
+    // SAFETY: an aligned u64 of this CPU's batch.
+    unsafe {
+        if core::ptr::read_volatile(&raw const (*batch).held) != 0 {
+            return false;
+        }
+        core::ptr::write_volatile(&raw mut (*batch).held, 1);
+    }
+    compiler_fence(Ordering::SeqCst);
+    true
+}
+
+#[inline(always)]
+fn release(batch: *mut SockLivesEvent) {
+    compiler_fence(Ordering::SeqCst);
+    // SAFETY: an aligned u64 of this CPU's batch, held by this program.
+    unsafe { core::ptr::write_volatile(&raw mut (*batch).held, 0) };
+}
+
+/// A timer on every CPU (a CPU-clock perf event, a few times a second):
+/// sends the lives waiting in this CPU's batch, so that none waits on a
+/// CPU where no more sockets close. Skips a batch the socket program it
+/// interrupted holds (it goes at the next tick).
+#[perf_event]
+pub fn hvp_sock_flush(_ctx: PerfEventContext) -> u32 {
+    let Some(b) = BATCH.get_ptr_mut(0) else {
+        return 0;
+    };
+    // SAFETY: this CPU's batch; a racy peek, decided again once held.
+    if unsafe { core::ptr::read_volatile(&raw const (*b).count) } == 0 || !hold(b) {
+        return 0;
+    }
+    // SAFETY: held (see `send`).
+    let now = unsafe { bpf_ktime_get_ns() };
+    send_batch(unsafe { &mut *b }, now);
+    release(b);
+    0
 }
 
 /// The slot `sk` hashes to (multiplicative hashing, then a multiply-shift

@@ -115,6 +115,7 @@ impl AgentArgs {
             tasks: Default::default(),
             max_sockets: crate::paths::tcp::DEFAULT_MAX_SOCKETS,
             bpf_stats: false,
+            all_tcp_states: false,
         };
         let mut rec = Recorder::start(&opts, "guest", &[])?;
         proto::write_frame(&mut wr, &Frame::Meta(serde_json::to_vec(&rec.meta)?)).await?;

@@ -1,14 +1,15 @@
 //! TCP/IP stack (socket layer): connection lifecycle from
 //! `sock:inet_sock_set_state` — its catalog row, the offsets its programs
-//! need from this kernel, the open lives read back at the end, and its
-//! event decoder (one event per socket life, aggregated in the kernel).
+//! need from this kernel, the timer that sends its batched lives, the
+//! open and unsent lives read back at the end, and its event decoder (one
+//! event per socket life, aggregated in the kernel).
 
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 
 use anyhow::{Context as _, Result};
 use hvprof_common::{
-    KernelOffsets, SOCK_COMMON_HEAD, SockLifeEvent, SockOffsets, SockStateTpOffsets, probe,
-    sock_life,
+    KernelOffsets, SOCK_COMMON_HEAD, SockLifeEvent, SockLivesEvent, SockOffsets,
+    SockStateTpOffsets, probe, sock_life,
 };
 use serde::Serialize;
 
@@ -112,6 +113,17 @@ pub const SOCK_GLOBAL: &str = "HVP_SOCK_OFFSETS";
 pub const SLOTS_MAP: &str = "HVP_SOCK_SLOTS";
 pub const SLOT_COUNT_GLOBAL: &str = "HVP_SOCK_SLOT_COUNT";
 pub const SOCKS_MAP: &str = "HVP_SOCKS";
+/// Closed lives waiting to cross together, per CPU.
+pub const BATCH_MAP: &str = "HVP_SOCK_BATCH";
+/// Whether closed lives wait in batches (set once the timer runs).
+const BATCHING_MAP: &str = "HVP_SOCK_BATCHING";
+/// The timer program that sends a CPU's waiting batch.
+pub const FLUSH_PROGRAM: &str = "hvp_sock_flush";
+/// How often the timer looks at each CPU's batch: a closed life reaches
+/// user space at most this late (plus the reader's own period).
+const FLUSH_HZ: u64 = 10;
+/// Non-zero: follow every state change (`record --all-tcp-states`).
+pub const ALL_STATES_GLOBAL: &str = "HVP_SOCK_ALL_STATES";
 /// Sockets followed at once at most by default (`record --max-sockets`):
 /// about 15 MiB of kernel memory; a socket that finds no room is counted
 /// lost.
@@ -129,6 +141,48 @@ pub fn map_sizes(max_sockets: u32) -> (u32, u32) {
     let max = max_sockets.max(2);
     let slots = (max - (max / 8).max(1)).min(MAX_SLOTS);
     (slots, max - slots)
+}
+
+/// Closed lives in batches: attaches the timer that sends a CPU's waiting
+/// batch to every CPU's CPU clock, then turns batching on. Without it (no
+/// perf events here) each life is sent alone, and the timer is unloaded.
+pub fn start_batching(ebpf: &mut aya::Ebpf) -> Result<()> {
+    use aya::programs::{
+        PerfEvent,
+        perf_event::{PerfEventConfig, PerfEventScope, SamplePolicy, SoftwareEvent},
+    };
+    let attach = |ebpf: &mut aya::Ebpf| -> Result<()> {
+        let prog: &mut PerfEvent = ebpf
+            .program_mut(FLUSH_PROGRAM)
+            .with_context(|| format!("program {FLUSH_PROGRAM} missing"))?
+            .try_into()?;
+        prog.load()
+            .with_context(|| format!("loading {FLUSH_PROGRAM}"))?;
+        let cpus =
+            aya::util::online_cpus().map_err(|(what, e)| anyhow::anyhow!("reading {what}: {e}"))?;
+        for cpu in cpus {
+            prog.attach(
+                PerfEventConfig::Software(SoftwareEvent::CpuClock),
+                PerfEventScope::AllProcessesOneCpu { cpu },
+                SamplePolicy::Period(1_000_000_000 / FLUSH_HZ),
+                false,
+            )
+            .with_context(|| format!("a timer on CPU {cpu} for {FLUSH_PROGRAM}"))?;
+        }
+        let mut on: aya::maps::Array<_, u32> = aya::maps::Array::try_from(
+            ebpf.map_mut(BATCHING_MAP)
+                .with_context(|| format!("map {BATCHING_MAP} missing"))?,
+        )?;
+        on.set(0, 1, 0).context("turning batching on")
+    };
+    attach(ebpf).inspect_err(|_| {
+        let prog: Option<&mut PerfEvent> = ebpf
+            .program_mut(FLUSH_PROGRAM)
+            .and_then(|p| p.try_into().ok());
+        if let Some(p) = prog {
+            let _ = p.unload();
+        }
+    })
 }
 
 /// Tracepoint record offsets for this kernel.
@@ -293,6 +347,23 @@ pub fn sock_offsets(btf: Option<&btf_rs::Btf>) -> (SockOffsets, Option<String>) 
         Ok(o) => (o, None),
         Err(e) => (SockOffsets::default(), Some(format!("{e:#}"))),
     }
+}
+
+/// Closed lives still waiting in the CPUs' batches when the programs were
+/// detached.
+pub fn unsent_lives(ebpf: &aya::Ebpf) -> Result<Vec<Vec<u8>>> {
+    let map = ebpf
+        .map(BATCH_MAP)
+        .with_context(|| format!("map {BATCH_MAP} missing"))?;
+    let batch: aya::maps::PerCpuArray<_, SockLivesEvent> = aya::maps::PerCpuArray::try_from(map)?;
+    let per_cpu = batch.get(&0, 0).context("reading unsent socket lives")?;
+    Ok(per_cpu
+        .iter()
+        .flat_map(|b| {
+            let n = (b.count as usize).min(hvprof_common::SOCK_BATCH);
+            b.lives[..n].iter().map(|l| l.as_bytes().to_vec())
+        })
+        .collect())
 }
 
 /// The lives still open in the kernel's map (sockets not closed when the
