@@ -572,15 +572,20 @@ pub fn bench_overhead(o: &OverheadArgs) -> Result<()> {
             bpf_share + rec_share
         );
     }
+    // Per connection of that load: what a program costs each request,
+    // however fast the machine happened to run.
+    let conns = (stats_cps * o.duration as f64).max(1.0);
     println!(
-        "{:<20} {:>14} {:>12} {:>9}",
-        "program", "runs", "run time ms", "ns/run"
+        "{:<20} {:>14} {:>12} {:>9} {:>10} {:>9}",
+        "program", "runs", "run time ms", "ns/run", "runs/conn", "ns/conn"
     );
     for (name, (ns, runs)) in &programs {
         println!(
-            "{name:<20} {runs:>14.0} {:>12.1} {:>9.0}",
+            "{name:<20} {runs:>14.0} {:>12.1} {:>9.0} {:>10.2} {:>9.0}",
             ns / 1e6,
-            if *runs > 0.0 { ns / runs } else { 0.0 }
+            if *runs > 0.0 { ns / runs } else { 0.0 },
+            runs / conns,
+            ns / conns
         );
     }
     Ok(())
