@@ -100,6 +100,10 @@ fn record_sees_exactly_500_connections_with_monotone_timestamps_and_no_loss() {
         !skipped_states(&lives).is_empty(),
         "--all-tcp-states keeps FIN_WAIT2 and LAST_ACK"
     );
+    let meta: Value =
+        serde_json::from_slice(&std::fs::read(run.join("meta.json")).expect("meta.json"))
+            .expect("meta JSON");
+    assert_eq!(meta["all_tcp_states"], true, "{meta}");
     assert!(
         lines
             .iter()
@@ -272,6 +276,10 @@ fn the_classic_tracepoint_records_the_same_lives_where_raw_ones_are_avoided() {
         let eps: Vec<&Value> = eps.iter().collect();
         assert!(skipped_states(&eps).is_empty(), "{c}");
     }
+    let meta: Value =
+        serde_json::from_slice(&std::fs::read(run.join("meta.json")).expect("meta.json"))
+            .expect("meta JSON");
+    assert_eq!(meta["all_tcp_states"], false, "{meta}");
 }
 
 /// `hvprof record ARGS -o RUN` in the background, once its event log

@@ -408,7 +408,7 @@ pub struct Session {
     pub programs: BTreeMap<&'static str, &'static str>,
     /// Functions probed by the generic function-entry program.
     pub functions: Vec<FunctionAddr>,
-    /// Programs that serve attached probes without being one (the timer
+    /// Programs that serve attached probes without being one (those
     /// sending the socket lives' batches).
     helpers: Vec<&'static str>,
     /// Runs the kernel skipped, per probe, read when the programs were
@@ -478,7 +478,7 @@ pub fn attach(
                 programs.insert(r.spec.name, p);
                 if r.spec.name == tcp::PROBE && features.sampling.is_ok() {
                     match tcp::start_batching(&mut ebpf) {
-                        Ok(()) => helpers.push(tcp::FLUSH_PROGRAM),
+                        Ok(()) => helpers.extend(tcp::FLUSH_PROGRAMS),
                         Err(e) => log::info!("socket lives sent one by one: {e:#}"),
                     }
                 }

@@ -130,9 +130,10 @@ pub fn live_stats(interval: std::time::Duration) -> Result<Vec<LiveStats>> {
         let spec = catalog::all()
             .into_iter()
             .find(|s| s.programs.names().any(|p| p.starts_with(name.as_str())));
-        // The timer sending the socket lives' batches serves that probe.
-        let helps = crate::paths::tcp::FLUSH_PROGRAM
-            .starts_with(name.as_str())
+        // The programs sending the socket lives' batches serve that probe.
+        let helps = crate::paths::tcp::FLUSH_PROGRAMS
+            .iter()
+            .any(|p| p.starts_with(name.as_str()))
             .then_some(crate::paths::tcp::PROBE);
         out.push(LiveStats {
             id,

@@ -230,6 +230,10 @@ impl Recorder {
             cpus: aya::util::online_cpus()
                 .ok()
                 .and_then(|c| u32::try_from(c.len()).ok()),
+            all_tcp_states: session
+                .programs
+                .contains_key(tcp::PROBE)
+                .then_some(opts.all_tcp_states),
             probes: session.statuses.clone(),
             functions: session.functions.clone(),
             lost: BTreeMap::new(),

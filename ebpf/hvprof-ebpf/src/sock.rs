@@ -3,8 +3,9 @@
 //! state changes (all of them with `--all-tcp-states`; by default not the
 //! intermediate ones nothing reads); the whole life goes to user space
 //! once, when the socket reaches TCP_CLOSE, in a batch of a CPU's closed
-//! lives that a timer program sends if it waits (sockets still open, and
-//! batches not sent, are read from the maps when the recording stops). A
+//! lives that a timer or the CPU going idle sends if it waits (sockets
+//! still open, and batches not sent, are read from the maps when the
+//! recording stops). A
 //! socket's entry is a slot of an array picked by a hash of its address —
 //! claimed and freed by writing the address, found without a bucket
 //! walk, nothing allocated — or, when another socket holds that slot, an
@@ -88,14 +89,16 @@ static SOCKS: HashMap<u64, SockLifeEvent> = HashMap::with_max_entries(61440, 0);
 #[map(name = "HVP_SOCK_BATCH")]
 static BATCH: PerCpuArray<SockLivesEvent> = PerCpuArray::with_max_entries(1, 0);
 
-/// 1 once `hvp_sock_flush` runs on every CPU: closed lives then wait in
-/// their CPU's batch; else each is sent alone (a batch nobody sends could
-/// wait forever on a quiet CPU). Set by user space after attaching it.
+/// 1 once `hvp_sock_flush` and `hvp_sock_idle` run: closed lives then
+/// wait in their CPU's batch; else each is sent alone (a batch nobody
+/// sends could wait forever on a quiet CPU). Set by user space after
+/// attaching them.
 #[map(name = "HVP_SOCK_BATCHING")]
 static BATCHING: Array<u32> = Array::with_max_entries(1, 0);
 
 /// How long a closed life may wait in its CPU's batch while lives keep
-/// closing there (`hvp_sock_flush` sends what waits on a quiet CPU).
+/// closing there (`hvp_sock_flush` and `hvp_sock_idle` send what waits
+/// on a CPU where none close).
 const BATCH_WAIT_NS: u64 = 100_000_000;
 
 /// Non-zero: follow every state change. Zero (the default): skip the
@@ -230,8 +233,8 @@ fn on_change(sk: u64, old: u8, new: u8, src: &impl Source) {
 
 /// Sends a closed life: alone, or through this CPU's batch, which goes
 /// when it is full or its first life has waited long enough (what a quiet
-/// CPU's batch holds, `hvp_sock_flush` sends; what is left when the
-/// recording stops, user space reads from the map).
+/// CPU's batch holds, `flush` sends; what is left when the recording
+/// stops, user space reads from the map).
 #[inline(always)]
 fn send(life: &SockLifeEvent, now: u64) {
     let batching = BATCHING.get(0).is_some_and(|on| *on != 0);
@@ -244,7 +247,7 @@ fn send(life: &SockLifeEvent, now: u64) {
         }
         return;
     };
-    // SAFETY: this CPU's batch, held: the timer program can't change it
+    // SAFETY: this CPU's batch, held: the programs that flush it can't change it
     // meanwhile, and a socket program doesn't run twice at once on a CPU
     // (the kernel skips a nested run).
     let batch = unsafe { &mut *b };
@@ -287,10 +290,9 @@ fn send_batch(batch: &mut SockLivesEvent, now: u64) {
 /// Takes this CPU's batch (1 in `held`): fails only while a program this
 /// one interrupted holds it. Only programs on this CPU touch its batch,
 /// and an interrupting one runs to its end before the interrupted one
-/// goes on, so plain reads and writes in program order suffice (an atomic
-/// would wait for every store before it, the slot's cache misses among
-/// them); the fences keep the compiler from moving the batch's reads and
-/// writes out from between `hold` and `release`.
+/// goes on, so plain reads and writes in program order suffice; the
+/// fences keep the compiler from moving the batch's reads and writes out
+/// from between `hold` and `release`.
 #[inline(always)]
 fn hold(batch: *mut SockLivesEvent) -> bool {
     // SAFETY: an aligned u64 of this CPU's batch.
@@ -312,23 +314,43 @@ fn release(batch: *mut SockLivesEvent) {
 }
 
 /// A timer on every CPU (a CPU-clock perf event, a few times a second):
-/// sends the lives waiting in this CPU's batch, so that none waits on a
-/// CPU where no more sockets close. Skips a batch the socket program it
-/// interrupted holds (it goes at the next tick).
+/// sends the lives waiting in the batch of a CPU kept busy by work that
+/// closes no sockets.
 #[perf_event]
 pub fn hvp_sock_flush(_ctx: PerfEventContext) -> u32 {
+    flush();
+    0
+}
+
+/// `power:cpu_idle`: sends the lives waiting in the batch of a CPU going
+/// idle (the timer above doesn't fire on an idle CPU).
+#[raw_tracepoint(tracepoint = "cpu_idle")]
+pub fn hvp_sock_idle(ctx: RawTracePointContext) -> i32 {
+    // TP_PROTO(unsigned int state, unsigned int cpu_id); leaving idle is
+    // PWR_EVENT_EXIT, -1.
+    let state: u64 = ctx.arg(0);
+    if state as u32 != u32::MAX {
+        flush();
+    }
+    0
+}
+
+/// Sends what waits in this CPU's batch, unless a program it interrupted
+/// holds the batch (then the next tick, idle entry or close sends it).
+#[inline(always)]
+fn flush() {
     let Some(b) = BATCH.get_ptr_mut(0) else {
-        return 0;
+        return;
     };
     // SAFETY: this CPU's batch; a racy peek, decided again once held.
     if unsafe { core::ptr::read_volatile(&raw const (*b).count) } == 0 || !hold(b) {
-        return 0;
+        return;
     }
-    // SAFETY: held (see `send`).
+    // SAFETY: plain helper call.
     let now = unsafe { bpf_ktime_get_ns() };
+    // SAFETY: held (see `send`).
     send_batch(unsafe { &mut *b }, now);
     release(b);
-    0
 }
 
 /// The slot `sk` hashes to (multiplicative hashing, then a multiply-shift

@@ -1,6 +1,6 @@
 //! TCP/IP stack (socket layer): connection lifecycle from
 //! `sock:inet_sock_set_state` — its catalog row, the offsets its programs
-//! need from this kernel, the timer that sends its batched lives, the
+//! need from this kernel, the programs that send its batched lives, the
 //! open and unsent lives read back at the end, and its event decoder (one
 //! event per socket life, aggregated in the kernel).
 
@@ -117,10 +117,12 @@ pub const SOCKS_MAP: &str = "HVP_SOCKS";
 pub const BATCH_MAP: &str = "HVP_SOCK_BATCH";
 /// Whether closed lives wait in batches (set once the timer runs).
 const BATCHING_MAP: &str = "HVP_SOCK_BATCHING";
-/// The timer program that sends a CPU's waiting batch.
-pub const FLUSH_PROGRAM: &str = "hvp_sock_flush";
-/// How often the timer looks at each CPU's batch: a closed life reaches
-/// user space at most this late (plus the reader's own period).
+/// The programs that send a CPU's waiting batch: a timer on the CPU
+/// clock (on a busy CPU) and one at `power:cpu_idle` (a CPU going idle,
+/// where that timer doesn't fire).
+pub const FLUSH_PROGRAMS: [&str; 2] = ["hvp_sock_flush", "hvp_sock_idle"];
+/// How often the timer looks at the batch of a busy CPU: a closed life
+/// waits at most this long there (plus the reader's own period).
 const FLUSH_HZ: u64 = 10;
 /// Non-zero: follow every state change (`record --all-tcp-states`).
 pub const ALL_STATES_GLOBAL: &str = "HVP_SOCK_ALL_STATES";
@@ -143,21 +145,22 @@ pub fn map_sizes(max_sockets: u32) -> (u32, u32) {
     (slots, max - slots)
 }
 
-/// Closed lives in batches: attaches the timer that sends a CPU's waiting
-/// batch to every CPU's CPU clock, then turns batching on. Without it (no
-/// perf events here) each life is sent alone, and the timer is unloaded.
+/// Closed lives in batches: attaches the programs that send a CPU's
+/// waiting batch — a timer on every CPU's clock and one at the CPU going
+/// idle — then turns batching on. Without them (no perf events or raw
+/// tracepoints here) each life is sent alone, and they are unloaded.
 pub fn start_batching(ebpf: &mut aya::Ebpf) -> Result<()> {
     use aya::programs::{
-        PerfEvent,
+        PerfEvent, RawTracePoint,
         perf_event::{PerfEventConfig, PerfEventScope, SamplePolicy, SoftwareEvent},
     };
+    let [timer, idle] = FLUSH_PROGRAMS;
     let attach = |ebpf: &mut aya::Ebpf| -> Result<()> {
         let prog: &mut PerfEvent = ebpf
-            .program_mut(FLUSH_PROGRAM)
-            .with_context(|| format!("program {FLUSH_PROGRAM} missing"))?
+            .program_mut(timer)
+            .with_context(|| format!("program {timer} missing"))?
             .try_into()?;
-        prog.load()
-            .with_context(|| format!("loading {FLUSH_PROGRAM}"))?;
+        prog.load().with_context(|| format!("loading {timer}"))?;
         let cpus =
             aya::util::online_cpus().map_err(|(what, e)| anyhow::anyhow!("reading {what}: {e}"))?;
         for cpu in cpus {
@@ -167,8 +170,15 @@ pub fn start_batching(ebpf: &mut aya::Ebpf) -> Result<()> {
                 SamplePolicy::Period(1_000_000_000 / FLUSH_HZ),
                 false,
             )
-            .with_context(|| format!("a timer on CPU {cpu} for {FLUSH_PROGRAM}"))?;
+            .with_context(|| format!("a timer on CPU {cpu} for {timer}"))?;
         }
+        let prog: &mut RawTracePoint = ebpf
+            .program_mut(idle)
+            .with_context(|| format!("program {idle} missing"))?
+            .try_into()?;
+        prog.load().with_context(|| format!("loading {idle}"))?;
+        prog.attach("cpu_idle")
+            .with_context(|| format!("attaching {idle} to raw tracepoint cpu_idle"))?;
         let mut on: aya::maps::Array<_, u32> = aya::maps::Array::try_from(
             ebpf.map_mut(BATCHING_MAP)
                 .with_context(|| format!("map {BATCHING_MAP} missing"))?,
@@ -176,10 +186,16 @@ pub fn start_batching(ebpf: &mut aya::Ebpf) -> Result<()> {
         on.set(0, 1, 0).context("turning batching on")
     };
     attach(ebpf).inspect_err(|_| {
-        let prog: Option<&mut PerfEvent> = ebpf
-            .program_mut(FLUSH_PROGRAM)
-            .and_then(|p| p.try_into().ok());
-        if let Some(p) = prog {
+        if let Some(p) = ebpf
+            .program_mut(timer)
+            .and_then(|p| <&mut PerfEvent>::try_from(p).ok())
+        {
+            let _ = p.unload();
+        }
+        if let Some(p) = ebpf
+            .program_mut(idle)
+            .and_then(|p| <&mut RawTracePoint>::try_from(p).ok())
+        {
             let _ = p.unload();
         }
     })

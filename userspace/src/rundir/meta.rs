@@ -59,6 +59,12 @@ pub struct Meta {
     /// Online CPUs (each sampled at `sample_hz`).
     #[serde(default)]
     pub cpus: Option<u32>,
+    /// Whether sockets' lives hold every TCP state change
+    /// (`--all-tcp-states`); `false`: those into FIN_WAIT2, LAST_ACK and
+    /// CLOSING were skipped. Absent from runs made before the option (they
+    /// hold every change).
+    #[serde(default)]
+    pub all_tcp_states: Option<bool>,
     /// Every probe considered, attached or not.
     pub probes: Vec<ProbeStatus>,
     /// Addresses of the functions probed on entry, to name their events.
