@@ -408,9 +408,9 @@ pub struct Session {
     pub programs: BTreeMap<&'static str, &'static str>,
     /// Functions probed by the generic function-entry program.
     pub functions: Vec<FunctionAddr>,
-    /// Programs that serve attached probes without being one (those
-    /// sending the socket lives' batches).
-    helpers: Vec<&'static str>,
+    /// Programs that serve an attached probe without being its program
+    /// (those sending the socket lives' batches), with that probe's name.
+    helpers: Vec<(&'static str, &'static str)>,
     /// Runs the kernel skipped, per probe, read when the programs were
     /// detached (afterwards their counters are gone).
     skipped_at_detach: Option<BTreeMap<String, u64>>,
@@ -478,7 +478,9 @@ pub fn attach(
                 programs.insert(r.spec.name, p);
                 if r.spec.name == tcp::PROBE && features.sampling.is_ok() {
                     match tcp::start_batching(&mut ebpf) {
-                        Ok(()) => helpers.extend(tcp::FLUSH_PROGRAMS),
+                        Ok(()) => {
+                            helpers.extend(tcp::FLUSH_PROGRAMS.map(|p| (tcp::PROBE, p)));
+                        }
                         Err(e) => log::info!("socket lives sent one by one: {e:#}"),
                     }
                 }
@@ -635,11 +637,13 @@ pub struct ProgramStats {
 }
 
 impl Session {
-    /// Each attached program, with its run time and count since attach
-    /// when the statistics are on.
+    /// Each attached program (the probes' own, then those serving them),
+    /// with its run time and count since attach when the statistics are
+    /// on.
     pub fn program_stats(&self) -> Vec<ProgramStats> {
         self.programs
             .iter()
+            .chain(self.helpers.iter().map(|(probe, prog)| (probe, prog)))
             .map(|(probe, prog)| {
                 let info = self
                     .stats
@@ -722,7 +726,7 @@ impl Session {
         let names: Vec<&str> = names
             .into_iter()
             .map(|(_, n)| n)
-            .chain(self.helpers.iter().copied())
+            .chain(self.helpers.iter().map(|(_, p)| *p))
             .collect();
         let ids: Vec<u32> = names
             .iter()

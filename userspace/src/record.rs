@@ -573,9 +573,12 @@ fn print_summary(dir: &Path, s: &capture::Summary) {
         dir.display()
     );
     let lost = |name: &str| s.lost.get(name).copied().unwrap_or(0);
+    // A probe's own program comes first; programs serving it (the socket
+    // probe's batch senders) follow under the same name.
+    let serving = |i: usize| i > 0 && s.probes[i - 1].name == s.probes[i].name;
     if s.probes.iter().any(|p| p.run_count.is_none()) {
         println!("{:<28} {:>8}", "probe", "lost");
-        for p in &s.probes {
+        for (_, p) in s.probes.iter().enumerate().filter(|(i, _)| !serving(*i)) {
             println!("{:<28} {:>8}", p.name, lost(&p.name));
         }
         println!(
@@ -586,22 +589,23 @@ fn print_summary(dir: &Path, s: &capture::Summary) {
             "{:<28} {:>10} {:>14} {:>10} {:>8}",
             "probe", "runs", "run time ns", "ns/run", "lost"
         );
-        for p in &s.probes {
+        for (i, p) in s.probes.iter().enumerate() {
             let (ns, runs) = (p.run_time_ns.unwrap_or(0), p.run_count.unwrap_or(0));
+            let (name, lost) = if serving(i) {
+                (format!("  + {}", p.program), String::new())
+            } else {
+                (p.name.clone(), lost(&p.name).to_string())
+            };
             println!(
-                "{:<28} {:>10} {:>14} {:>10.0} {:>8}",
-                p.name,
-                runs,
-                ns,
+                "{name:<28} {runs:>10} {ns:>14} {:>10.0} {lost:>8}",
                 ns as f64 / runs.max(1) as f64,
-                lost(&p.name)
             );
         }
     }
     let total_lost: u64 = s.lost.values().sum();
     if total_lost > 0 {
         println!(
-            "WARNING: {total_lost} events lost in the kernel (ring buffer full, or more open sockets than --max-sockets); raise --ringbuf-mib or --max-sockets"
+            "WARNING: {total_lost} events lost in the kernel (ring buffer full, more open sockets than --max-sockets, or runs the kernel skipped while another BPF program ran); raise --ringbuf-mib or --max-sockets"
         );
     }
 }
