@@ -299,9 +299,9 @@ pub struct SockLivesEvent {
     /// Lives in `lives` (at most [`SOCK_BATCH`]).
     pub count: u32,
     pub _pad: u32,
-    /// In the map: 1 while a program on this CPU changes the batch (the
-    /// timer that sends a waiting batch may interrupt the socket
-    /// program). Meaningless in the ring.
+    /// In the map: 1 while a program on this CPU changes the batch (one
+    /// sending a waiting batch may interrupt the socket program).
+    /// Meaningless in the ring.
     pub held: u64,
     /// When the first of them was added.
     pub first_ns: u64,

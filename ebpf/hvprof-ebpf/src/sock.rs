@@ -5,14 +5,13 @@
 //! once, when the socket reaches TCP_CLOSE, in a batch of a CPU's closed
 //! lives that a timer or the CPU going idle sends if it waits (sockets
 //! still open, and batches not sent, are read from the maps when the
-//! recording stops). A
-//! socket's entry is a slot of an array picked by a hash of its address —
-//! claimed and freed by writing the address, found without a bucket
-//! walk, nothing allocated — or, when another socket holds that slot, an
-//! entry of a hash map. Two entry points feed it: the raw tracepoint
-//! (arguments in registers, `struct sock` offsets from BTF) and, where
-//! that can't be used, the classic tracepoint (its record's offsets from
-//! tracefs). Nothing is compiled in for one kernel.
+//! recording stops). A socket's entry is a slot of an array picked by a
+//! hash of its address — claimed and freed by writing the address, found
+//! without a bucket walk, nothing allocated — or, when another socket
+//! holds that slot, an entry of a hash map. Two entry points feed it: the
+//! raw tracepoint (arguments in registers, `struct sock` offsets from BTF)
+//! and, where that can't be used, the classic tracepoint (its record's
+//! offsets from tracefs). Nothing is compiled in for one kernel.
 
 use core::sync::atomic::{Ordering, compiler_fence};
 
@@ -247,9 +246,9 @@ fn send(life: &SockLifeEvent, now: u64) {
         }
         return;
     };
-    // SAFETY: this CPU's batch, held: the programs that flush it can't change it
-    // meanwhile, and a socket program doesn't run twice at once on a CPU
-    // (the kernel skips a nested run).
+    // SAFETY: this CPU's batch, held: the programs that flush it can't
+    // change it meanwhile, and a socket program doesn't run twice at once
+    // on a CPU (the kernel skips a nested run).
     let batch = unsafe { &mut *b };
     let n = batch.count as usize;
     if let Some(slot) = batch.lives.get_mut(n) {

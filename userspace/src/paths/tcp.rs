@@ -114,8 +114,9 @@ pub const SLOTS_MAP: &str = "HVP_SOCK_SLOTS";
 pub const SLOT_COUNT_GLOBAL: &str = "HVP_SOCK_SLOT_COUNT";
 pub const SOCKS_MAP: &str = "HVP_SOCKS";
 /// Closed lives waiting to cross together, per CPU.
-pub const BATCH_MAP: &str = "HVP_SOCK_BATCH";
-/// Whether closed lives wait in batches (set once the timer runs).
+const BATCH_MAP: &str = "HVP_SOCK_BATCH";
+/// Whether closed lives wait in batches (set once the programs that send
+/// them run).
 const BATCHING_MAP: &str = "HVP_SOCK_BATCHING";
 /// The programs that send a CPU's waiting batch: a timer on the CPU
 /// clock (on a busy CPU) and one at `power:cpu_idle` (a CPU going idle,
