@@ -14,17 +14,14 @@ use anyhow::{Context as _, Result, anyhow, bail};
 use aya::{
     Btf, Ebpf, EbpfLoader,
     maps::{MapData, PerCpuArray, RingBuf},
-    programs::{
-        FEntry, KProbe, PerfEvent, RawTracePoint, TracePoint,
-        perf_event::{PerfEventConfig, PerfEventScope, SamplePolicy, SoftwareEvent},
-    },
+    programs::{FEntry, KProbe, PerfEvent, RawTracePoint, TracePoint},
 };
 use hvprof_common::{COMM_LEN, MAX_PROBES, task_filter};
 
 use crate::{
     catalog::{self, Hook, Method, ProbeSpec},
     kernel::{btf as kbtf, features::Features, tracefs},
-    paths::{dev, sched, tcp, vmexit},
+    paths::{cpu, dev, sched, tcp, vmexit},
     rundir::meta::ProbeStatus,
 };
 
@@ -481,7 +478,12 @@ pub fn attach(
                         Ok(()) => {
                             helpers.extend(tcp::FLUSH_PROGRAMS.map(|p| (tcp::PROBE, p)));
                         }
-                        Err(e) => log::info!("socket lives sent one by one: {e:#}"),
+                        Err(e) => {
+                            log::info!("socket lives sent one by one: {e:#}");
+                            for p in tcp::FLUSH_PROGRAMS {
+                                let _ = unload(&mut ebpf, p);
+                            }
+                        }
                     }
                 }
                 if let (Method::Kprobe, Hook::Function { func, module, .. }) = (method, r.spec.hook)
@@ -597,20 +599,7 @@ fn attach_one(
             if prog.fd().is_err() {
                 prog.load().with_context(|| format!("loading {name}"))?;
             }
-            let cpus =
-                aya::util::online_cpus().map_err(|(what, e)| anyhow!("reading {what}: {e}"))?;
-            for cpu in cpus {
-                prog.attach(
-                    PerfEventConfig::Software(SoftwareEvent::CpuClock),
-                    PerfEventScope::AllProcessesOneCpu { cpu },
-                    // A fixed period, not a frequency the kernel adapts:
-                    // every sample then stands for the same CPU time.
-                    SamplePolicy::Period(1_000_000_000 / sample_hz.max(1)),
-                    false,
-                )
-                .with_context(|| format!("sampling CPU {cpu} at {sample_hz} Hz"))?;
-            }
-            Ok(())
+            cpu::attach_clock(prog, 1_000_000_000 / sample_hz.max(1), name)
         }
         (m, _) => bail!(
             "{} attachment is not implemented for {}",
@@ -733,22 +722,24 @@ impl Session {
             .filter_map(|n| Some(self.ebpf.program(n)?.info().ok()?.id()))
             .collect();
         for name in names {
-            let Some(p) = self.ebpf.program_mut(name) else {
-                continue;
-            };
-            let res = match p {
-                aya::programs::Program::TracePoint(p) => p.unload(),
-                aya::programs::Program::RawTracePoint(p) => p.unload(),
-                aya::programs::Program::PerfEvent(p) => p.unload(),
-                aya::programs::Program::FEntry(p) => p.unload(),
-                aya::programs::Program::KProbe(p) => p.unload(),
-                _ => Ok(()),
-            };
-            if let Err(e) = res {
+            if let Err(e) = unload(&mut self.ebpf, name) {
                 log::warn!("detaching {name}: {e}");
             }
         }
         wait_freed(&ids, std::time::Duration::from_secs(3));
+    }
+}
+
+/// Detaches and unloads the program `name` (nothing if it isn't loaded).
+fn unload(ebpf: &mut Ebpf, name: &str) -> Result<(), aya::programs::ProgramError> {
+    use aya::programs::Program;
+    match ebpf.program_mut(name) {
+        Some(Program::TracePoint(p)) => p.unload(),
+        Some(Program::RawTracePoint(p)) => p.unload(),
+        Some(Program::PerfEvent(p)) => p.unload(),
+        Some(Program::FEntry(p)) => p.unload(),
+        Some(Program::KProbe(p)) => p.unload(),
+        _ => Ok(()),
     }
 }
 

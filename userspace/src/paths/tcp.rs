@@ -148,58 +148,30 @@ pub fn map_sizes(max_sockets: u32) -> (u32, u32) {
 
 /// Closed lives in batches: attaches the programs that send a CPU's
 /// waiting batch — a timer on every CPU's clock and one at the CPU going
-/// idle — then turns batching on. Without them (no perf events or raw
-/// tracepoints here) each life is sent alone, and they are unloaded.
+/// idle — then turns batching on. On an error (no perf events or raw
+/// tracepoints here) batching stays off and each life is sent alone; the
+/// caller unloads what was loaded.
 pub fn start_batching(ebpf: &mut aya::Ebpf) -> Result<()> {
-    use aya::programs::{
-        PerfEvent, RawTracePoint,
-        perf_event::{PerfEventConfig, PerfEventScope, SamplePolicy, SoftwareEvent},
-    };
+    use aya::programs::{PerfEvent, RawTracePoint};
     let [timer, idle] = FLUSH_PROGRAMS;
-    let attach = |ebpf: &mut aya::Ebpf| -> Result<()> {
-        let prog: &mut PerfEvent = ebpf
-            .program_mut(timer)
-            .with_context(|| format!("program {timer} missing"))?
-            .try_into()?;
-        prog.load().with_context(|| format!("loading {timer}"))?;
-        let cpus =
-            aya::util::online_cpus().map_err(|(what, e)| anyhow::anyhow!("reading {what}: {e}"))?;
-        for cpu in cpus {
-            prog.attach(
-                PerfEventConfig::Software(SoftwareEvent::CpuClock),
-                PerfEventScope::AllProcessesOneCpu { cpu },
-                SamplePolicy::Period(1_000_000_000 / FLUSH_HZ),
-                false,
-            )
-            .with_context(|| format!("a timer on CPU {cpu} for {timer}"))?;
-        }
-        let prog: &mut RawTracePoint = ebpf
-            .program_mut(idle)
-            .with_context(|| format!("program {idle} missing"))?
-            .try_into()?;
-        prog.load().with_context(|| format!("loading {idle}"))?;
-        prog.attach("cpu_idle")
-            .with_context(|| format!("attaching {idle} to raw tracepoint cpu_idle"))?;
-        let mut on: aya::maps::Array<_, u32> = aya::maps::Array::try_from(
-            ebpf.map_mut(BATCHING_MAP)
-                .with_context(|| format!("map {BATCHING_MAP} missing"))?,
-        )?;
-        on.set(0, 1, 0).context("turning batching on")
-    };
-    attach(ebpf).inspect_err(|_| {
-        if let Some(p) = ebpf
-            .program_mut(timer)
-            .and_then(|p| <&mut PerfEvent>::try_from(p).ok())
-        {
-            let _ = p.unload();
-        }
-        if let Some(p) = ebpf
-            .program_mut(idle)
-            .and_then(|p| <&mut RawTracePoint>::try_from(p).ok())
-        {
-            let _ = p.unload();
-        }
-    })
+    let prog: &mut PerfEvent = ebpf
+        .program_mut(timer)
+        .with_context(|| format!("program {timer} missing"))?
+        .try_into()?;
+    prog.load().with_context(|| format!("loading {timer}"))?;
+    super::cpu::attach_clock(prog, 1_000_000_000 / FLUSH_HZ, timer)?;
+    let prog: &mut RawTracePoint = ebpf
+        .program_mut(idle)
+        .with_context(|| format!("program {idle} missing"))?
+        .try_into()?;
+    prog.load().with_context(|| format!("loading {idle}"))?;
+    prog.attach("cpu_idle")
+        .with_context(|| format!("attaching {idle} to raw tracepoint cpu_idle"))?;
+    let mut on: aya::maps::Array<_, u32> = aya::maps::Array::try_from(
+        ebpf.map_mut(BATCHING_MAP)
+            .with_context(|| format!("map {BATCHING_MAP} missing"))?,
+    )?;
+    on.set(0, 1, 0).context("turning batching on")
 }
 
 /// Tracepoint record offsets for this kernel.
