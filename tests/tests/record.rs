@@ -282,6 +282,87 @@ fn the_classic_tracepoint_records_the_same_lives_where_raw_ones_are_avoided() {
     assert_eq!(meta["all_tcp_states"], false, "{meta}");
 }
 
+/// Two busy loops sharing one CPU for a 3-second recording of the
+/// scheduler probes: each must be found running about half the time and
+/// waiting in the run queue the other half (the preempted one stays
+/// runnable) — through the raw tracepoints (`raw`), or the classic ones.
+fn two_hogs_on_one_cpu_share_it(raw: bool) {
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let run = tmp.path().join("run");
+    let hog = || {
+        Owned(
+            Command::new("taskset")
+                .args(["-c", "0", "sh", "-c", "while :; do :; done"])
+                .spawn()
+                .expect("taskset runs"),
+        )
+    };
+    let hogs = [hog(), hog()];
+    // `taskset` runs the shell in its own process.
+    let pids: Vec<u64> = hogs.iter().map(|h| u64::from(h.0.id())).collect();
+    let mut cmd = Command::new(hvprof_bin());
+    if !raw {
+        cmd.env("HVPROF_AVOID_METHODS", "raw_tracepoint");
+    }
+    let out = cmd
+        .args(["record", "-q", "-p", "sched", "-d", "3s", "-o"])
+        .arg(&run)
+        .output()
+        .expect("hvprof runs");
+    drop(hogs);
+    assert_ok(&out, "hvprof record");
+    let summary: Value =
+        serde_json::from_slice(&std::fs::read(run.join("summary.json")).expect("summary"))
+            .expect("summary JSON");
+    let programs: Vec<&str> = summary["probes"]
+        .as_array()
+        .expect("probes")
+        .iter()
+        .filter_map(|p| p["program"].as_str())
+        .collect();
+    let want = if raw {
+        ["hvp_sched_switch_raw", "hvp_sched_wakeup_raw"]
+    } else {
+        ["hvp_sched_switch", "hvp_sched_wakeup"]
+    };
+    assert_eq!(programs, want, "{summary}");
+    let threads: Value =
+        serde_json::from_slice(&std::fs::read(run.join("threads.json")).expect("threads.json"))
+            .expect("threads JSON");
+    let found: Vec<&Value> = threads["threads"]
+        .as_array()
+        .expect("threads")
+        .iter()
+        .filter(|t| pids.contains(&t["tid"].as_u64().unwrap_or(0)))
+        .collect();
+    assert_eq!(found.len(), 2, "both hogs accounted: {threads}");
+    for t in found {
+        let on = t["oncpu_ns"].as_f64().unwrap_or(0.0);
+        let runq = t["runq_ns"].as_f64().unwrap_or(0.0);
+        assert!(on + runq > 1.5e9, "a hog lives through the recording: {t}");
+        let share = on / (on + runq);
+        assert!(
+            (0.25..=0.75).contains(&share),
+            "a hog sharing its CPU runs about half the time: {t}"
+        );
+        assert!(t["switches"].as_u64().unwrap_or(0) > 0, "{t}");
+    }
+}
+
+#[test]
+fn the_raw_scheduler_tracepoints_see_two_hogs_share_a_cpu() {
+    require_bpf!("record_sched_raw");
+    let _g = bpf_lock();
+    two_hogs_on_one_cpu_share_it(true);
+}
+
+#[test]
+fn the_classic_scheduler_tracepoints_see_two_hogs_share_a_cpu() {
+    require_bpf!("record_sched_classic");
+    let _g = bpf_lock();
+    two_hogs_on_one_cpu_share_it(false);
+}
+
 /// `hvprof record ARGS -o RUN` in the background, once its event log
 /// exists (the probes are attached).
 fn recording(args: &[&str], run: &std::path::Path, stdout: Stdio) -> Owned {
@@ -863,6 +944,16 @@ fn probes_list_json_covers_every_layer_and_says_why() {
         if raw { "raw_tracepoint" } else { "tracepoint" },
         "{sock}"
     );
+    // So do the scheduler's, with the task's offsets.
+    for name in ["sched:sched_switch", "sched:sched_wakeup"] {
+        let row = rows.iter().find(|r| r["name"] == name).expect("listed");
+        assert_eq!(row["wanted"], "raw_tracepoint", "{row}");
+        assert_eq!(
+            row["obtained"],
+            if raw { "raw_tracepoint" } else { "tracepoint" },
+            "{row}"
+        );
+    }
     assert!(
         our_bpf_programs().is_empty(),
         "probes list left programs loaded"

@@ -65,9 +65,9 @@ pub struct Probe {
     pub features: Features,
     /// `Err(why)` when fentry programs can't be loaded here.
     pub fentry: Result<(), String>,
-    /// `Err(why)` when the struct offsets the raw-tracepoint programs read
-    /// can't be resolved from this kernel's BTF.
-    pub raw_tracepoint: Result<(), String>,
+    /// Per raw-tracepoint program: `Err(why)` when the struct offsets it
+    /// reads can't be resolved from this kernel's BTF.
+    pub raw_tracepoint: BTreeMap<&'static str, Result<(), String>>,
 }
 
 impl Probe {
@@ -75,10 +75,17 @@ impl Probe {
     pub fn detect(ebpf: &mut Ebpf) -> Self {
         let btf = kbtf::running().map_err(|e| log::warn!("{e:#}")).ok();
         let fentry = test_fentry(ebpf, btf.as_ref());
-        let raw_tracepoint = match tcp::sock_offsets(btf.as_ref()) {
-            (_, None) => Ok(()),
-            (_, Some(why)) => Err(format!("struct sock offsets unresolved ({why})")),
+        let ready = |why: Option<String>, what: &str| match why {
+            None => Ok(()),
+            Some(why) => Err(format!("struct {what} offsets unresolved ({why})")),
         };
+        let sock = ready(tcp::sock_offsets(btf.as_ref()).1, "sock");
+        let task = ready(sched::task_offsets(btf.as_ref()).1, "task_struct");
+        let raw_tracepoint = BTreeMap::from([
+            (tcp::RAW_PROGRAM, sock),
+            (sched::SWITCH_RAW_PROGRAM, task.clone()),
+            (sched::WAKEUP_RAW_PROGRAM, task),
+        ]);
         let mut probe = Self {
             features: Features::detect(),
             fentry,
@@ -100,7 +107,7 @@ impl Probe {
             match m.trim() {
                 "fentry" => self.fentry = why(),
                 "kprobe" => self.features.kprobe = why(),
-                "raw_tracepoint" => self.raw_tracepoint = why(),
+                "raw_tracepoint" => self.raw_tracepoint.values_mut().for_each(|r| *r = why()),
                 "sampling" => self.features.sampling = why(),
                 "" => {}
                 other => log::warn!("${AVOID_METHODS_ENV}: unknown method {other:?}"),
@@ -199,13 +206,15 @@ impl Probe {
                 }
             },
             Hook::Tracepoint { category, name, .. } => {
-                if spec.programs.raw_tracepoint.is_some() {
-                    match &self.raw_tracepoint {
-                        Ok(()) if tracefs::tracepoint_exists(category, name) => {
+                if let Some(program) = spec.programs.raw_tracepoint {
+                    match self.raw_tracepoint.get(program) {
+                        Some(Ok(())) if tracefs::tracepoint_exists(category, name) => {
                             return Some(Method::RawTracepoint);
                         }
-                        Ok(()) => {}
-                        Err(e) => reasons.push(format!("raw_tracepoint: {e}")),
+                        Some(Ok(())) => {}
+                        Some(Err(e)) => reasons.push(format!("raw_tracepoint: {e}")),
+                        None => reasons
+                            .push(format!("raw_tracepoint: {program} reads no known offsets")),
                     }
                 }
                 if spec.programs.tracepoint.is_none() {
@@ -367,6 +376,7 @@ pub fn load(opts: &LoadOptions) -> Result<Ebpf> {
     let koff = tcp::kernel_offsets(btf.as_ref());
     let (sock_off, _) = tcp::sock_offsets(btf.as_ref());
     let sched_tp = sched::tp_offsets()?;
+    let (task_off, _) = sched::task_offsets(btf.as_ref());
     let dev_off = dev::offsets(btf.as_ref(), opts.dev_filter);
     let wakeup_bytes = u64::from(opts.ringbuf_bytes) / 4;
     let (slots, overflow) = tcp::map_sizes(opts.max_sockets);
@@ -376,6 +386,7 @@ pub fn load(opts: &LoadOptions) -> Result<Ebpf> {
         .override_global(tcp::KERNEL_GLOBAL, &koff, true)
         .override_global(tcp::SOCK_GLOBAL, &sock_off, true)
         .override_global(sched::TP_GLOBAL, &sched_tp, true)
+        .override_global(sched::TASK_GLOBAL, &task_off, true)
         .override_global(vmexit::TP_GLOBAL, &vmexit::tp_offsets(), true)
         .override_global(TASK_FILTER_GLOBAL, &opts.tasks.bits(), true)
         .override_global(WAKEUP_GLOBAL, &wakeup_bytes, true)
@@ -580,6 +591,12 @@ fn attach_one(
             }
             prog.attach(tp)
                 .with_context(|| format!("attaching {name} to raw tracepoint {tp}"))?;
+            if spec.name == "sched:sched_wakeup" {
+                for (_, t) in sched::WAKEUP_ALSO {
+                    prog.attach(t)
+                        .with_context(|| format!("attaching {name} to raw tracepoint {t}"))?;
+                }
+            }
             Ok(())
         }
         (Method::Kprobe, Hook::Function { func, module, .. }) => {

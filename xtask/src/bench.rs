@@ -484,7 +484,7 @@ pub fn bench_overhead(o: &OverheadArgs) -> Result<()> {
     };
     // One recorded load (B); with the kernel's BPF statistics on, its
     // programs' run time and count are added to `programs`.
-    let mut b_run = |run: String, bpf_stats: bool| -> Result<f64> {
+    let mut b_run = |run: String, bpf_stats: bool| -> Result<(f64, f64)> {
         let dir = tmp.join(&run);
         let json = tmp.join(format!("{run}.json"));
         let mut extra: Vec<&str> = if o.no_packets {
@@ -498,7 +498,7 @@ pub fn bench_overhead(o: &OverheadArgs) -> Result<()> {
         let mut child = recorded_load(&bin, &extra, &dir, &load, &json)
             .spawn()
             .context("running hvprof record")?;
-        let (status, cpu) = recorder_cpu_during_load(&mut child)?;
+        let (status, cpu, busy) = recorder_cpu_during_load(&mut child, o.duration)?;
         if !status.success() {
             bail!("hvprof record failed: {status}");
         }
@@ -523,28 +523,43 @@ pub fn bench_overhead(o: &OverheadArgs) -> Result<()> {
             .flatten()
             .filter_map(|(_, v)| v.as_f64())
             .sum::<f64>();
-        Ok(cps)
+        Ok((cps, busy_us_per_conn(busy, cps)))
+    };
+    // Machine CPU per connection (µs) of each run, from the middle of its
+    // load: what the rate alone can't show on a machine that isn't fully
+    // busy, where the rate also follows how fast idle CPUs wake.
+    let (mut plain_cpu, mut probed_cpu) = (Vec::new(), Vec::new());
+    let a_run = || -> Result<(f64, f64)> {
+        let busy = busy_share_later(o.duration);
+        let rate = hvprof_load(&bin, &url, &a)?.rate;
+        Ok((rate, busy_us_per_conn(busy.join().ok().flatten(), rate)))
     };
     for round in 0..o.rounds {
         let run = format!("run{round}");
-        if round % 2 == 0 {
-            plain.push(hvprof_load(&bin, &url, &a)?.rate);
-            probed.push(b_run(run, false)?);
+        let (pa, pb) = if round % 2 == 0 {
+            let pa = a_run()?;
+            (pa, b_run(run, false)?)
         } else {
-            probed.push(b_run(run, false)?);
-            plain.push(hvprof_load(&bin, &url, &a)?.rate);
-        }
+            let pb = b_run(run, false)?;
+            (a_run()?, pb)
+        };
+        plain.push(pa.0);
+        plain_cpu.push(pa.1);
+        probed.push(pb.0);
+        probed_cpu.push(pb.1);
         println!(
-            "  round {}: plain {:.0} conn/s, probed {:.0} conn/s",
+            "  round {}: plain {:.0} conn/s {:.1} CPU µs/conn, probed {:.0} conn/s {:.1} CPU µs/conn",
             round + 1,
-            plain[round],
-            probed[round]
+            pa.0,
+            pa.1,
+            pb.0,
+            pb.1
         );
     }
     // The statistics cost every program two clock reads per run: they are
     // off in the rounds above and on in one more recorded load, for the
     // time per run alone.
-    let stats_cps = b_run("stats".into(), true)?;
+    let (stats_cps, _) = b_run("stats".into(), true)?;
     stand.stop();
     let mut ratios: Vec<f64> = plain.iter().zip(&probed).map(|(a, b)| b / a).collect();
     let ratio = median(&mut ratios);
@@ -555,6 +570,23 @@ pub fn bench_overhead(o: &OverheadArgs) -> Result<()> {
         100.0 * (1.0 - ratios.last().copied().unwrap_or(1.0)),
         100.0 * (1.0 - ratios.first().copied().unwrap_or(1.0)),
     );
+    let mut cpu_ratios: Vec<f64> = plain_cpu
+        .iter()
+        .zip(&probed_cpu)
+        .map(|(a, b)| b / a)
+        .filter(|r| r.is_finite())
+        .collect();
+    if !cpu_ratios.is_empty() {
+        let r = median(&mut cpu_ratios);
+        println!(
+            "machine CPU per connection: plain {:.1} µs, with every probe {:.1} µs (medians); {:+.1}% (median of the rounds' paired ratios, {:+.1}% .. {:+.1}%)",
+            median(&mut plain_cpu),
+            median(&mut probed_cpu),
+            100.0 * (r - 1.0),
+            100.0 * (cpu_ratios.first().copied().unwrap_or(1.0) - 1.0),
+            100.0 * (cpu_ratios.last().copied().unwrap_or(1.0) - 1.0),
+        );
+    }
     // The programs' own CPU time, from the kernel's statistics: a share
     // the machine's drifting speed doesn't blur (somewhat high, as the
     // statistics' own clock reads are inside it).
@@ -647,10 +679,15 @@ fn compare_origins(bin: &Path, a: &BenchLoadArgs) -> Result<()> {
     Ok(())
 }
 
-/// Waits for `hvprof record -- hvprof load ...`; returns its status and
-/// the recorder's own CPU seconds (user + system, from /proc, 10 ms
-/// ticks) while its load command ran, with that time in seconds.
-fn recorder_cpu_during_load(child: &mut Child) -> Result<(std::process::ExitStatus, (f64, f64))> {
+/// Waits for `hvprof record -- hvprof load ...` (a load of `duration_s`);
+/// returns its status, the recorder's own CPU seconds (user + system,
+/// from /proc, 10 ms ticks) while its load command ran with that time in
+/// seconds, and the machine's busy share in the middle of the load
+/// ([`busy_share_later`]).
+fn recorder_cpu_during_load(
+    child: &mut Child,
+    duration_s: u64,
+) -> Result<(std::process::ExitStatus, (f64, f64), Option<f64>)> {
     let pid = child.id();
     let cpu = || -> Option<f64> {
         let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
@@ -669,23 +706,77 @@ fn recorder_cpu_during_load(child: &mut Child) -> Result<(std::process::ExitStat
     };
     let mut first: Option<(Instant, f64)> = None;
     let mut last: Option<(Instant, f64)> = None;
+    let mut busy = None;
     loop {
         if let Some(status) = child.try_wait()? {
             let used = match (first, last) {
                 (Some((t0, c0)), Some((t1, c1))) => (c1 - c0, (t1 - t0).as_secs_f64()),
                 _ => (0.0, 0.0),
             };
-            return Ok((status, used));
+            let busy = busy.and_then(|b: BusyShare| b.join().ok().flatten());
+            return Ok((status, used, busy));
         }
         if loading()
             && let Some(c) = cpu()
         {
             let now = (Instant::now(), c);
+            if first.is_none() {
+                busy = Some(busy_share_later(duration_s));
+            }
             first.get_or_insert(now);
             last = Some(now);
         }
         std::thread::sleep(Duration::from_millis(50));
     }
+}
+
+/// A busy share being measured (see [`busy_share_later`]).
+type BusyShare = std::thread::JoinHandle<Option<f64>>;
+
+/// The machine's busy share over the middle of a load of `duration_s`
+/// starting now, measured on a thread: from /proc/stat, busy CPU time
+/// (user, system, interrupts; not idle, not steal) over all CPU time,
+/// from 0.5 s after the start to 0.5 s before the end (or over the whole
+/// second of a shorter load).
+fn busy_share_later(duration_s: u64) -> BusyShare {
+    let (skip, span) = if duration_s >= 2 {
+        (
+            Duration::from_millis(500),
+            Duration::from_millis(duration_s * 1000 - 1000),
+        )
+    } else {
+        (Duration::ZERO, Duration::from_secs(duration_s.max(1)))
+    };
+    std::thread::spawn(move || {
+        std::thread::sleep(skip);
+        let (b0, t0) = cpu_ticks()?;
+        std::thread::sleep(span);
+        let (b1, t1) = cpu_ticks()?;
+        (t1 > t0).then(|| (b1 - b0) as f64 / (t1 - t0) as f64)
+    })
+}
+
+/// Busy and all (without steal) CPU ticks of the machine, /proc/stat's
+/// `cpu` line: user nice system idle iowait irq softirq steal ...
+fn cpu_ticks() -> Option<(u64, u64)> {
+    let stat = std::fs::read_to_string("/proc/stat").ok()?;
+    let f: Vec<u64> = stat
+        .lines()
+        .next()?
+        .strip_prefix("cpu ")?
+        .split_whitespace()
+        .take(7)
+        .map(|v| v.parse().ok())
+        .collect::<Option<_>>()?;
+    let busy = f[0] + f[1] + f[2] + f.get(5)? + f.get(6)?;
+    Some((busy, busy + f[3] + f[4]))
+}
+
+/// Machine CPU µs per connection: a busy share of every CPU at `rate`
+/// conn/s (NaN if unknown).
+fn busy_us_per_conn(busy: Option<f64>, rate: f64) -> f64 {
+    let cpus = std::thread::available_parallelism().map_or(1, |n| n.get()) as f64;
+    busy.map_or(f64::NAN, |b| b * cpus * 1e6 / rate.max(1.0))
 }
 
 /// User + system CPU seconds of `pid` and its direct children (nginx's

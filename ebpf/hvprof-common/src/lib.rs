@@ -209,6 +209,21 @@ pub struct SchedTpOffsets {
     pub wakeup_pid: u32,
 }
 
+/// Offsets in `struct task_struct` for the raw-tracepoint scheduler
+/// programs, from the running kernel's BTF. `valid == 0`: not resolved
+/// (the classic tracepoint programs read their records instead).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct TaskOffsets {
+    /// `task_struct.pid` (the thread id, i32).
+    pub pid: u32,
+    /// `task_struct.comm`.
+    pub comm: u32,
+    /// `task_struct.__state` (`state` before 5.14): an unsigned int.
+    pub state: u32,
+    pub valid: u32,
+}
+
 /// Common head of every event written to the ring buffer.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
@@ -383,6 +398,7 @@ mod pod {
     unsafe impl aya::Pod for super::ThreadStats {}
     unsafe impl aya::Pod for super::CpuIdle {}
     unsafe impl aya::Pod for super::SchedTpOffsets {}
+    unsafe impl aya::Pod for super::TaskOffsets {}
     unsafe impl aya::Pod for super::DevOffsets {}
     unsafe impl aya::Pod for super::DevPacketEvent {}
     unsafe impl aya::Pod for super::FuncEvent {}

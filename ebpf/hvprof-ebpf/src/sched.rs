@@ -1,15 +1,19 @@
 //! Scheduling: per-thread on-CPU time and run-queue delay, and per-CPU
 //! idle time, aggregated in the kernel (no event per context switch
-//! crosses to user space).
+//! crosses to user space). Two entry points each: the raw tracepoints
+//! (tasks read at `struct task_struct` offsets from BTF, no record built)
+//! and, where those can't be used, the classic ones.
 
 use aya_ebpf::{
     EbpfContext, Global,
-    helpers::bpf_ktime_get_ns,
-    macros::{map, tracepoint},
+    helpers::{
+        bpf_get_current_comm, bpf_get_current_pid_tgid, bpf_ktime_get_ns, bpf_probe_read_kernel,
+    },
+    macros::{map, raw_tracepoint, tracepoint},
     maps::{HashMap, PerCpuArray},
-    programs::TracePointContext,
+    programs::{RawTracePointContext, TracePointContext},
 };
-use hvprof_common::{COMM_LEN, CpuIdle, SchedTpOffsets, ThreadStats};
+use hvprof_common::{COMM_LEN, CpuIdle, SchedTpOffsets, TaskOffsets, ThreadStats};
 
 #[unsafe(no_mangle)]
 static HVP_SCHED_TP: Global<SchedTpOffsets> = Global::new(SchedTpOffsets {
@@ -19,6 +23,14 @@ static HVP_SCHED_TP: Global<SchedTpOffsets> = Global::new(SchedTpOffsets {
     next_comm: 0,
     next_pid: 0,
     wakeup_pid: 0,
+});
+
+#[unsafe(no_mangle)]
+static HVP_TASK_OFFSETS: Global<TaskOffsets> = Global::new(TaskOffsets {
+    pid: 0,
+    comm: 0,
+    state: 0,
+    valid: 0,
 });
 
 /// Per-thread accounting, by tid.
@@ -44,6 +56,61 @@ pub fn hvp_sched_switch(ctx: TracePointContext) -> u32 {
             ctx.read_at::<i64>(off.prev_state as usize).unwrap_or(1),
         )
     };
+    let comm = |at: u32| {
+        // SAFETY: as above.
+        unsafe { ctx.read_at::<[u8; COMM_LEN]>(at as usize) }.unwrap_or([0; COMM_LEN])
+    };
+    // The record's state of a preempted task has no sleeping bit.
+    on_switch(
+        prev,
+        || (ctx.tgid(), comm(off.prev_comm)),
+        next,
+        || comm(off.next_comm),
+        state & SLEEP_STATES == 0,
+    );
+    0
+}
+
+#[raw_tracepoint(tracepoint = "sched_switch")]
+pub fn hvp_sched_switch_raw(ctx: RawTracePointContext) -> i32 {
+    // TP_PROTO(bool preempt, struct task_struct *prev, struct task_struct
+    // *next, ...): `prev` is the current task.
+    let off = HVP_TASK_OFFSETS.load();
+    let preempt: u64 = ctx.arg(0);
+    let prev_task: u64 = ctx.arg(1);
+    let next_task: u64 = ctx.arg(2);
+    let pid_tgid = bpf_get_current_pid_tgid();
+    let next = read_task::<i32>(next_task, off.pid) as u32;
+    // A task that stays runnable (preempted, or left running) waits in the
+    // run queue from now.
+    let runnable = preempt & 1 != 0 || read_task::<u32>(prev_task, off.state) & 0xff == 0;
+    on_switch(
+        pid_tgid as u32,
+        || {
+            (
+                (pid_tgid >> 32) as u32,
+                bpf_get_current_comm().unwrap_or_default(),
+            )
+        },
+        next,
+        || read_task::<[u8; COMM_LEN]>(next_task, off.comm),
+        runnable,
+    );
+    0
+}
+
+/// One context switch on this CPU from thread `prev` to `next` (0: the
+/// idle task); `prev_info` gives prev's tgid and comm, `next_comm` next's
+/// comm, read only when needed; `runnable`: prev stays runnable.
+#[inline(always)]
+fn on_switch(
+    prev: u32,
+    prev_info: impl FnOnce() -> (u32, [u8; COMM_LEN]),
+    next: u32,
+    next_comm: impl FnOnce() -> [u8; COMM_LEN],
+    runnable: bool,
+) {
+    // SAFETY: plain helper call.
     let now = unsafe { bpf_ktime_get_ns() };
     if prev == 0 || next == 0 {
         if let Some(idle) = IDLE.get_ptr_mut(0) {
@@ -59,11 +126,8 @@ pub fn hvp_sched_switch(ctx: TracePointContext) -> u32 {
         }
     }
     if prev != 0 {
-        let tgid = (ctx.tgid()) as u32;
-        let comm = unsafe { ctx.read_at::<[u8; COMM_LEN]>(off.prev_comm as usize) }
-            .unwrap_or([0; COMM_LEN]);
-        let st = stats(prev, comm);
-        if let Some(st) = st {
+        let (tgid, comm) = prev_info();
+        if let Some(st) = stats(prev, comm) {
             // SAFETY: map value pointer; racy adds are tolerated.
             unsafe {
                 (*st).tgid = tgid;
@@ -71,7 +135,7 @@ pub fn hvp_sched_switch(ctx: TracePointContext) -> u32 {
                     (*st).oncpu_ns += now - (*st).last_on_ns;
                     (*st).last_on_ns = 0;
                 }
-                if state & SLEEP_STATES == 0 {
+                if runnable {
                     (*st).last_enq_ns = now;
                 }
                 (*st).switches += 1;
@@ -79,8 +143,7 @@ pub fn hvp_sched_switch(ctx: TracePointContext) -> u32 {
         }
     }
     if next != 0 {
-        let comm = unsafe { ctx.read_at::<[u8; COMM_LEN]>(off.next_comm as usize) }
-            .unwrap_or([0; COMM_LEN]);
+        let comm = next_comm();
         if let Some(st) = stats(next, comm) {
             // SAFETY: as above.
             unsafe {
@@ -93,7 +156,6 @@ pub fn hvp_sched_switch(ctx: TracePointContext) -> u32 {
             }
         }
     }
-    0
 }
 
 #[tracepoint(category = "sched", name = "sched_wakeup")]
@@ -101,9 +163,25 @@ pub fn hvp_sched_wakeup(ctx: TracePointContext) -> u32 {
     let off = HVP_SCHED_TP.load();
     // SAFETY: offset from this kernel's tracepoint format.
     let pid = unsafe { ctx.read_at::<i32>(off.wakeup_pid as usize) }.unwrap_or(0) as u32;
+    on_wakeup(pid);
+    0
+}
+
+#[raw_tracepoint(tracepoint = "sched_wakeup")]
+pub fn hvp_sched_wakeup_raw(ctx: RawTracePointContext) -> i32 {
+    // TP_PROTO(struct task_struct *p)
+    let task: u64 = ctx.arg(0);
+    on_wakeup(read_task::<i32>(task, HVP_TASK_OFFSETS.load().pid) as u32);
+    0
+}
+
+/// Thread `pid` woken: it waits in the run queue from now.
+#[inline(always)]
+fn on_wakeup(pid: u32) {
     if pid == 0 {
-        return 0;
+        return;
     }
+    // SAFETY: plain helper call.
     let now = unsafe { bpf_ktime_get_ns() };
     if let Some(st) = stats(pid, [0; COMM_LEN]) {
         // SAFETY: map value pointer.
@@ -114,7 +192,15 @@ pub fn hvp_sched_wakeup(ctx: TracePointContext) -> u32 {
             (*st).wakeups += 1;
         }
     }
-    0
+}
+
+/// A `T` at `off` in the task at `task` (zero if unreadable).
+#[inline(always)]
+fn read_task<T: Default>(task: u64, off: u32) -> T {
+    // SAFETY: a kernel pointer from the tracepoint, offsets from this
+    // kernel's BTF; probe_read tolerates faults.
+    unsafe { bpf_probe_read_kernel((task as *const u8).add(off as usize).cast::<T>()) }
+        .unwrap_or_default()
 }
 
 /// The stats slot of `tid`, created on first sight.

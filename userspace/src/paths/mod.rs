@@ -90,6 +90,18 @@ pub(crate) const fn traced(spec: ProbeSpec, program: &'static str, id: u16) -> P
     }
 }
 
+/// `spec` with a raw-tracepoint program too (preferred where this kernel's
+/// BTF gives the offsets it reads).
+pub(crate) const fn raw(spec: ProbeSpec, program: &'static str) -> ProbeSpec {
+    ProbeSpec {
+        programs: crate::catalog::Programs {
+            raw_tracepoint: Some(program),
+            ..spec.programs
+        },
+        ..spec
+    }
+}
+
 /// The one kprobe program behind every function row.
 pub const FUNC_PROGRAM: &str = "hvp_fn_entry";
 

@@ -9,13 +9,13 @@ use aya::{
     Ebpf,
     maps::{HashMap, MapData, PerCpuArray},
 };
-use hvprof_common::{CpuIdle, SchedTpOffsets, ThreadStats, probe};
+use hvprof_common::{CpuIdle, SchedTpOffsets, TaskOffsets, ThreadStats, probe};
 use serde::{Deserialize, Serialize};
 
-use super::{Path, tp, traced};
+use super::{Path, raw, tp, traced};
 use crate::{
     catalog::Layer::{Irq, Sched},
-    kernel::tracefs,
+    kernel::{btf, tracefs},
 };
 
 const FIELDS: &[&str] = &["tid", "tgid", "comm", "oncpu_ns", "runq_ns"];
@@ -40,29 +40,35 @@ pub const PATH: Path = Path {
         ("ksoftirqd", Irq),
     ],
     rows: &[
-        traced(
-            tp(
-                "sched:sched_switch",
-                Sched,
-                "sched",
-                "sched",
-                "sched_switch",
-                FIELDS,
+        raw(
+            traced(
+                tp(
+                    "sched:sched_switch",
+                    Sched,
+                    "sched",
+                    "sched",
+                    "sched_switch",
+                    FIELDS,
+                ),
+                "hvp_sched_switch",
+                probe::SCHED_SWITCH,
             ),
-            "hvp_sched_switch",
-            probe::SCHED_SWITCH,
+            SWITCH_RAW_PROGRAM,
         ),
-        traced(
-            tp(
-                "sched:sched_wakeup",
-                Sched,
-                "sched",
-                "sched",
-                "sched_wakeup",
-                FIELDS,
+        raw(
+            traced(
+                tp(
+                    "sched:sched_wakeup",
+                    Sched,
+                    "sched",
+                    "sched",
+                    "sched_wakeup",
+                    FIELDS,
+                ),
+                "hvp_sched_wakeup",
+                probe::SCHED_WAKEUP,
             ),
-            "hvp_sched_wakeup",
-            probe::SCHED_WAKEUP,
+            WAKEUP_RAW_PROGRAM,
         ),
         tp(
             "irq:softirq_entry",
@@ -91,10 +97,15 @@ pub const PATH: Path = Path {
     ],
 };
 
+/// The raw-tracepoint programs (their rows' preferred method).
+pub const SWITCH_RAW_PROGRAM: &str = "hvp_sched_switch_raw";
+pub const WAKEUP_RAW_PROGRAM: &str = "hvp_sched_wakeup_raw";
+
 /// Tracepoints the wakeup program also attaches to.
 pub const WAKEUP_ALSO: &[(&str, &str)] = &[("sched", "sched_wakeup_new")];
 
 pub const TP_GLOBAL: &str = "HVP_SCHED_TP";
+pub const TASK_GLOBAL: &str = "HVP_TASK_OFFSETS";
 const THREADS_MAP: &str = "HVP_THREADS";
 const IDLE_MAP: &str = "HVP_IDLE";
 
@@ -112,6 +123,29 @@ pub fn tp_offsets() -> Result<SchedTpOffsets> {
         })
     })()
     .context("sched tracepoints have an unexpected format on this kernel")
+}
+
+/// `struct task_struct` offsets for the raw-tracepoint programs, from
+/// `btf`; with `valid == 0` (and the reason) when this kernel's BTF lacks
+/// one.
+pub fn task_offsets(btf: Option<&btf_rs::Btf>) -> (TaskOffsets, Option<String>) {
+    let Some(btf) = btf else {
+        return (TaskOffsets::default(), Some("no kernel BTF".into()));
+    };
+    let task = |m: &str| btf::member_offset(btf, "task_struct", m);
+    let resolved = (|| -> Result<TaskOffsets> {
+        Ok(TaskOffsets {
+            pid: task("pid")?,
+            comm: task("comm")?,
+            // Renamed in 5.14.
+            state: task("__state").or_else(|_| task("state"))?,
+            valid: 1,
+        })
+    })();
+    match resolved {
+        Ok(o) => (o, None),
+        Err(e) => (TaskOffsets::default(), Some(format!("{e:#}"))),
+    }
 }
 
 /// One thread's scheduler accounting over the recording.

@@ -94,7 +94,7 @@ pub const PATH: Path = Path {
         programs: Programs {
             fentry: None,
             kprobe: None,
-            raw_tracepoint: Some("hvp_sock_raw"),
+            raw_tracepoint: Some(RAW_PROGRAM),
             tracepoint: Some("hvp_sock_state"),
             perf_event: None,
         },
@@ -102,6 +102,8 @@ pub const PATH: Path = Path {
     }],
 };
 
+/// The raw-tracepoint program (the row's preferred method).
+pub const RAW_PROGRAM: &str = "hvp_sock_raw";
 /// Global names in the eBPF object.
 pub const TP_GLOBAL: &str = "HVP_SOCK_STATE_TP";
 pub const KERNEL_GLOBAL: &str = "HVP_KERNEL_OFFSETS";
