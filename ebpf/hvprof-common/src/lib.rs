@@ -298,6 +298,66 @@ pub struct SockLifeEvent {
     pub step_new: [u8; SOCK_STEPS],
 }
 
+/// An open socket's life as the kernel keeps it (a slot of the socket
+/// table, or a value of its overflow map); it crosses to user space as a
+/// [`SockLifeEvent`] ([`SockSlot::fill`]). Laid out for the state
+/// changes: each touches only the first 64 bytes — the owner, the
+/// counts, both states and (for the first four changes, all a connection
+/// has by default) the time — and the slots are 192 bytes in a
+/// page-aligned table, so that is one cache line, the one another CPU
+/// last wrote. The rest is written once per life.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct SockSlot {
+    /// Kernel address of the `struct sock` (0: a free slot).
+    pub skaddr: u64,
+    /// State changes recorded in `step_*` (at most [`SOCK_STEPS`]).
+    pub steps: u8,
+    /// [`sock_life`] bits, and [`SockSlot::TASK_SEEN`].
+    pub flags: u8,
+    pub family: u16,
+    pub sport: u16,
+    pub dport: u16,
+    pub step_old: [u8; SOCK_STEPS],
+    pub step_new: [u8; SOCK_STEPS],
+    pub step_ns: [u64; SOCK_STEPS],
+    /// The first task with a pid seen changing the socket's state.
+    pub pid: u32,
+    pub tid: u32,
+    pub comm: [u8; COMM_LEN],
+    pub saddr: [u8; 16],
+    pub daddr: [u8; 16],
+    pub _pad: [u64; 5],
+}
+
+impl SockSlot {
+    /// `flags` bit: `pid`, `tid` and `comm` are set (kept in the kernel).
+    pub const TASK_SEEN: u8 = 0x80;
+
+    /// Writes this life into `life` as the event log stores it, but for
+    /// the header's time and CPU and the byte counts, which the caller
+    /// knows.
+    #[inline(always)]
+    pub fn fill(&self, life: &mut SockLifeEvent) {
+        life.header.kind = kind::SOCK_LIFE;
+        life.header.probe = probe::SOCK_STATE;
+        life.header.pid = self.pid;
+        life.header.tid = self.tid;
+        life.header.comm = self.comm;
+        life.skaddr = self.skaddr;
+        life.family = self.family;
+        life.sport = self.sport;
+        life.dport = self.dport;
+        life.steps = self.steps;
+        life.flags = self.flags & !Self::TASK_SEEN;
+        life.saddr = self.saddr;
+        life.daddr = self.daddr;
+        life.step_ns = self.step_ns;
+        life.step_old = self.step_old;
+        life.step_new = self.step_new;
+    }
+}
+
 /// Lives a [`SockLivesEvent`] carries at most.
 pub const SOCK_BATCH: usize = 8;
 
@@ -394,6 +454,7 @@ mod pod {
     unsafe impl aya::Pod for super::EventHeader {}
     unsafe impl aya::Pod for super::SockLifeEvent {}
     unsafe impl aya::Pod for super::SockLivesEvent {}
+    unsafe impl aya::Pod for super::SockSlot {}
     unsafe impl aya::Pod for super::SockOffsets {}
     unsafe impl aya::Pod for super::ThreadStats {}
     unsafe impl aya::Pod for super::CpuIdle {}
@@ -550,6 +611,10 @@ mod tests {
             core::mem::size_of::<SockLifeEvent>(),
             40 + 24 + 8 + 32 + 8 * SOCK_STEPS + 2 * SOCK_STEPS
         );
+        // The slots' layout (see `SockSlot`).
+        assert_eq!(core::mem::size_of::<SockSlot>(), 192);
+        assert_eq!(core::mem::offset_of!(SockSlot, step_ns), 32);
+        assert_eq!(core::mem::offset_of!(SockSlot, pid), 96);
         assert_eq!(
             core::mem::size_of::<SampleEvent>(),
             40 + 8 + 2 * 8 * MAX_FRAMES

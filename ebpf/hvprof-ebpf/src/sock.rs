@@ -17,7 +17,7 @@ use core::sync::atomic::{Ordering, compiler_fence};
 
 use aya_ebpf::{
     Global,
-    bindings::BPF_NOEXIST,
+    bindings::{BPF_F_MMAPABLE, BPF_NOEXIST},
     helpers::{bpf_get_current_comm, bpf_get_current_pid_tgid, bpf_ktime_get_ns},
     helpers::{bpf_get_smp_processor_id, bpf_probe_read_kernel},
     macros::{map, perf_event, raw_tracepoint, tracepoint},
@@ -25,7 +25,7 @@ use aya_ebpf::{
     programs::{PerfEventContext, RawTracePointContext, TracePointContext},
 };
 use hvprof_common::{
-    KernelOffsets, SOCK_BATCH, SOCK_STEPS, SockLifeEvent, SockLivesEvent, SockOffsets,
+    KernelOffsets, SOCK_BATCH, SOCK_STEPS, SockLifeEvent, SockLivesEvent, SockOffsets, SockSlot,
     SockStateTpOffsets, kind, probe, sock_life,
 };
 
@@ -71,9 +71,10 @@ static HVP_KERNEL_OFFSETS: Global<KernelOffsets> = Global::new(KernelOffsets {
 
 /// Open socket lives, each in the slot its socket's address hashes to
 /// (`skaddr` is the slot's owner; 0: free). User space sizes it at load
-/// time and sets `HVP_SOCK_SLOT_COUNT` to match.
+/// time and sets `HVP_SOCK_SLOT_COUNT` to match. Mappable only for the
+/// page alignment that brings: each slot then starts a cache line.
 #[map(name = "HVP_SOCK_SLOTS")]
-static SLOTS: Array<SockLifeEvent> = Array::with_max_entries(4096, 0);
+static SLOTS: Array<SockSlot> = Array::with_max_entries(4096, BPF_F_MMAPABLE);
 
 #[unsafe(no_mangle)]
 static HVP_SOCK_SLOT_COUNT: Global<u32> = Global::new(4096);
@@ -82,7 +83,7 @@ static HVP_SOCK_SLOT_COUNT: Global<u32> = Global::new(4096);
 /// address. User space sizes it; a socket that finds it full is counted
 /// lost.
 #[map(name = "HVP_SOCKS")]
-static SOCKS: HashMap<u64, SockLifeEvent> = HashMap::with_max_entries(61440, 0);
+static SOCKS: HashMap<u64, SockSlot> = HashMap::with_max_entries(61440, 0);
 
 /// Closed lives waiting to cross together, per CPU.
 #[map(name = "HVP_SOCK_BATCH")]
@@ -109,7 +110,7 @@ static HVP_SOCK_ALL_STATES: Global<u32> = Global::new(0);
 /// One all-zero life, never written: the template of a new entry (a
 /// zeroed value on the stack would cost a memset per socket).
 #[map(name = "HVP_SOCK_ZERO")]
-static ZERO: Array<SockLifeEvent> = Array::with_max_entries(1, 0);
+static ZERO: Array<SockSlot> = Array::with_max_entries(1, 0);
 
 const IPPROTO_TCP: u16 = 6;
 const AF_INET6: u16 = 10;
@@ -128,7 +129,7 @@ trait Source {
     /// Whether the socket is TCP (asked once per life).
     fn is_tcp(&self) -> bool;
     /// Family, ports and addresses.
-    fn endpoints(&self, life: &mut SockLifeEvent);
+    fn endpoints(&self, life: &mut SockSlot);
 }
 
 #[raw_tracepoint(tracepoint = "inet_sock_set_state")]
@@ -200,11 +201,14 @@ fn on_change(sk: u64, old: u8, new: u8, src: &impl Source) {
         *o = old;
         *n = new;
     }
-    if life.header.pid == 0 {
+    if life.flags & SockSlot::TASK_SEEN == 0 {
         let pid_tgid = bpf_get_current_pid_tgid();
-        life.header.pid = (pid_tgid >> 32) as u32;
-        life.header.tid = pid_tgid as u32;
-        life.header.comm = bpf_get_current_comm().unwrap_or_default();
+        life.pid = (pid_tgid >> 32) as u32;
+        life.tid = pid_tgid as u32;
+        life.comm = bpf_get_current_comm().unwrap_or_default();
+        if life.pid != 0 {
+            life.flags |= SockSlot::TASK_SEEN;
+        }
     }
     // The 4-tuple is final once established (a client's port is chosen
     // after SYN_SENT); a life that never got there takes it at the end.
@@ -212,14 +216,8 @@ fn on_change(sk: u64, old: u8, new: u8, src: &impl Source) {
         src.endpoints(life);
     }
     if new == TCP_CLOSE {
-        // The header's time is the last change's (user space sets it for
-        // lives still open at the end).
-        life.header.ts_ns = now;
         life.flags |= sock_life::CLOSED;
-        bytes(sk, life);
-        // SAFETY: plain helper call.
-        life.header.cpu = unsafe { bpf_get_smp_processor_id() };
-        send(life, now);
+        send(life, sk, now);
         if slot == Some(ptr) {
             // Freed once the life is out (the helper call comes first).
             // SAFETY: this socket's slot, an aligned u64 (stored whole).
@@ -230,19 +228,22 @@ fn on_change(sk: u64, old: u8, new: u8, src: &impl Source) {
     }
 }
 
-/// Sends a closed life: alone, or through this CPU's batch, which goes
-/// when it is full or its first life has waited long enough (what a quiet
-/// CPU's batch holds, `flush` sends; what is left when the recording
-/// stops, user space reads from the map).
+/// Sends the closed life of `sk`: alone, or through this CPU's batch,
+/// which goes when it is full or its first life has waited long enough
+/// (what a quiet CPU's batch holds, `flush` sends; what is left when the
+/// recording stops, user space reads from the map).
 #[inline(always)]
-fn send(life: &SockLifeEvent, now: u64) {
+fn send(life: &SockSlot, sk: u64, now: u64) {
     let batching = BATCHING.get(0).is_some_and(|on| *on != 0);
     let Some(b) = BATCH.get_ptr_mut(0).filter(|b| batching && hold(*b)) else {
-        if EVENTS
-            .output::<SockLifeEvent>(life, submit_flags(now))
-            .is_err()
-        {
-            count_lost(probe::SOCK_STATE);
+        match EVENTS.reserve::<SockLifeEvent>(0) {
+            Some(mut entry) => {
+                // SAFETY: the reserved record, every byte of which
+                // `closed` writes.
+                closed(life, unsafe { &mut *entry.as_mut_ptr() }, sk, now);
+                entry.submit(submit_flags(now));
+            }
+            None => count_lost(probe::SOCK_STATE),
         }
         return;
     };
@@ -252,7 +253,7 @@ fn send(life: &SockLifeEvent, now: u64) {
     let batch = unsafe { &mut *b };
     let n = batch.count as usize;
     if let Some(slot) = batch.lives.get_mut(n) {
-        *slot = *life;
+        closed(life, slot, sk, now);
         batch.count += 1;
         if n == 0 {
             batch.first_ns = now;
@@ -262,6 +263,17 @@ fn send(life: &SockLifeEvent, now: u64) {
         send_batch(batch, now);
     }
     release(b);
+}
+
+/// The event of `sk`'s life, closed `now`: its header's time is the last
+/// change's (user space sets it for lives still open at the end).
+#[inline(always)]
+fn closed(life: &SockSlot, out: &mut SockLifeEvent, sk: u64, now: u64) {
+    life.fill(out);
+    out.header.ts_ns = now;
+    // SAFETY: plain helper call.
+    out.header.cpu = unsafe { bpf_get_smp_processor_id() };
+    bytes(sk, out);
 }
 
 /// Sends what `batch` (held) holds, in one record of just its lives.
@@ -355,7 +367,7 @@ fn flush() {
 /// The slot `sk` hashes to (multiplicative hashing, then a multiply-shift
 /// onto the slot count).
 #[inline(always)]
-fn slot_of(sk: u64) -> Option<*mut SockLifeEvent> {
+fn slot_of(sk: u64) -> Option<*mut SockSlot> {
     let h = sk.wrapping_mul(0x9E37_79B9_7F4A_7C15) >> 32;
     let i = (h * u64::from(HVP_SOCK_SLOT_COUNT.load())) >> 32;
     SLOTS.get_ptr_mut(i as u32)
@@ -363,7 +375,7 @@ fn slot_of(sk: u64) -> Option<*mut SockLifeEvent> {
 
 /// The life of a followed `sk`: in its slot, or else in the hash map.
 #[inline(always)]
-fn find(sk: u64, slot: Option<*mut SockLifeEvent>) -> Option<*mut SockLifeEvent> {
+fn find(sk: u64, slot: Option<*mut SockSlot>) -> Option<*mut SockSlot> {
     if let Some(p) = slot {
         // SAFETY: a slot of `SLOTS`, its owner an aligned u64 (read
         // whole).
@@ -380,7 +392,7 @@ fn find(sk: u64, slot: Option<*mut SockLifeEvent>) -> Option<*mut SockLifeEvent>
 /// written as plain aligned words: only this exchange must decide
 /// between CPUs.
 #[inline(always)]
-fn claim(sk: u64, slot: *mut SockLifeEvent) -> bool {
+fn claim(sk: u64, slot: *mut SockSlot) -> bool {
     use core::intrinsics::{AtomicOrdering, atomic_cxchg};
     // SAFETY: an aligned u64 of a slot of `SLOTS`; the exchange decides
     // between CPUs.
@@ -397,11 +409,7 @@ fn claim(sk: u64, slot: *mut SockLifeEvent) -> bool {
 /// A new entry for `sk`, if it is a TCP socket of a wanted task: its
 /// slot, or an entry of the hash map if another socket holds the slot.
 #[inline(always)]
-fn begin(
-    sk: u64,
-    slot: Option<*mut SockLifeEvent>,
-    src: &impl Source,
-) -> Option<*mut SockLifeEvent> {
+fn begin(sk: u64, slot: Option<*mut SockSlot>, src: &impl Source) -> Option<*mut SockSlot> {
     if !src.is_tcp() || !task_wanted() {
         return None;
     }
@@ -422,15 +430,10 @@ fn begin(
     // stale): clear what a life reads before it writes it.
     // SAFETY: the entry this socket now owns; see `on_change`.
     unsafe {
-        (*p).header.kind = kind::SOCK_LIFE;
-        (*p).header.probe = probe::SOCK_STATE;
-        (*p).header.pid = 0;
         (*p).skaddr = sk;
         (*p).steps = 0;
         (*p).flags = 0;
         (*p).family = 0;
-        (*p).bytes_received = 0;
-        (*p).bytes_acked = 0;
     }
     Some(p)
 }
@@ -475,7 +478,7 @@ impl Source for Sock {
     }
 
     #[inline(always)]
-    fn endpoints(&self, life: &mut SockLifeEvent) {
+    fn endpoints(&self, life: &mut SockSlot) {
         let off = HVP_SOCK_OFFSETS.load();
         // The head of `sock_common` in one read: IPv4 addresses, remote
         // port and family lie within its first 24 bytes (user space checks
@@ -516,7 +519,7 @@ impl Source for Record<'_> {
     }
 
     #[inline(always)]
-    fn endpoints(&self, life: &mut SockLifeEvent) {
+    fn endpoints(&self, life: &mut SockSlot) {
         let off = &self.1;
         life.family = self.get(off.family);
         life.sport = self.get(off.sport);

@@ -8,7 +8,7 @@ use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 
 use anyhow::{Context as _, Result};
 use hvprof_common::{
-    KernelOffsets, SOCK_COMMON_HEAD, SockLifeEvent, SockLivesEvent, SockOffsets,
+    KernelOffsets, SOCK_COMMON_HEAD, SockLifeEvent, SockLivesEvent, SockOffsets, SockSlot,
     SockStateTpOffsets, probe, sock_life,
 };
 use serde::Serialize;
@@ -364,21 +364,23 @@ pub fn open_lives(ebpf: &aya::Ebpf) -> Result<Vec<Vec<u8>>> {
         ebpf.map(name)
             .with_context(|| format!("map {name} missing"))
     };
-    let slots: aya::maps::Array<_, SockLifeEvent> = aya::maps::Array::try_from(map(SLOTS_MAP)?)?;
-    let socks: aya::maps::HashMap<_, u64, SockLifeEvent> =
+    let slots: aya::maps::Array<_, SockSlot> = aya::maps::Array::try_from(map(SLOTS_MAP)?)?;
+    let socks: aya::maps::HashMap<_, u64, SockSlot> =
         aya::maps::HashMap::try_from(map(SOCKS_MAP)?)?;
     let in_slots = slots
         .iter()
         .filter(|l| l.as_ref().map_or(true, |l| l.skaddr != 0));
     let in_map = socks.iter().map(|e| e.map(|(_, life)| life));
     let mut out = Vec::new();
-    for life in in_slots.chain(in_map) {
-        let mut life = life.context("reading open socket lives")?;
-        let Some(last) = (life.steps as usize).checked_sub(1) else {
+    for slot in in_slots.chain(in_map) {
+        let slot = slot.context("reading open socket lives")?;
+        let Some(last) = (slot.steps as usize).checked_sub(1) else {
             continue;
         };
+        let mut life = SockLifeEvent::default();
+        slot.fill(&mut life);
         // The kernel sets the header's time when a life closes.
-        life.header.ts_ns = life.step_ns[last.min(hvprof_common::SOCK_STEPS - 1)];
+        life.header.ts_ns = slot.step_ns[last.min(hvprof_common::SOCK_STEPS - 1)];
         out.push(life.as_bytes().to_vec());
     }
     Ok(out)
