@@ -101,7 +101,8 @@ pub fn hvp_sched_switch_raw(ctx: RawTracePointContext) -> i32 {
 
 /// One context switch on this CPU from thread `prev` to `next` (0: the
 /// idle task); `prev_info` gives prev's tgid and comm, `next_comm` next's
-/// comm, read only when needed; `runnable`: prev stays runnable.
+/// comm (read only while its entry has none); `runnable`: prev stays
+/// runnable.
 #[inline(always)]
 fn on_switch(
     prev: u32,
@@ -127,10 +128,13 @@ fn on_switch(
     }
     if prev != 0 {
         let (tgid, comm) = prev_info();
-        if let Some(st) = stats(prev, comm) {
+        if let Some(st) = stats(prev, || comm) {
             // SAFETY: map value pointer; racy adds are tolerated.
             unsafe {
                 (*st).tgid = tgid;
+                // Kept current (a thread may exec or rename itself) from
+                // the thread leaving the CPU, whose comm is at hand.
+                (*st).comm = comm;
                 if (*st).last_on_ns != 0 {
                     (*st).oncpu_ns += now - (*st).last_on_ns;
                     (*st).last_on_ns = 0;
@@ -142,17 +146,19 @@ fn on_switch(
             }
         }
     }
-    if next != 0 {
-        let comm = next_comm();
-        if let Some(st) = stats(next, comm) {
-            // SAFETY: as above.
-            unsafe {
-                (*st).last_on_ns = now;
-                if (*st).last_enq_ns != 0 {
-                    (*st).runq_ns += now - (*st).last_enq_ns;
-                    (*st).last_enq_ns = 0;
-                }
-                (*st).comm = comm;
+    if next != 0
+        && let Some(st) = stats(next, || [0; COMM_LEN])
+    {
+        // SAFETY: as above.
+        unsafe {
+            if (*st).comm[0] == 0 {
+                // First seen here, or woken before.
+                (*st).comm = next_comm();
+            }
+            (*st).last_on_ns = now;
+            if (*st).last_enq_ns != 0 {
+                (*st).runq_ns += now - (*st).last_enq_ns;
+                (*st).last_enq_ns = 0;
             }
         }
     }
@@ -183,7 +189,7 @@ fn on_wakeup(pid: u32) {
     }
     // SAFETY: plain helper call.
     let now = unsafe { bpf_ktime_get_ns() };
-    if let Some(st) = stats(pid, [0; COMM_LEN]) {
+    if let Some(st) = stats(pid, || [0; COMM_LEN]) {
         // SAFETY: map value pointer.
         unsafe {
             if (*st).last_enq_ns == 0 {
@@ -205,12 +211,12 @@ fn read_task<T: Default>(task: u64, off: u32) -> T {
 
 /// The stats slot of `tid`, created on first sight.
 #[inline(always)]
-fn stats(tid: u32, comm: [u8; COMM_LEN]) -> Option<*mut ThreadStats> {
+fn stats(tid: u32, comm: impl FnOnce() -> [u8; COMM_LEN]) -> Option<*mut ThreadStats> {
     if let Some(p) = THREADS.get_ptr_mut(tid) {
         return Some(p);
     }
     let fresh = ThreadStats {
-        comm,
+        comm: comm(),
         ..ThreadStats::default()
     };
     THREADS.insert(tid, fresh, 0).ok()?;
