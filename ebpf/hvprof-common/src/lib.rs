@@ -343,18 +343,38 @@ impl SockSlot {
         life.header.probe = probe::SOCK_STATE;
         life.header.pid = self.pid;
         life.header.tid = self.tid;
-        life.header.comm = self.comm;
         life.skaddr = self.skaddr;
         life.family = self.family;
         life.sport = self.sport;
         life.dport = self.dport;
         life.steps = self.steps;
         life.flags = self.flags & !Self::TASK_SEEN;
-        life.saddr = self.saddr;
-        life.daddr = self.daddr;
-        life.step_ns = self.step_ns;
-        life.step_old = self.step_old;
-        life.step_new = self.step_new;
+        // SAFETY: fields of both, at offsets that are multiples of 8 in
+        // 8-aligned structs (`layout_is_stable`).
+        unsafe {
+            copy_words(&mut life.header.comm, &self.comm);
+            copy_words(&mut life.saddr, &self.saddr);
+            copy_words(&mut life.daddr, &self.daddr);
+            copy_words(&mut life.step_ns, &self.step_ns);
+            copy_words(&mut life.step_old, &self.step_old);
+            copy_words(&mut life.step_new, &self.step_new);
+        }
+    }
+}
+
+/// Copies `*src` to `*dst` 8 bytes at a time. For the eBPF programs: the
+/// BPF target turns a copy of a byte array (and some larger copies) into a
+/// call to a `memmove` that moves one byte per turn of a loop; volatile
+/// word moves stay what they are.
+///
+/// # Safety
+/// Both 8-aligned, valid for `size_of::<T>()` bytes, a multiple of 8.
+#[inline(always)]
+pub unsafe fn copy_words<T>(dst: *mut T, src: *const T) {
+    let (d, s) = (dst.cast::<u64>(), src.cast::<u64>());
+    for i in 0..core::mem::size_of::<T>() / 8 {
+        // SAFETY: as the caller promised.
+        unsafe { core::ptr::write_volatile(d.add(i), core::ptr::read_volatile(s.add(i))) };
     }
 }
 
@@ -611,8 +631,27 @@ mod tests {
             core::mem::size_of::<SockLifeEvent>(),
             40 + 24 + 8 + 32 + 8 * SOCK_STEPS + 2 * SOCK_STEPS
         );
-        // The slots' layout (see `SockSlot`).
+        // The slots' layout (see `SockSlot`); the fields `fill` copies by
+        // words lie at multiples of 8.
         assert_eq!(core::mem::size_of::<SockSlot>(), 192);
+        for at in [
+            core::mem::offset_of!(SockSlot, comm),
+            core::mem::offset_of!(SockSlot, saddr),
+            core::mem::offset_of!(SockSlot, daddr),
+            core::mem::offset_of!(SockSlot, step_ns),
+            core::mem::offset_of!(SockSlot, step_old),
+            core::mem::offset_of!(SockSlot, step_new),
+            core::mem::offset_of!(SockLifeEvent, header) + core::mem::offset_of!(EventHeader, comm),
+            core::mem::offset_of!(SockLifeEvent, saddr),
+            core::mem::offset_of!(SockLifeEvent, daddr),
+            core::mem::offset_of!(SockLifeEvent, step_ns),
+            core::mem::offset_of!(SockLifeEvent, step_old),
+            core::mem::offset_of!(SockLifeEvent, step_new),
+        ] {
+            assert_eq!(at % 8, 0, "{at}");
+        }
+        assert_eq!(core::mem::align_of::<SockLifeEvent>(), 8);
+        assert_eq!(core::mem::align_of::<SockSlot>(), 8);
         assert_eq!(core::mem::offset_of!(SockSlot, step_ns), 32);
         assert_eq!(core::mem::offset_of!(SockSlot, pid), 96);
         assert_eq!(

@@ -6,11 +6,12 @@ use aya_ebpf::{
     bindings::{BPF_RB_AVAIL_DATA, BPF_RB_FORCE_WAKEUP, BPF_RB_NO_WAKEUP},
     helpers::{
         bpf_get_current_comm, bpf_get_current_pid_tgid, bpf_get_smp_processor_id, bpf_ktime_get_ns,
+        generated,
     },
     macros::map,
     maps::{PerCpuArray, RingBuf},
 };
-use hvprof_common::{EventHeader, MAX_PROBES};
+use hvprof_common::{COMM_LEN, EventHeader, MAX_PROBES};
 
 /// All events, in the order the CPUs reserve them. User space resizes it at
 /// load time (`--ringbuf-size`).
@@ -38,6 +39,27 @@ pub fn submit_flags(ts_ns: u64) -> u64 {
     } else {
         u64::from(BPF_RB_NO_WAKEUP)
     }
+}
+
+/// Writes the current task's comm into `dst`, NUL padded (zeros if it
+/// fails). Aya's `bpf_get_current_comm` fills a zeroed stack array, and the
+/// BPF target zeroes and copies such an array one byte per turn of a loop.
+#[inline(always)]
+pub fn current_comm_into(dst: &mut [u8; COMM_LEN]) {
+    // SAFETY: the helper writes at most COMM_LEN bytes at `dst`.
+    unsafe { generated::bpf_get_current_comm(dst.as_mut_ptr().cast(), COMM_LEN as u32) };
+}
+
+/// Reads `COMM_LEN` bytes at kernel address `src` (a task's comm) into
+/// `dst` (zeros if it faults), with no copy in between (see
+/// [`current_comm_into`]).
+#[inline(always)]
+pub fn kernel_comm_into(dst: &mut [u8; COMM_LEN], src: u64) {
+    // SAFETY: the helper writes at most COMM_LEN bytes at `dst` and
+    // tolerates faults at `src`.
+    unsafe {
+        generated::bpf_probe_read_kernel(dst.as_mut_ptr().cast(), COMM_LEN as u32, src as *const _)
+    };
 }
 
 /// Counts one lost event for `probe`.

@@ -6,14 +6,14 @@
 
 use aya_ebpf::{
     EbpfContext, Global,
-    helpers::{
-        bpf_get_current_comm, bpf_get_current_pid_tgid, bpf_ktime_get_ns, bpf_probe_read_kernel,
-    },
+    helpers::{bpf_get_current_pid_tgid, bpf_ktime_get_ns, bpf_probe_read_kernel},
     macros::{map, raw_tracepoint, tracepoint},
     maps::{HashMap, PerCpuArray},
     programs::{RawTracePointContext, TracePointContext},
 };
 use hvprof_common::{COMM_LEN, CpuIdle, SchedTpOffsets, TaskOffsets, ThreadStats};
+
+use crate::maps::{current_comm_into, kernel_comm_into};
 
 #[unsafe(no_mangle)]
 static HVP_SCHED_TP: Global<SchedTpOffsets> = Global::new(SchedTpOffsets {
@@ -56,16 +56,16 @@ pub fn hvp_sched_switch(ctx: TracePointContext) -> u32 {
             ctx.read_at::<i64>(off.prev_state as usize).unwrap_or(1),
         )
     };
-    let comm = |at: u32| {
-        // SAFETY: as above.
-        unsafe { ctx.read_at::<[u8; COMM_LEN]>(at as usize) }.unwrap_or([0; COMM_LEN])
-    };
+    let record = ctx.as_ptr() as u64;
     // The record's state of a preempted task has no sleeping bit.
     on_switch(
         prev,
-        || (ctx.tgid(), comm(off.prev_comm)),
+        |comm| {
+            kernel_comm_into(comm, record + u64::from(off.prev_comm));
+            ctx.tgid()
+        },
         next,
-        || comm(off.next_comm),
+        |comm| kernel_comm_into(comm, record + u64::from(off.next_comm)),
         state & SLEEP_STATES == 0,
     );
     0
@@ -86,29 +86,27 @@ pub fn hvp_sched_switch_raw(ctx: RawTracePointContext) -> i32 {
     let runnable = preempt & 1 != 0 || read_task::<u32>(prev_task, off.state) & 0xff == 0;
     on_switch(
         pid_tgid as u32,
-        || {
-            (
-                (pid_tgid >> 32) as u32,
-                bpf_get_current_comm().unwrap_or_default(),
-            )
+        |comm| {
+            current_comm_into(comm);
+            (pid_tgid >> 32) as u32
         },
         next,
-        || read_task::<[u8; COMM_LEN]>(next_task, off.comm),
+        |comm| kernel_comm_into(comm, next_task + u64::from(off.comm)),
         runnable,
     );
     0
 }
 
 /// One context switch on this CPU from thread `prev` to `next` (0: the
-/// idle task); `prev_info` gives prev's tgid and comm, `next_comm` next's
-/// comm (read only while its entry has none); `runnable`: prev stays
-/// runnable.
+/// idle task); `prev_info` writes prev's comm where it is told and gives
+/// its tgid, `next_comm` writes next's comm (only while its entry has
+/// none); `runnable`: prev stays runnable.
 #[inline(always)]
 fn on_switch(
     prev: u32,
-    prev_info: impl FnOnce() -> (u32, [u8; COMM_LEN]),
+    prev_info: impl FnOnce(&mut [u8; COMM_LEN]) -> u32,
     next: u32,
-    next_comm: impl FnOnce() -> [u8; COMM_LEN],
+    next_comm: impl FnOnce(&mut [u8; COMM_LEN]),
     runnable: bool,
 ) {
     // SAFETY: plain helper call.
@@ -127,14 +125,13 @@ fn on_switch(
         }
     }
     if prev != 0 {
-        let (tgid, comm) = prev_info();
-        if let Some(st) = stats(prev, || comm) {
+        if let Some(st) = stats(prev) {
             // SAFETY: map value pointer; racy adds are tolerated.
             unsafe {
-                (*st).tgid = tgid;
-                // Kept current (a thread may exec or rename itself) from
-                // the thread leaving the CPU, whose comm is at hand.
-                (*st).comm = comm;
+                // The comm is kept current (a thread may exec or rename
+                // itself) from the thread leaving the CPU, where it is at
+                // hand.
+                (*st).tgid = prev_info(&mut (*st).comm);
                 if (*st).last_on_ns != 0 {
                     (*st).oncpu_ns += now - (*st).last_on_ns;
                     (*st).last_on_ns = 0;
@@ -147,13 +144,13 @@ fn on_switch(
         }
     }
     if next != 0
-        && let Some(st) = stats(next, || [0; COMM_LEN])
+        && let Some(st) = stats(next)
     {
         // SAFETY: as above.
         unsafe {
             if (*st).comm[0] == 0 {
                 // First seen here, or woken before.
-                (*st).comm = next_comm();
+                next_comm(&mut (*st).comm);
             }
             (*st).last_on_ns = now;
             if (*st).last_enq_ns != 0 {
@@ -189,7 +186,7 @@ fn on_wakeup(pid: u32) {
     }
     // SAFETY: plain helper call.
     let now = unsafe { bpf_ktime_get_ns() };
-    if let Some(st) = stats(pid, || [0; COMM_LEN]) {
+    if let Some(st) = stats(pid) {
         // SAFETY: map value pointer.
         unsafe {
             if (*st).last_enq_ns == 0 {
@@ -209,16 +206,12 @@ fn read_task<T: Default>(task: u64, off: u32) -> T {
         .unwrap_or_default()
 }
 
-/// The stats slot of `tid`, created on first sight.
+/// The stats slot of `tid`, created on first sight (with no comm yet).
 #[inline(always)]
-fn stats(tid: u32, comm: impl FnOnce() -> [u8; COMM_LEN]) -> Option<*mut ThreadStats> {
+fn stats(tid: u32) -> Option<*mut ThreadStats> {
     if let Some(p) = THREADS.get_ptr_mut(tid) {
         return Some(p);
     }
-    let fresh = ThreadStats {
-        comm: comm(),
-        ..ThreadStats::default()
-    };
-    THREADS.insert(tid, fresh, 0).ok()?;
+    THREADS.insert(tid, ThreadStats::default(), 0).ok()?;
     THREADS.get_ptr_mut(tid)
 }

@@ -18,7 +18,7 @@ use core::sync::atomic::{Ordering, compiler_fence};
 use aya_ebpf::{
     Global,
     bindings::{BPF_F_MMAPABLE, BPF_NOEXIST},
-    helpers::{bpf_get_current_comm, bpf_get_current_pid_tgid, bpf_ktime_get_ns},
+    helpers::{bpf_get_current_pid_tgid, bpf_ktime_get_ns},
     helpers::{bpf_get_smp_processor_id, bpf_probe_read_kernel},
     macros::{map, perf_event, raw_tracepoint, tracepoint},
     maps::{Array, HashMap, PerCpuArray},
@@ -30,7 +30,7 @@ use hvprof_common::{
 };
 
 use crate::filter::task_wanted;
-use crate::maps::{EVENTS, count_lost, count_lost_n, submit_flags};
+use crate::maps::{EVENTS, count_lost, count_lost_n, current_comm_into, submit_flags};
 
 #[unsafe(no_mangle)]
 static HVP_SOCK_STATE_TP: Global<SockStateTpOffsets> = Global::new(SockStateTpOffsets {
@@ -205,7 +205,7 @@ fn on_change(sk: u64, old: u8, new: u8, src: &impl Source) {
         let pid_tgid = bpf_get_current_pid_tgid();
         life.pid = (pid_tgid >> 32) as u32;
         life.tid = pid_tgid as u32;
-        life.comm = bpf_get_current_comm().unwrap_or_default();
+        current_comm_into(&mut life.comm);
         if life.pid != 0 {
             life.flags |= SockSlot::TASK_SEEN;
         }
@@ -483,7 +483,11 @@ impl Source for Sock {
         // The head of `sock_common` in one read: IPv4 addresses, remote
         // port and family lie within its first 24 bytes (user space checks
         // this kernel's offsets before choosing this program).
-        let head: [u8; COMMON_HEAD] = self.read(0);
+        // Read as words: the default of a byte array would be zeroed one
+        // byte at a time in a loop on this target.
+        let words: [u64; COMMON_HEAD / 8] = self.read(0);
+        // SAFETY: same size, any bit pattern is valid.
+        let head: [u8; COMMON_HEAD] = unsafe { core::mem::transmute(words) };
         let at = |o: u32| o as usize % COMMON_HEAD;
         let u16_at = |o: u32| u16::from_ne_bytes([head[at(o)], head[(at(o) + 1) % COMMON_HEAD]]);
         life.family = u16_at(off.family);
