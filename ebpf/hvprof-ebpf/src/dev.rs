@@ -14,7 +14,7 @@ use aya_ebpf::{
 };
 use hvprof_common::{DevOffsets, DevPacketEvent, kind, probe};
 
-use crate::maps::{EVENTS, count_lost, header, submit_flags};
+use crate::maps::{EVENTS, count_lost, header_into, kernel_comm_into, submit_flags};
 
 #[unsafe(no_mangle)]
 static HVP_DEV_OFFSETS: Global<DevOffsets> = Global::new(DevOffsets {
@@ -94,38 +94,44 @@ fn packet(ctx: &TracePointContext, dir: u8, probe_id: u16) -> Result<(), i32> {
     } else {
         read(skb, o.skb_data)?
     };
-    let ip: [u8; 20] = read(ip_at, 0)?;
+    // Headers read as words: a byte array would be copied a byte at a time
+    // on this target.
+    let ip: [u32; 5] = read(ip_at, 0)?;
+    // SAFETY: same size, any bit pattern is valid.
+    let ip: [u8; 20] = unsafe { core::mem::transmute(ip) };
     if ip[0] >> 4 != 4 || ip[9] != 6 {
         return Ok(());
     }
     let ihl = u32::from(ip[0] & 0x0f) * 4;
-    let tcp: [u8; 20] = read(ip_at, ihl)?;
+    let tcp: [u32; 5] = read(ip_at, ihl)?;
+    // SAFETY: as above.
+    let tcp: [u8; 20] = unsafe { core::mem::transmute(tcp) };
     let tot = u16::from_be_bytes([ip[2], ip[3]]);
     let doff = u16::from(tcp[12] >> 4) * 4;
     let Some(mut entry) = EVENTS.reserve::<DevPacketEvent>(0) else {
         count_lost(probe_id);
         return Ok(());
     };
-    let ev = DevPacketEvent {
-        header: header(kind::DEV_PACKET, probe_id),
-        skbaddr: skb,
-        netns,
-        ifindex,
-        // SAFETY: as for skbaddr.
-        len: unsafe { ctx.read_at::<u32>(len_off as usize) }.unwrap_or(0),
-        seq: u32::from_be_bytes([tcp[4], tcp[5], tcp[6], tcp[7]]),
-        ack: u32::from_be_bytes([tcp[8], tcp[9], tcp[10], tcp[11]]),
-        saddr: [ip[12], ip[13], ip[14], ip[15]],
-        daddr: [ip[16], ip[17], ip[18], ip[19]],
-        sport: u16::from_be_bytes([tcp[0], tcp[1]]),
-        dport: u16::from_be_bytes([tcp[2], tcp[3]]),
-        payload: tot.saturating_sub(ihl as u16).saturating_sub(doff),
-        flags: tcp[13],
-        dir,
-        ifname: read(dev, o.dev_name).unwrap_or([0; 16]),
-    };
-    let ts = ev.header.ts_ns;
-    entry.write(ev);
+    // Built where it goes (a copy from the stack would move the names a
+    // byte at a time); every field is written.
+    // SAFETY: the reserved record.
+    let ev = unsafe { &mut *entry.as_mut_ptr() };
+    let ts = header_into(&mut ev.header, kind::DEV_PACKET, probe_id);
+    ev.skbaddr = skb;
+    ev.netns = netns;
+    ev.ifindex = ifindex;
+    // SAFETY: as for skbaddr.
+    ev.len = unsafe { ctx.read_at::<u32>(len_off as usize) }.unwrap_or(0);
+    ev.seq = u32::from_be_bytes([tcp[4], tcp[5], tcp[6], tcp[7]]);
+    ev.ack = u32::from_be_bytes([tcp[8], tcp[9], tcp[10], tcp[11]]);
+    ev.saddr = [ip[12], ip[13], ip[14], ip[15]];
+    ev.daddr = [ip[16], ip[17], ip[18], ip[19]];
+    ev.sport = u16::from_be_bytes([tcp[0], tcp[1]]);
+    ev.dport = u16::from_be_bytes([tcp[2], tcp[3]]);
+    ev.payload = tot.saturating_sub(ihl as u16).saturating_sub(doff);
+    ev.flags = tcp[13];
+    ev.dir = dir;
+    kernel_comm_into(&mut ev.ifname, dev + u64::from(o.dev_name));
     entry.submit(submit_flags(ts));
     Ok(())
 }

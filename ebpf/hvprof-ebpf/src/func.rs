@@ -9,7 +9,7 @@ use aya_ebpf::{
 use hvprof_common::{FuncEvent, kind, probe};
 
 use crate::filter::task_wanted;
-use crate::maps::{EVENTS, count_lost, header, submit_flags};
+use crate::maps::{EVENTS, count_lost, header_into, submit_flags};
 
 #[kprobe]
 pub fn hvp_fn_entry(ctx: ProbeContext) -> u32 {
@@ -20,14 +20,12 @@ pub fn hvp_fn_entry(ctx: ProbeContext) -> u32 {
         count_lost(probe::FUNC);
         return 0;
     };
-    let ev = FuncEvent {
-        header: header(kind::FUNC, probe::FUNC),
-        // SAFETY: kprobe context.
-        ip: unsafe { bpf_get_func_ip(ctx.as_ptr()) },
-        arg0: ctx.arg::<u64>(0).unwrap_or(0),
-    };
-    let ts = ev.header.ts_ns;
-    entry.write(ev);
+    // SAFETY: the reserved record, every field of which is written here.
+    let ev = unsafe { &mut *entry.as_mut_ptr() };
+    let ts = header_into(&mut ev.header, kind::FUNC, probe::FUNC);
+    // SAFETY: kprobe context.
+    ev.ip = unsafe { bpf_get_func_ip(ctx.as_ptr()) };
+    ev.arg0 = ctx.arg::<u64>(0).unwrap_or(0);
     entry.submit(submit_flags(ts));
     0
 }

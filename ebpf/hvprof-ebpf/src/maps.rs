@@ -4,10 +4,7 @@
 use aya_ebpf::{
     Global,
     bindings::{BPF_RB_AVAIL_DATA, BPF_RB_FORCE_WAKEUP, BPF_RB_NO_WAKEUP},
-    helpers::{
-        bpf_get_current_comm, bpf_get_current_pid_tgid, bpf_get_smp_processor_id, bpf_ktime_get_ns,
-        generated,
-    },
+    helpers::{bpf_get_current_pid_tgid, bpf_get_smp_processor_id, bpf_ktime_get_ns, generated},
     macros::map,
     maps::{PerCpuArray, RingBuf},
 };
@@ -50,9 +47,9 @@ pub fn current_comm_into(dst: &mut [u8; COMM_LEN]) {
     unsafe { generated::bpf_get_current_comm(dst.as_mut_ptr().cast(), COMM_LEN as u32) };
 }
 
-/// Reads `COMM_LEN` bytes at kernel address `src` (a task's comm) into
-/// `dst` (zeros if it faults), with no copy in between (see
-/// [`current_comm_into`]).
+/// Reads `COMM_LEN` bytes at kernel address `src` (a task's comm, a
+/// device's name) into `dst` (zeros if it faults), with no copy in
+/// between (see [`current_comm_into`]).
 #[inline(always)]
 pub fn kernel_comm_into(dst: &mut [u8; COMM_LEN], src: u64) {
     // SAFETY: the helper writes at most COMM_LEN bytes at `dst` and
@@ -77,19 +74,21 @@ pub fn count_lost_n(probe: u16, n: u64) {
     }
 }
 
-/// The common header of an event from `probe` of `kind`, for the current
-/// task.
+/// Writes the common header of an event from `probe` of `kind`, for the
+/// current task, into `h` (an event being built where it goes: in the ring;
+/// built on the stack and copied, its comm would move a byte at a time).
+/// Returns its time.
 #[inline(always)]
-pub fn header(kind: u16, probe: u16) -> EventHeader {
+pub fn header_into(h: &mut EventHeader, kind: u16, probe: u16) -> u64 {
     let pid_tgid = bpf_get_current_pid_tgid();
-    EventHeader {
-        // SAFETY: plain helper calls.
-        ts_ns: unsafe { bpf_ktime_get_ns() },
-        kind,
-        probe,
-        cpu: unsafe { bpf_get_smp_processor_id() },
-        pid: (pid_tgid >> 32) as u32,
-        tid: pid_tgid as u32,
-        comm: bpf_get_current_comm().unwrap_or_default(),
-    }
+    // SAFETY: plain helper calls.
+    let ts_ns = unsafe { bpf_ktime_get_ns() };
+    h.ts_ns = ts_ns;
+    h.kind = kind;
+    h.probe = probe;
+    h.cpu = unsafe { bpf_get_smp_processor_id() };
+    h.pid = (pid_tgid >> 32) as u32;
+    h.tid = pid_tgid as u32;
+    current_comm_into(&mut h.comm);
+    ts_ns
 }

@@ -9,7 +9,7 @@ use aya_ebpf::{
 use hvprof_common::{MAX_FRAMES, SampleEvent, kind, probe};
 
 use crate::filter::task_wanted;
-use crate::maps::{EVENTS, count_lost, header, submit_flags};
+use crate::maps::{EVENTS, count_lost, header_into, submit_flags};
 
 #[perf_event]
 pub fn hvp_cpu_sample(ctx: PerfEventContext) -> u32 {
@@ -25,12 +25,10 @@ pub fn hvp_cpu_sample(ctx: PerfEventContext) -> u32 {
     };
     let ev = entry.as_mut_ptr();
     const BYTES: u32 = (MAX_FRAMES * 8) as u32;
-    let head = header(kind::CPU_SAMPLE, probe::CPU_SAMPLE);
-    let ts = head.ts_ns;
     // SAFETY: `ev` points at reserved ring-buffer memory of the right size;
     // bpf_get_stack writes at most BYTES into each array.
-    unsafe {
-        (*ev).header = head;
+    let ts = unsafe {
+        let ts = header_into(&mut (*ev).header, kind::CPU_SAMPLE, probe::CPU_SAMPLE);
         let k = bpf_get_stack(ctx.as_ptr(), (*ev).kstack.as_mut_ptr().cast(), BYTES, 0);
         (*ev).kstack_bytes = k as i32;
         let u = bpf_get_stack(
@@ -40,7 +38,8 @@ pub fn hvp_cpu_sample(ctx: PerfEventContext) -> u32 {
             u64::from(BPF_F_USER_STACK),
         );
         (*ev).ustack_bytes = u as i32;
-    }
+        ts
+    };
     entry.submit(submit_flags(ts));
     0
 }
