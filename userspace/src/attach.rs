@@ -821,3 +821,39 @@ fn wait_freed(ids: &[u32], limit: std::time::Duration) {
         std::thread::sleep(std::time::Duration::from_millis(20));
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use object::{Object as _, ObjectSection as _, ObjectSymbol as _, RelocationTarget};
+
+    /// No program calls the byte-at-a-time `memmove`/`memset`/`memcpy`
+    /// that the BPF target links in for a copy or zeroing it doesn't
+    /// expand (a copied or zeroed byte array, a struct default on the
+    /// stack): on a per-event path that cost more than the rest of the
+    /// program.
+    #[test]
+    fn no_program_calls_a_byte_loop() {
+        let obj = object::File::parse(super::OBJECT).expect("the eBPF object parses");
+        let mut calls = Vec::new();
+        for section in obj.sections() {
+            for (_, rel) in section.relocations() {
+                let RelocationTarget::Symbol(i) = rel.target() else {
+                    continue;
+                };
+                let name = obj
+                    .symbol_by_index(i)
+                    .and_then(|s| s.name().map(str::to_string))
+                    .unwrap_or_default();
+                if ["memmove", "memset", "memcpy"].contains(&name.as_str()) {
+                    calls.push(format!("{} -> {name}", section.name().unwrap_or("?")));
+                }
+            }
+        }
+        assert!(
+            obj.sections().count() > 10,
+            "not the eBPF object: {} sections",
+            obj.sections().count()
+        );
+        assert!(calls.is_empty(), "{calls:?}");
+    }
+}

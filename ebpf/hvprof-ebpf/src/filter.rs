@@ -4,7 +4,7 @@
 
 use aya_ebpf::{
     Global,
-    helpers::{bpf_get_current_cgroup_id, bpf_get_current_comm, bpf_get_current_pid_tgid},
+    helpers::{bpf_get_current_cgroup_id, bpf_get_current_pid_tgid, generated},
     macros::map,
     maps::HashMap,
 };
@@ -37,12 +37,20 @@ pub fn task_wanted() -> bool {
             return true;
         }
     }
-    if f & task_filter::COMMS != 0
-        && let Ok(comm) = bpf_get_current_comm()
-        // SAFETY: read-only lookup.
-        && unsafe { COMMS.get(&comm) }.is_some()
-    {
-        return true;
+    if f & task_filter::COMMS != 0 {
+        // Written whole by the helper (zero padded), not zeroed first: the
+        // BPF target zeroes a byte array one byte per turn of a loop.
+        let mut comm = core::mem::MaybeUninit::<[u8; COMM_LEN]>::uninit();
+        // SAFETY: the helper writes all COMM_LEN bytes (zeros if it fails);
+        // then a read-only lookup.
+        if unsafe {
+            generated::bpf_get_current_comm(comm.as_mut_ptr().cast(), COMM_LEN as u32);
+            COMMS.get(comm.assume_init_ref())
+        }
+        .is_some()
+        {
+            return true;
+        }
     }
     if f & task_filter::CGROUPS != 0 {
         // SAFETY: plain helper call.

@@ -8,7 +8,7 @@ use aya_ebpf::{
     EbpfContext, Global,
     helpers::{bpf_get_current_pid_tgid, bpf_ktime_get_ns, bpf_probe_read_kernel},
     macros::{map, raw_tracepoint, tracepoint},
-    maps::{HashMap, PerCpuArray},
+    maps::{Array, HashMap, PerCpuArray},
     programs::{RawTracePointContext, TracePointContext},
 };
 use hvprof_common::{COMM_LEN, CpuIdle, SchedTpOffsets, TaskOffsets, ThreadStats};
@@ -36,6 +36,11 @@ static HVP_TASK_OFFSETS: Global<TaskOffsets> = Global::new(TaskOffsets {
 /// Per-thread accounting, by tid.
 #[map(name = "HVP_THREADS")]
 static THREADS: HashMap<u32, ThreadStats> = HashMap::with_max_entries(32768, 0);
+
+/// One all-zero entry, never written: the value a new thread's entry is
+/// made from (one on the stack would be zeroed a byte at a time).
+#[map(name = "HVP_THREAD_ZERO")]
+static ZERO: Array<ThreadStats> = Array::with_max_entries(1, 0);
 
 /// Per-CPU idle time (slot 0).
 #[map(name = "HVP_IDLE")]
@@ -212,6 +217,6 @@ fn stats(tid: u32) -> Option<*mut ThreadStats> {
     if let Some(p) = THREADS.get_ptr_mut(tid) {
         return Some(p);
     }
-    THREADS.insert(tid, ThreadStats::default(), 0).ok()?;
+    THREADS.insert(tid, ZERO.get(0)?, 0).ok()?;
     THREADS.get_ptr_mut(tid)
 }
