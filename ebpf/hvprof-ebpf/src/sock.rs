@@ -438,11 +438,13 @@ fn begin(sk: u64, slot: Option<*mut SockSlot>, src: &impl Source) -> Option<*mut
     Some(p)
 }
 
-/// `tcp_sock` byte counters, when this kernel's offsets are known.
+/// `tcp_sock` byte counters, when this kernel's offsets are known (else 0).
 #[inline(always)]
 fn bytes(sk: u64, life: &mut SockLifeEvent) {
     let k = HVP_KERNEL_OFFSETS.load();
     if k.valid == 0 {
+        life.bytes_received = 0;
+        life.bytes_acked = 0;
         return;
     }
     let base = sk as *const u8;
