@@ -18,6 +18,21 @@ pub fn running() -> Result<Btf> {
     })
 }
 
+/// Struct offsets a program reads, resolved by `resolve` from `btf`:
+/// `(offsets, None)`, or the default (marked not valid) and why not.
+pub fn offsets_or_why<T: Default>(
+    btf: Option<&Btf>,
+    resolve: impl FnOnce(&Btf) -> Result<T>,
+) -> (T, Option<String>) {
+    let Some(btf) = btf else {
+        return (T::default(), Some("no kernel BTF".into()));
+    };
+    match resolve(btf) {
+        Ok(o) => (o, None),
+        Err(e) => (T::default(), Some(format!("{e:#}"))),
+    }
+}
+
 /// Byte offset of `member` in `struct name`, looking through anonymous
 /// structs and unions. Bitfields are refused.
 pub fn member_offset(btf: &Btf, name: &str, member: &str) -> Result<u32> {

@@ -129,11 +129,8 @@ pub fn tp_offsets() -> Result<SchedTpOffsets> {
 /// `btf`; with `valid == 0` (and the reason) when this kernel's BTF lacks
 /// one.
 pub fn task_offsets(btf: Option<&btf_rs::Btf>) -> (TaskOffsets, Option<String>) {
-    let Some(btf) = btf else {
-        return (TaskOffsets::default(), Some("no kernel BTF".into()));
-    };
-    let task = |m: &str| btf::member_offset(btf, "task_struct", m);
-    let resolved = (|| -> Result<TaskOffsets> {
+    btf::offsets_or_why(btf, |btf| {
+        let task = |m: &str| btf::member_offset(btf, "task_struct", m);
         Ok(TaskOffsets {
             pid: task("pid")?,
             comm: task("comm")?,
@@ -141,11 +138,7 @@ pub fn task_offsets(btf: Option<&btf_rs::Btf>) -> (TaskOffsets, Option<String>) 
             state: task("__state").or_else(|_| task("state"))?,
             valid: 1,
         })
-    })();
-    match resolved {
-        Ok(o) => (o, None),
-        Err(e) => (TaskOffsets::default(), Some(format!("{e:#}"))),
-    }
+    })
 }
 
 /// One thread's scheduler accounting over the recording.

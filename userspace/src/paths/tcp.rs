@@ -308,12 +308,9 @@ pub fn decode(ev: &SockLifeEvent) -> SockLife {
 /// `struct sock` offsets for the raw-tracepoint program, from `btf`; with
 /// `valid == 0` (and the reason) when this kernel's BTF lacks one.
 pub fn sock_offsets(btf: Option<&btf_rs::Btf>) -> (SockOffsets, Option<String>) {
-    let Some(btf) = btf else {
-        return (SockOffsets::default(), Some("no kernel BTF".into()));
-    };
-    let common = |m: &str| btf::member_offset(btf, "sock_common", m);
-    let resolved = (|| -> Result<SockOffsets> {
-        Ok(SockOffsets {
+    btf::offsets_or_why(btf, |btf| {
+        let common = |m: &str| btf::member_offset(btf, "sock_common", m);
+        let o = SockOffsets {
             daddr: common("skc_daddr")?,
             rcv_saddr: common("skc_rcv_saddr")?,
             dport: common("skc_dport")?,
@@ -325,19 +322,15 @@ pub fn sock_offsets(btf: Option<&btf_rs::Btf>) -> (SockOffsets, Option<String>) 
             protocol: btf::member_offset(btf, "sock", "sk_protocol")?,
             valid: 1,
             _pad: 0,
-        })
-    })();
-    let resolved = resolved.and_then(|o| {
+        };
         let head = [(o.daddr, 4), (o.rcv_saddr, 4), (o.dport, 2), (o.family, 2)];
         if head.iter().any(|(off, size)| off + size > SOCK_COMMON_HEAD) {
-            anyhow::bail!("sock_common's addresses, port and family lie beyond its first {SOCK_COMMON_HEAD} bytes");
+            anyhow::bail!(
+                "sock_common's addresses, port and family lie beyond its first {SOCK_COMMON_HEAD} bytes"
+            );
         }
         Ok(o)
-    });
-    match resolved {
-        Ok(o) => (o, None),
-        Err(e) => (SockOffsets::default(), Some(format!("{e:#}"))),
-    }
+    })
 }
 
 /// Closed lives still waiting in the CPUs' batches when the programs were
