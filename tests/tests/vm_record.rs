@@ -142,7 +142,11 @@ fn guests_record_their_own_nic_drivers_matched_with_the_host_tap() {
             "{topology}: {g}"
         );
         let err = g["clock_error_ns"].as_u64().expect("error bound");
-        assert!(err < 20_000_000, "{topology}: clock error bound {err} ns");
+        assert!(
+            err < 20_000_000,
+            "{topology}: clock error bound {err} ns: {g}; clock offsets {}",
+            hmeta["clock_offsets"]
+        );
         let offsets = hmeta["clock_offsets"].as_array().expect("offsets in meta");
         assert!(
             offsets
