@@ -468,9 +468,14 @@ pub fn attach(
             if let (Err(e), Method::RawTracepoint) = (&res, method)
                 && r.spec.programs.tracepoint.is_some()
             {
-                // The classic tracepoint carries the same event.
+                // The classic tracepoint carries the same event. What the
+                // raw program did attach (the wakeup program has more than
+                // one tracepoint) goes first, or it would count twice.
                 r.reasons
                     .push(format!("raw_tracepoint: attach failed: {e:#}"));
+                if let Some(raw) = r.spec.programs.raw_tracepoint {
+                    let _ = unload(&mut ebpf, raw);
+                }
                 method = Method::Tracepoint;
                 r.obtained = Some(method);
                 res = attach_one(&mut ebpf, r.spec, method, sample_hz, features);
