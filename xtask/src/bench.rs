@@ -768,8 +768,9 @@ fn cpu_ticks() -> Option<(u64, u64)> {
         .take(7)
         .map(|v| v.parse().ok())
         .collect::<Option<_>>()?;
-    let busy = f[0] + f[1] + f[2] + f.get(5)? + f.get(6)?;
-    Some((busy, busy + f[3] + f[4]))
+    let at = |i: usize| f.get(i).copied();
+    let busy = at(0)? + at(1)? + at(2)? + at(5)? + at(6)?;
+    Some((busy, busy + at(3)? + at(4)?))
 }
 
 /// Machine CPU µs per connection: a busy share of every CPU at `rate`
