@@ -561,6 +561,12 @@ fn attach_one(
     let prog = ebpf
         .program_mut(name)
         .ok_or_else(|| anyhow!("program {name} missing from the object"))?;
+    // Tracepoints a tracepoint row's program attaches to besides its own.
+    let also: &[(&str, &str)] = if spec.name == "sched:sched_wakeup" {
+        sched::WAKEUP_ALSO
+    } else {
+        &[]
+    };
     match (method, spec.hook) {
         (
             Method::Tracepoint,
@@ -579,13 +585,9 @@ fn attach_one(
             if prog.fd().is_err() {
                 prog.load().with_context(|| format!("loading {name}"))?;
             }
-            prog.attach(category, tp)
-                .with_context(|| format!("attaching {name} to {category}:{tp}"))?;
-            if spec.name == "sched:sched_wakeup" {
-                for (c, t) in sched::WAKEUP_ALSO {
-                    prog.attach(c, t)
-                        .with_context(|| format!("attaching {name} to {c}:{t}"))?;
-                }
+            for &(c, t) in std::iter::once(&(category, tp)).chain(also) {
+                prog.attach(c, t)
+                    .with_context(|| format!("attaching {name} to {c}:{t}"))?;
             }
             Ok(())
         }
@@ -594,13 +596,9 @@ fn attach_one(
             if prog.fd().is_err() {
                 prog.load().with_context(|| format!("loading {name}"))?;
             }
-            prog.attach(tp)
-                .with_context(|| format!("attaching {name} to raw tracepoint {tp}"))?;
-            if spec.name == "sched:sched_wakeup" {
-                for (_, t) in sched::WAKEUP_ALSO {
-                    prog.attach(t)
-                        .with_context(|| format!("attaching {name} to raw tracepoint {t}"))?;
-                }
+            for &t in std::iter::once(&tp).chain(also.iter().map(|(_, t)| t)) {
+                prog.attach(t)
+                    .with_context(|| format!("attaching {name} to raw tracepoint {t}"))?;
             }
             Ok(())
         }
