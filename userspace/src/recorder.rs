@@ -340,10 +340,7 @@ impl Recorder {
                 .into_iter()
                 .chain(tcp::open_lives(ebpf)?)
             {
-                sink(&life)?;
-                if let Some(t) = &mut self.tap {
-                    t.event(&life);
-                }
+                keep(&life, &mut sink, &mut self.tap)?;
             }
             Ok(())
         });
@@ -383,20 +380,28 @@ fn drain_ring(
         if head.is_some_and(|h| h.kind == kind::SOCK_LIVES) {
             // Lives that crossed together are kept one by one.
             for life in SockLivesEvent::lives_in(&item) {
-                sink(life)?;
-                if let Some(t) = tap {
-                    t.event(life);
-                }
+                keep(life, sink, tap)?;
             }
             continue;
         }
-        sink(&item)?;
-        if let Some(t) = tap {
-            t.event(&item);
-        }
+        keep(&item, sink, tap)?;
         if head.is_some_and(|h| h.kind == kind::CPU_SAMPLE && window.contains(h.ts_ns)) {
             stacks.add(&item);
         }
+    }
+    Ok(())
+}
+
+/// Writes the record `rec` to the event log and shows it to the live
+/// view, if there is one.
+fn keep(
+    rec: &[u8],
+    sink: &mut dyn FnMut(&[u8]) -> Result<()>,
+    tap: &mut Option<Box<dyn Tap>>,
+) -> Result<()> {
+    sink(rec)?;
+    if let Some(t) = tap {
+        t.event(rec);
     }
     Ok(())
 }
