@@ -4,11 +4,13 @@
 
 use aya_ebpf::{
     Global,
-    helpers::{bpf_get_current_cgroup_id, bpf_get_current_pid_tgid, generated},
+    helpers::{bpf_get_current_cgroup_id, bpf_get_current_pid_tgid},
     macros::map,
     maps::HashMap,
 };
 use hvprof_common::{COMM_LEN, task_filter};
+
+use crate::maps::write_current_comm;
 
 /// `task_filter::PIDS | task_filter::COMMS`: which sets are in force.
 #[unsafe(no_mangle)]
@@ -44,7 +46,7 @@ pub fn task_wanted() -> bool {
         // SAFETY: the helper writes all COMM_LEN bytes (zeros if it fails);
         // then a read-only lookup.
         if unsafe {
-            generated::bpf_get_current_comm(comm.as_mut_ptr().cast(), COMM_LEN as u32);
+            write_current_comm(comm.as_mut_ptr());
             COMMS.get(comm.assume_init_ref())
         }
         .is_some()

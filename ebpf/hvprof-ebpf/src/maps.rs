@@ -43,8 +43,19 @@ pub fn submit_flags(ts_ns: u64) -> u64 {
 /// BPF target zeroes and copies such an array one byte per turn of a loop.
 #[inline(always)]
 pub fn current_comm_into(dst: &mut [u8; COMM_LEN]) {
-    // SAFETY: the helper writes at most COMM_LEN bytes at `dst`.
-    unsafe { generated::bpf_get_current_comm(dst.as_mut_ptr().cast(), COMM_LEN as u32) };
+    // SAFETY: a valid, writable array.
+    unsafe { write_current_comm(dst) };
+}
+
+/// [`current_comm_into`] for memory not initialised yet (the helper writes
+/// all `COMM_LEN` bytes, zero padded).
+///
+/// # Safety
+/// `dst` is valid for writes of `COMM_LEN` bytes.
+#[inline(always)]
+pub unsafe fn write_current_comm(dst: *mut [u8; COMM_LEN]) {
+    // SAFETY: as the caller promised.
+    unsafe { generated::bpf_get_current_comm(dst.cast(), COMM_LEN as u32) };
 }
 
 /// Reads `COMM_LEN` bytes at kernel address `src` (a task's comm, a
