@@ -561,30 +561,23 @@ pub fn bench_overhead(o: &OverheadArgs) -> Result<()> {
     // time per run alone.
     let (stats_cps, _) = b_run("stats".into(), true)?;
     stand.stop();
-    let mut ratios: Vec<f64> = plain.iter().zip(&probed).map(|(a, b)| b / a).collect();
-    let ratio = median(&mut ratios);
+    let (ratio, low, high) = paired(&plain, &probed);
     let (pa, pb) = (median(&mut plain), median(&mut probed));
     println!(
         "plain {pa:.0} conn/s, with every probe {pb:.0} conn/s (medians); overhead {:.1}% (median of the rounds' paired ratios, {:.1}% .. {:.1}%); lost events {lost:.0}",
         100.0 * (1.0 - ratio),
-        100.0 * (1.0 - ratios.last().copied().unwrap_or(1.0)),
-        100.0 * (1.0 - ratios.first().copied().unwrap_or(1.0)),
+        100.0 * (1.0 - high),
+        100.0 * (1.0 - low),
     );
-    let mut cpu_ratios: Vec<f64> = plain_cpu
-        .iter()
-        .zip(&probed_cpu)
-        .map(|(a, b)| b / a)
-        .filter(|r| r.is_finite())
-        .collect();
-    if !cpu_ratios.is_empty() {
-        let r = median(&mut cpu_ratios);
+    let (r, low, high) = paired(&plain_cpu, &probed_cpu);
+    if r.is_finite() {
         println!(
             "machine CPU per connection: plain {:.1} µs, with every probe {:.1} µs (medians); {:+.1}% (median of the rounds' paired ratios, {:+.1}% .. {:+.1}%)",
             median(&mut plain_cpu),
             median(&mut probed_cpu),
             100.0 * (r - 1.0),
-            100.0 * (cpu_ratios.first().copied().unwrap_or(1.0) - 1.0),
-            100.0 * (cpu_ratios.last().copied().unwrap_or(1.0) - 1.0),
+            100.0 * (low - 1.0),
+            100.0 * (high - 1.0),
         );
     }
     // The programs' own CPU time, from the kernel's statistics: a share
@@ -621,6 +614,23 @@ pub fn bench_overhead(o: &OverheadArgs) -> Result<()> {
         );
     }
     Ok(())
+}
+
+/// Each round's ratio `b / a` (the two runs of a round are close in time,
+/// while the machine's speed drifts between rounds): their median, lowest
+/// and highest, leaving out rounds without a figure (NaN if none has one).
+fn paired(a: &[f64], b: &[f64]) -> (f64, f64, f64) {
+    let mut r: Vec<f64> = a
+        .iter()
+        .zip(b)
+        .map(|(a, b)| b / a)
+        .filter(|r| r.is_finite())
+        .collect();
+    if r.is_empty() {
+        return (f64::NAN, f64::NAN, f64::NAN);
+    }
+    let m = median(&mut r);
+    (m, r[0], r[r.len() - 1])
 }
 
 /// `hvprof load` straight against each origin, same objects and settings.
