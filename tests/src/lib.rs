@@ -134,6 +134,15 @@ pub fn dump_events(run: &std::path::Path) -> Vec<serde_json::Value> {
     json_lines(&out.stdout)
 }
 
+/// The JSON file at `path` (a run's `meta.json`, `summary.json` ...),
+/// panicking with the path if it can't be read or parsed.
+pub fn read_json(path: &std::path::Path) -> serde_json::Value {
+    serde_json::from_slice(
+        &std::fs::read(path).unwrap_or_else(|e| panic!("{}: {e}", path.display())),
+    )
+    .unwrap_or_else(|e| panic!("{}: {e}", path.display()))
+}
+
 /// Parses JSON lines.
 pub fn json_lines(bytes: &[u8]) -> Vec<serde_json::Value> {
     String::from_utf8_lossy(bytes)

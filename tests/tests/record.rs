@@ -8,7 +8,7 @@ use std::{
 
 use hvprof_tests::{
     Owned, assert_ok, bpf_lock, bpf_unavailable, dump_events, helper_bin, hvprof, hvprof_bin,
-    json_lines, our_bpf_programs, skip,
+    json_lines, our_bpf_programs, read_json, skip,
 };
 use serde_json::Value;
 
@@ -100,9 +100,7 @@ fn record_sees_exactly_500_connections_with_monotone_timestamps_and_no_loss() {
         !skipped_states(&lives).is_empty(),
         "--all-tcp-states keeps FIN_WAIT2 and LAST_ACK"
     );
-    let meta: Value =
-        serde_json::from_slice(&std::fs::read(run.join("meta.json")).expect("meta.json"))
-            .expect("meta JSON");
+    let meta: Value = read_json(&run.join("meta.json"));
     assert_eq!(meta["all_tcp_states"], true, "{meta}");
     assert!(
         lines
@@ -252,9 +250,7 @@ fn the_classic_tracepoint_records_the_same_lives_where_raw_ones_are_avoided() {
         .output()
         .expect("hvprof runs");
     assert_ok(&out, "hvprof record");
-    let summary: Value =
-        serde_json::from_slice(&std::fs::read(run.join("summary.json")).expect("summary"))
-            .expect("summary JSON");
+    let summary: Value = read_json(&run.join("summary.json"));
     assert_eq!(
         summary["probes"][0]["program"], "hvp_sock_state",
         "{summary}"
@@ -276,9 +272,7 @@ fn the_classic_tracepoint_records_the_same_lives_where_raw_ones_are_avoided() {
         let eps: Vec<&Value> = eps.iter().collect();
         assert!(skipped_states(&eps).is_empty(), "{c}");
     }
-    let meta: Value =
-        serde_json::from_slice(&std::fs::read(run.join("meta.json")).expect("meta.json"))
-            .expect("meta JSON");
+    let meta: Value = read_json(&run.join("meta.json"));
     assert_eq!(meta["all_tcp_states"], false, "{meta}");
 }
 
@@ -311,9 +305,7 @@ fn two_hogs_on_one_cpu_share_it(raw: bool) {
         .expect("hvprof runs");
     drop(hogs);
     assert_ok(&out, "hvprof record");
-    let summary: Value =
-        serde_json::from_slice(&std::fs::read(run.join("summary.json")).expect("summary"))
-            .expect("summary JSON");
+    let summary: Value = read_json(&run.join("summary.json"));
     let programs: Vec<&str> = summary["probes"]
         .as_array()
         .expect("probes")
@@ -326,9 +318,7 @@ fn two_hogs_on_one_cpu_share_it(raw: bool) {
         ["hvp_sched_switch", "hvp_sched_wakeup"]
     };
     assert_eq!(programs, want, "{summary}");
-    let threads: Value =
-        serde_json::from_slice(&std::fs::read(run.join("threads.json")).expect("threads.json"))
-            .expect("threads JSON");
+    let threads: Value = read_json(&run.join("threads.json"));
     let found: Vec<&Value> = threads["threads"]
         .as_array()
         .expect("threads")
@@ -439,9 +429,7 @@ fn more_open_sockets_than_max_sockets_are_counted_lost_and_flagged() {
         .take()
         .expect("stdout")
         .read_to_string(&mut text);
-    let summary: Value =
-        serde_json::from_slice(&std::fs::read(run.join("summary.json")).expect("summary"))
-            .expect("summary is JSON");
+    let summary: Value = read_json(&run.join("summary.json"));
     let lost = summary["lost"]["tcp:inet_sock_set_state"]
         .as_u64()
         .unwrap_or(0);
@@ -813,9 +801,7 @@ fn probes_are_attached_while_recording_and_gone_after_sigint_and_sigterm() {
             run.join("summary.json").exists(),
             "summary written after signal {sig}"
         );
-        let meta: Value =
-            serde_json::from_slice(&std::fs::read(run.join("meta.json")).expect("meta"))
-                .expect("meta JSON");
+        let meta: Value = read_json(&run.join("meta.json"));
         assert_eq!(meta["status"], "complete");
         assert!(
             our_bpf_programs().is_empty(),
@@ -992,9 +978,7 @@ fn report_from_a_recording_has_layers_threads_latency_and_a_layer_coloured_flame
         "{}",
         String::from_utf8_lossy(&out.stderr)
     );
-    let report: Value =
-        serde_json::from_slice(&std::fs::read(rep.join("report.json")).expect("report.json"))
-            .expect("JSON");
+    let report: Value = read_json(&rep.join("report.json"));
     let r = &report["runs"][0];
     assert!(r["connections"].as_u64().unwrap_or(0) >= 2000, "{r}");
     assert!(

@@ -11,7 +11,7 @@ use std::{
 
 use hvprof_tests::{
     assert_ok, bpf_lock, bpf_unavailable, dump_events, hvprof, hvprof_bin, json_lines,
-    our_bpf_programs, skip, topology_support::vm_unavailable,
+    our_bpf_programs, read_json, skip, topology_support::vm_unavailable,
 };
 
 /// Runs `hvprof cleanup` when the test ends, even by a panic, so a failed
@@ -65,13 +65,6 @@ fn functions(run: &Path) -> std::collections::BTreeMap<String, u64> {
     m
 }
 
-fn json(path: &Path) -> Value {
-    serde_json::from_slice(
-        &std::fs::read(path).unwrap_or_else(|e| panic!("{}: {e}", path.display())),
-    )
-    .expect("JSON")
-}
-
 #[test]
 fn guests_record_their_own_nic_drivers_matched_with_the_host_tap() {
     if let Some(why) = bpf_unavailable().or_else(vm_unavailable) {
@@ -89,7 +82,7 @@ fn guests_record_their_own_nic_drivers_matched_with_the_host_tap() {
         let run = record(topology, &tmp.path().join(topology));
         let guest = run.join("guest-0");
         // The guest recorded its own driver, by kprobe.
-        let gmeta = json(&guest.join("meta.json"));
+        let gmeta = read_json(&guest.join("meta.json"));
         assert_eq!(gmeta["status"], "complete", "{topology}");
         let fns = functions(&guest);
         assert!(
@@ -104,7 +97,7 @@ fn guests_record_their_own_nic_drivers_matched_with_the_host_tap() {
             .count();
         assert!(kprobed > 0, "{topology}: nothing kprobed in the guest");
         // The host has no kprobes here: the same rows fall back.
-        let hmeta = json(&run.join("meta.json"));
+        let hmeta = read_json(&run.join("meta.json"));
         let host_row = hmeta["probes"]
             .as_array()
             .expect("probes")
@@ -125,7 +118,7 @@ fn guests_record_their_own_nic_drivers_matched_with_the_host_tap() {
         );
 
         // Packets matched across the boundary; clock offset bounded.
-        let summary = json(&run.join("summary.json"));
+        let summary = read_json(&run.join("summary.json"));
         let g = &summary["guests"][0];
         assert_eq!(g["complete"], true, "{topology}: {g}");
         let frac = g["packets"]["matched_fraction"].as_f64().unwrap_or(0.0);
@@ -239,9 +232,9 @@ fn record_topology_brings_a_path_up_records_it_and_tears_it_down() {
     let _cleanup = CleanupGuard;
     let tmp = tempfile::tempdir().expect("tempdir");
     let (run, pid) = record_topology("bridge", tmp.path());
-    let meta = json(&run.join("meta.json"));
+    let meta = read_json(&run.join("meta.json"));
     assert_eq!(meta["topology"], "bridge");
-    let summary = json(&run.join("summary.json"));
+    let summary = read_json(&run.join("summary.json"));
     assert!(
         summary["connections"].as_u64().unwrap_or(0) >= 100,
         "the load through the proxy was recorded: {summary}"
@@ -292,7 +285,7 @@ fn ctrl_c_ends_a_topology_recording_in_order() {
         t0.elapsed()
     );
     // The summary is written and printed before the topology goes down.
-    let summary = json(&run.join("summary.json"));
+    let summary = read_json(&run.join("summary.json"));
     assert!(summary["events"].as_u64().is_some(), "{summary}");
     let stdout = String::from_utf8_lossy(&out.stdout);
     assert!(
@@ -314,13 +307,13 @@ fn record_topology_on_a_guest_merges_host_and_guest() {
     let tmp = tempfile::tempdir().expect("tempdir");
     let (run, pid) = record_topology("vm-virtio", tmp.path());
     let guest = run.join("guest-0");
-    assert_eq!(json(&guest.join("meta.json"))["status"], "complete");
+    assert_eq!(read_json(&guest.join("meta.json"))["status"], "complete");
     let fns = functions(&guest);
     assert!(
         fns.get("start_xmit").copied().unwrap_or(0) > 0,
         "no virtio_net events in the guest: {fns:?}"
     );
-    let summary = json(&run.join("summary.json"));
+    let summary = read_json(&run.join("summary.json"));
     assert!(
         summary["guests"][0]["clock_error_ns"].as_u64().is_some(),
         "no clock offset for the guest: {summary}"
