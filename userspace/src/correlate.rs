@@ -197,17 +197,14 @@ pub fn packet_offset(
         one_way_us_p50: 0.0,
         one_way_us_p99: 0.0,
     };
-    let (Some(a), Some(b)) = (down.iter().min(), up.iter().min()) else {
+    let Some((offset, bound)) = offset_from(&down, &up) else {
         return Ok(None);
     };
-    let offset = (a - b) / 2;
     // The bound holds for one fixed offset. A guest clock that drifts (an
     // emulated guest that calibrated its TSC on a busy host) moves the
     // offset during the run: the offsets of each quarter of the run, and
     // their own bounds, widen it to cover every part of the run.
-    let error = drift_bound(&down_at, &up_at, offset)
-        .max((a + b) / 2)
-        .max(0);
+    let error = drift_bound(&down_at, &up_at, offset).max(bound).max(0);
     let mut delays: Vec<f64> = down
         .iter()
         .map(|d| (d - offset) as f64 / 1000.0)
@@ -229,6 +226,33 @@ pub fn packet_offset(
     )))
 }
 
+/// Pairs per thousand, at most, left out of the estimate as impossible.
+/// The smallest delays decide the offset, and one pair no single offset
+/// explains would move it: a key matched across two sightings of which
+/// each side traced a different one (a retransmission, say, whose other
+/// copy fell outside one side's recording) can put a delay tens of
+/// milliseconds below every real one.
+const OUTLIERS_PER_MILLE: usize = 2;
+
+/// The smallest of `delays` once the outliers are left out.
+fn low(delays: &[i128]) -> Option<i128> {
+    if delays.is_empty() {
+        return None;
+    }
+    let mut v = delays.to_vec();
+    let k = v.len() * OUTLIERS_PER_MILLE / 1000;
+    Some(*v.select_nth_unstable(k).1)
+}
+
+/// The guest − host offset, and its bound, from the delays one way
+/// (guest − host time of each packet the host sent) and the other (host −
+/// guest time of each packet the guest sent): the true offset lies
+/// between −(smallest up) and the smallest down.
+fn offset_from(down: &[i128], up: &[i128]) -> Option<(i128, i128)> {
+    let (a, b) = (low(down)?, low(up)?);
+    Some(((a - b) / 2, (a + b) / 2))
+}
+
 /// How far the offset of any quarter of the run (by host time) lies from
 /// `offset`, its own error bound included.
 fn drift_bound(down: &[(u64, i128)], up: &[(u64, i128)], offset: i128) -> i128 {
@@ -242,22 +266,17 @@ fn drift_bound(down: &[(u64, i128)], up: &[(u64, i128)], offset: i128) -> i128 {
     let quarter = |t: u64| (((t - t0) as u128 * 4 / (span as u128 + 1)) as usize).min(3);
     let mut worst = 0;
     for q in 0..4 {
-        let a = down
-            .iter()
-            .filter(|(t, _)| quarter(*t) == q)
-            .map(|(_, d)| *d)
-            .min();
-        let b = up
-            .iter()
-            .filter(|(t, _)| quarter(*t) == q)
-            .map(|(_, d)| *d)
-            .min();
-        if let (Some(a), Some(b)) = (a, b) {
-            let off = (a - b) / 2;
-            // Negative: the quarter is inconsistent with one offset
-            // (drift within it), which widens the bound as much.
-            let err = ((a + b) / 2).abs();
-            worst = worst.max((off - offset).abs() + err);
+        let of = |pairs: &[(u64, i128)]| -> Vec<i128> {
+            pairs
+                .iter()
+                .filter(|(t, _)| quarter(*t) == q)
+                .map(|(_, d)| *d)
+                .collect()
+        };
+        if let Some((off, err)) = offset_from(&of(down), &of(up)) {
+            // A negative bound: the quarter is inconsistent with one
+            // offset (drift within it), which widens the bound as much.
+            worst = worst.max((off - offset).abs() + err.abs());
         }
     }
     worst
@@ -299,9 +318,8 @@ mod tests {
                 .collect()
         };
         let (down, up) = (pairs(1), pairs(-1));
-        let a = down.iter().map(|(_, d)| *d).min().expect("pairs");
-        let b = up.iter().map(|(_, d)| *d).min().expect("pairs");
-        let offset = (a - b) / 2;
+        let delays = |p: &[(u64, i128)]| p.iter().map(|(_, d)| *d).collect::<Vec<_>>();
+        let (offset, _) = offset_from(&delays(&down), &delays(&up)).expect("pairs");
         let bound = drift_bound(&down, &up, offset);
         assert!(bound > 3_500_000, "bound {bound} ns under 8 ms of drift");
         // A steady clock keeps a tight bound.
@@ -312,5 +330,27 @@ mod tests {
         };
         let (down, up) = (steady(1), steady(-1));
         assert!(drift_bound(&down, &up, 1_000_000) <= 50_000);
+    }
+
+    #[test]
+    fn one_impossible_pair_neither_moves_the_offset_nor_widens_the_bound() {
+        // Guest clock 5 ms ahead, one-way delays 100..150 µs, 2000 pairs
+        // each way over 4 s; then one guest packet "received" by the host
+        // 37 ms before the guest sent it.
+        let pairs = |sign: i128| -> Vec<(u64, i128)> {
+            (0..2000u64)
+                .map(|i| {
+                    let delay = 100_000 + i128::from(i % 50) * 1_000;
+                    (i * 2_000_000, sign * 5_000_000 + delay)
+                })
+                .collect()
+        };
+        let (down, mut up) = (pairs(1), pairs(-1));
+        up.push((3_000_000_000, -5_000_000 - 37_000_000));
+        let delays = |p: &[(u64, i128)]| p.iter().map(|(_, d)| *d).collect::<Vec<_>>();
+        let (offset, bound) = offset_from(&delays(&down), &delays(&up)).expect("pairs");
+        assert!((offset - 5_000_000).abs() <= 5_000, "offset {offset}");
+        assert!(bound <= 110_000, "bound {bound}");
+        assert!(drift_bound(&down, &up, offset) <= 120_000);
     }
 }
