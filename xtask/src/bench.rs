@@ -244,7 +244,13 @@ fn wrk(url: &str, a: &BenchLoadArgs) -> Result<Run> {
 
 pub(crate) fn median(v: &mut [f64]) -> f64 {
     v.sort_by(|a, b| a.total_cmp(b));
-    if v.is_empty() { 0.0 } else { v[v.len() / 2] }
+    match v.len() {
+        0 => 0.0,
+        n if n % 2 == 1 => v[n / 2],
+        // An even count: the mean of the two middle values (the upper one
+        // alone leans every figure one way).
+        n => (v[n / 2 - 1] + v[n / 2]) / 2.0,
+    }
 }
 
 /// `cargo xtask bench load`.
@@ -913,5 +919,16 @@ mod tests {
         assert_eq!(json_number(t, "conn_per_s"), Some(1234.5));
         assert_eq!(json_number(t, "refused"), Some(2.0));
         assert_eq!(json_number(t, "missing"), None);
+    }
+
+    #[test]
+    fn the_median_of_an_even_count_is_the_mean_of_the_middle_two() {
+        assert_eq!(median(&mut []), 0.0);
+        assert_eq!(median(&mut [3.0, 1.0, 2.0]), 2.0);
+        assert_eq!(median(&mut [4.0, 1.0, 3.0, 2.0]), 2.5);
+        // The paired ratios' median, as `bench overhead` prints it.
+        let (m, low, high) = paired(&[1.0, 1.0, 1.0, 1.0], &[0.9, 1.0, 0.8, 1.1]);
+        assert!((m - 0.95).abs() < 1e-9, "{m}");
+        assert_eq!((low, high), (0.8, 1.1));
     }
 }
