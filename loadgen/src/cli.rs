@@ -13,6 +13,7 @@ use clap::Args;
 
 use crate::client::{self, LoadConfig, Stop};
 use crate::origin::{Origin, OriginConfig};
+use crate::reach::{self, Reach};
 use crate::stats::LoadReport;
 use crate::target::Target;
 
@@ -143,12 +144,32 @@ pub struct LoadArgs {
     /// No progress lines.
     #[arg(short, long)]
     pub quiet: bool,
+    /// Load a target beyond this host and its own links (one reached
+    /// through a gateway, or on the link of the default route). Without
+    /// it, only loopback, this host's addresses and links with no default
+    /// route on them (hvprof's namespaces and guests) are loaded.
+    #[arg(long)]
+    pub allow_remote: bool,
 }
 
 impl LoadArgs {
     /// The library config these arguments describe.
     pub fn config(&self) -> anyhow::Result<LoadConfig> {
         let target = Target::parse(&self.url)?;
+        if !self.allow_remote {
+            let ip = target.addr.ip();
+            match reach::reach(ip) {
+                Ok(Reach::ThisHost | Reach::OwnLink { .. }) => {}
+                Ok(Reach::Beyond { why }) => bail!(
+                    "{ip} is not on this host or a link of its own: {why}; \
+                     pass --allow-remote to load a host you may load"
+                ),
+                Err(e) => bail!(
+                    "cannot tell whether {ip} is on this host ({e}); \
+                     pass --allow-remote to load it anyway"
+                ),
+            }
+        }
         let stop = match (self.requests, self.duration) {
             (Some(n), _) => Stop::Count(n),
             (None, Some(d)) => Stop::After(d),

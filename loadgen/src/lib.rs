@@ -8,6 +8,7 @@ pub mod client;
 pub mod haproxy;
 pub mod http1;
 pub mod origin;
+pub mod reach;
 pub mod size;
 pub mod stats;
 pub mod sweep;

@@ -2,7 +2,8 @@
 //! behind (namespaces named `hvp-<pid>-…`, state files, processes whose
 //! command line names a namespace of that run), a guard around a running
 //! `hvprof` that kills it by pid and runs `hvprof cleanup` when dropped,
-//! and whether the VM test bed is there.
+//! a network namespace a test makes for itself, and whether the VM test
+//! bed is there.
 
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
@@ -194,4 +195,48 @@ pub fn testbed_dir() -> PathBuf {
 pub fn bench_json(dir: &Path) -> Vec<serde_json::Value> {
     let bytes = std::fs::read(dir.join("bench.json")).expect("bench.json written");
     serde_json::from_slice(&bytes).expect("bench.json is JSON")
+}
+
+/// A network namespace a test creates (its loopback up), deleted on drop.
+pub struct Netns(pub String);
+
+impl Netns {
+    /// `hvp-t<test pid>-TAG`; `Err` when namespaces can't be made here.
+    pub fn try_new(tag: &str) -> Result<Self, String> {
+        let name = format!("hvp-t{}-{tag}", std::process::id());
+        match Command::new("ip").args(["netns", "add", &name]).output() {
+            Ok(o) if o.status.success() => {}
+            Ok(o) => {
+                return Err(format!(
+                    "ip netns add: {}",
+                    String::from_utf8_lossy(&o.stderr).trim()
+                ));
+            }
+            Err(e) => return Err(format!("ip (iproute2): {e}")),
+        }
+        let ns = Netns(name);
+        ns.ip(&["link", "set", "lo", "up"]);
+        Ok(ns)
+    }
+
+    pub fn new(tag: &str) -> Self {
+        Self::try_new(tag).unwrap_or_else(|e| panic!("{e}"))
+    }
+
+    /// `ip -n NAME ARGS`, which must succeed.
+    pub fn ip(&self, args: &[&str]) {
+        let ok = Command::new("ip").args(["-n", &self.0]).args(args).status();
+        assert!(
+            ok.is_ok_and(|s| s.success()),
+            "ip -n {} {}",
+            self.0,
+            args.join(" ")
+        );
+    }
+}
+
+impl Drop for Netns {
+    fn drop(&mut self) {
+        let _ = Command::new("ip").args(["netns", "del", &self.0]).status();
+    }
 }

@@ -10,6 +10,7 @@ use hvprof_tests::loadgen_support::{
     http_exchange, http_on, hvprof_bounded, hvprof_bounded_env, load_json,
 };
 use hvprof_tests::skip;
+use hvprof_tests::topology_support::Netns;
 
 const LIMIT: Duration = Duration::from_secs(60);
 
@@ -238,6 +239,69 @@ fn bad_input_gives_one_clear_line() {
         );
         assert!(!line.contains("panicked"), "{args:?}: {line}");
     }
+}
+
+/// `hvprof load` refuses a target beyond this host and its own links
+/// before it sends anything, unless `--allow-remote`. Run in a namespace
+/// of the test's own whose default route leads into a veth pair with
+/// nothing behind it, so that nothing could leave were the check wrong.
+#[test]
+fn load_refuses_targets_beyond_this_host() {
+    let ns = match Netns::try_new("reach") {
+        Ok(ns) => ns,
+        Err(why) => return skip("load_refuses_targets_beyond_this_host", &why),
+    };
+    for (dev, peer, addr) in [
+        ("hvpo0", "hvpo1", "10.79.0.1/24"),
+        ("hvpl0", "hvpl1", "10.79.1.1/24"),
+    ] {
+        ns.ip(&["link", "add", dev, "type", "veth", "peer", "name", peer]);
+        ns.ip(&["addr", "add", addr, "dev", dev]);
+        ns.ip(&["link", "set", dev, "up"]);
+        ns.ip(&["link", "set", peer, "up"]);
+    }
+    ns.ip(&[
+        "route",
+        "add",
+        "default",
+        "via",
+        "10.79.0.254",
+        "dev",
+        "hvpo0",
+    ]);
+    let load = |url: &str, extra: &[&str]| {
+        let mut args = vec!["netns", "exec", &ns.0];
+        let bin = hvprof_tests::hvprof_bin();
+        let bin = bin.to_str().expect("utf8 path").to_string();
+        args.extend([bin.as_str(), "load", url, "-n", "1", "-c", "1", "-q"]);
+        args.extend(["--timeout", "300ms"]);
+        args.extend(extra);
+        let out = std::process::Command::new("ip")
+            .args(&args)
+            .output()
+            .expect("ip netns exec runs");
+        assert!(!out.status.success(), "{url}: nothing answers there");
+        error_line(&out)
+    };
+    let line = load("http://198.51.100.7/", &[]);
+    assert!(
+        line.contains("198.51.100.7 is not on this host")
+            && line.contains("through gateway 10.79.0.254 on hvpo0")
+            && line.contains("--allow-remote"),
+        "{line}"
+    );
+    let line = load("http://10.79.0.9/", &[]);
+    assert!(
+        line.contains("on hvpo0, the link of this host's default route"),
+        "{line}"
+    );
+    // Its own link, its own address: loaded (and nothing answers).
+    for url in ["http://10.79.1.9:9/", "http://10.79.0.1:9/"] {
+        let line = load(url, &[]);
+        assert!(line.contains("no request to"), "{url}: {line}");
+    }
+    let line = load("http://198.51.100.7/", &["--allow-remote"]);
+    assert!(line.contains("no request to"), "{line}");
 }
 
 #[test]

@@ -6,6 +6,7 @@ use std::{
     time::{Duration, Instant},
 };
 
+use hvprof_tests::topology_support::Netns;
 use hvprof_tests::{
     Owned, assert_ok, bpf_lock, bpf_unavailable, dump_events, helper_bin, hvprof, hvprof_bin,
     json_lines, our_bpf_programs, read_json, skip,
@@ -1014,29 +1015,6 @@ fn report_from_a_recording_has_layers_threads_latency_and_a_layer_coloured_flame
     ]);
     assert!(!bad.status.success());
     assert!(String::from_utf8_lossy(&bad.stderr).contains("not a run directory"));
-}
-
-/// A network namespace this test creates, deleted on drop.
-struct Netns(String);
-
-impl Netns {
-    fn new(tag: &str) -> Self {
-        let name = format!("hvp-t{}-{tag}", std::process::id());
-        let ok = Command::new("ip").args(["netns", "add", &name]).status();
-        assert!(ok.is_ok_and(|s| s.success()), "ip netns add {name}");
-        let ns = Netns(name);
-        let ok = Command::new("ip")
-            .args(["-n", &ns.0, "link", "set", "lo", "up"])
-            .status();
-        assert!(ok.is_ok_and(|s| s.success()));
-        ns
-    }
-}
-
-impl Drop for Netns {
-    fn drop(&mut self) {
-        let _ = Command::new("ip").args(["netns", "del", &self.0]).status();
-    }
 }
 
 #[test]
