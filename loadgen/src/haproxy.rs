@@ -25,6 +25,8 @@ pub enum HaproxyError {
     NotFound(String),
     #[error("cannot create a temporary directory for the haproxy config: {0}")]
     TempDir(io::Error),
+    #[error("not starting haproxy: this process is stopping")]
+    Stopping,
     #[error("cannot write haproxy config {path}: {source}")]
     WriteConfig { path: PathBuf, source: io::Error },
     #[error("cannot start haproxy ({command}): {source}")]
@@ -236,6 +238,27 @@ pub fn stop_with_parent(cmd: &mut Command, sig: libc::c_int) {
 /// the pid (`hvprof cleanup`).
 pub const TEMP_PREFIX: &str = "hvprof-haproxy-";
 
+/// Whether HAProxy directories may still be made (false once
+/// [`remove_own_dirs`] ran). Held while one is made and filled, so that
+/// the removal sees each whole or not at all.
+static MAKING: std::sync::Mutex<bool> = std::sync::Mutex::new(true);
+
+/// For a process about to exit without unwinding (a stop signal's
+/// teardown): removes this process's HAProxy directories, and makes
+/// [`Haproxy::start`] fail from now on rather than make another.
+pub fn remove_own_dirs() {
+    let mut open = MAKING.lock().unwrap_or_else(|e| e.into_inner());
+    *open = false;
+    let mine = format!("{TEMP_PREFIX}{}-", std::process::id());
+    if let Ok(entries) = std::fs::read_dir(std::env::temp_dir()) {
+        for e in entries.flatten() {
+            if e.file_name().to_string_lossy().starts_with(&mine) {
+                let _ = std::fs::remove_dir_all(e.path());
+            }
+        }
+    }
+}
+
 /// A running HAProxy.
 pub struct Haproxy {
     child: Option<Child>,
@@ -267,6 +290,10 @@ impl Haproxy {
     /// stops if this process dies without unwinding; that signal follows the
     /// *thread* that spawned it, so call this from a long-lived thread.
     pub fn start(config: &HaproxyConfig, launcher: &dyn Launcher) -> Result<Self, HaproxyError> {
+        let making = MAKING.lock().unwrap_or_else(|e| e.into_inner());
+        if !*making {
+            return Err(HaproxyError::Stopping);
+        }
         let dir = tempfile::Builder::new()
             .prefix(&format!("{TEMP_PREFIX}{}-", std::process::id()))
             .tempdir()
@@ -285,6 +312,8 @@ impl Haproxy {
                 path: stderr_path.clone(),
                 source,
             })?;
+        // The directory is whole: `remove_own_dirs` may see it now.
+        drop(making);
         // -db: stay in the foreground (the pid we spawn is HAProxy's own).
         let args = vec![
             "-db".to_string(),

@@ -316,14 +316,7 @@ fn teardown_and_exit(code: i32) -> ! {
     let _creating = creating();
     let mut guard = STATE.lock().unwrap_or_else(|e| e.into_inner());
     // HAProxy's directories (HAProxy itself stops with us).
-    let mine = format!("{}{}-", loadgen::haproxy::TEMP_PREFIX, std::process::id());
-    if let Ok(entries) = std::fs::read_dir(std::env::temp_dir()) {
-        for e in entries.flatten() {
-            if e.file_name().to_string_lossy().starts_with(&mine) {
-                let _ = std::fs::remove_dir_all(e.path());
-            }
-        }
-    }
+    loadgen::haproxy::remove_own_dirs();
     if let Some(state) = guard.as_mut() {
         remove_all(state);
         // Namespaces named after this process that the state lost track
