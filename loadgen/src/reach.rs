@@ -60,16 +60,12 @@ pub fn reach(ip: IpAddr) -> Result<Reach, ReachError> {
     if ip.is_loopback() || ip.is_unspecified() || is_own_address(ip) {
         return Ok(Reach::ThisHost);
     }
-    let path = match ip {
-        IpAddr::V4(_) => "/proc/net/route",
-        IpAddr::V6(_) => "/proc/net/ipv6_route",
+    let (path, parse): (_, fn(&str) -> Vec<Route>) = match ip {
+        IpAddr::V4(_) => ("/proc/net/route", parse_v4),
+        IpAddr::V6(_) => ("/proc/net/ipv6_route", parse_v6),
     };
     let text = std::fs::read_to_string(path).map_err(|source| ReachError { path, source })?;
-    let routes = match ip {
-        IpAddr::V4(_) => parse_v4(&text),
-        IpAddr::V6(_) => parse_v6(&text),
-    };
-    Ok(classify(ip, &routes))
+    Ok(classify(ip, &parse(&text)))
 }
 
 /// Whether `ip` is one of this host's addresses: binding to it works

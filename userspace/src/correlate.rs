@@ -181,8 +181,8 @@ pub fn packet_offset(
         .iter()
         .filter_map(|(k, g)| h_recv.get(k).map(|h| (*h, *h as i128 - *g as i128)))
         .collect();
-    let down: Vec<i128> = down_at.iter().map(|(_, d)| *d).collect();
-    let up: Vec<i128> = up_at.iter().map(|(_, d)| *d).collect();
+    let mut down: Vec<i128> = down_at.iter().map(|(_, d)| *d).collect();
+    let mut up: Vec<i128> = up_at.iter().map(|(_, d)| *d).collect();
     let mut stats = MatchStats {
         host_packets: hn,
         guest_packets: gn,
@@ -197,7 +197,7 @@ pub fn packet_offset(
         one_way_us_p50: 0.0,
         one_way_us_p99: 0.0,
     };
-    let Some((offset, bound)) = offset_from(&down, &up) else {
+    let Some((offset, bound)) = offset_from(&mut down, &mut up) else {
         return Ok(None);
     };
     // The bound holds for one fixed offset. A guest clock that drifts (an
@@ -234,21 +234,21 @@ pub fn packet_offset(
 /// milliseconds below every real one.
 const OUTLIERS_PER_MILLE: usize = 2;
 
-/// The smallest of `delays` once the outliers are left out.
-fn low(delays: &[i128]) -> Option<i128> {
+/// The smallest of `delays` once the outliers are left out (reorders
+/// `delays`).
+fn low(delays: &mut [i128]) -> Option<i128> {
     if delays.is_empty() {
         return None;
     }
-    let mut v = delays.to_vec();
-    let k = v.len() * OUTLIERS_PER_MILLE / 1000;
-    Some(*v.select_nth_unstable(k).1)
+    let k = delays.len() * OUTLIERS_PER_MILLE / 1000;
+    Some(*delays.select_nth_unstable(k).1)
 }
 
 /// The guest − host offset, and its bound, from the delays one way
 /// (guest − host time of each packet the host sent) and the other (host −
 /// guest time of each packet the guest sent): the true offset lies
-/// between −(smallest up) and the smallest down.
-fn offset_from(down: &[i128], up: &[i128]) -> Option<(i128, i128)> {
+/// between −(smallest up) and the smallest down. Reorders both.
+fn offset_from(down: &mut [i128], up: &mut [i128]) -> Option<(i128, i128)> {
     let (a, b) = (low(down)?, low(up)?);
     Some(((a - b) / 2, (a + b) / 2))
 }
@@ -273,7 +273,7 @@ fn drift_bound(down: &[(u64, i128)], up: &[(u64, i128)], offset: i128) -> i128 {
                 .map(|(_, d)| *d)
                 .collect()
         };
-        if let Some((off, err)) = offset_from(&of(down), &of(up)) {
+        if let Some((off, err)) = offset_from(&mut of(down), &mut of(up)) {
             // A negative bound: the quarter is inconsistent with one
             // offset (drift within it), which widens the bound as much.
             worst = worst.max((off - offset).abs() + err.abs());
@@ -319,7 +319,7 @@ mod tests {
         };
         let (down, up) = (pairs(1), pairs(-1));
         let delays = |p: &[(u64, i128)]| p.iter().map(|(_, d)| *d).collect::<Vec<_>>();
-        let (offset, _) = offset_from(&delays(&down), &delays(&up)).expect("pairs");
+        let (offset, _) = offset_from(&mut delays(&down), &mut delays(&up)).expect("pairs");
         let bound = drift_bound(&down, &up, offset);
         assert!(bound > 3_500_000, "bound {bound} ns under 8 ms of drift");
         // A steady clock keeps a tight bound.
@@ -348,7 +348,7 @@ mod tests {
         let (down, mut up) = (pairs(1), pairs(-1));
         up.push((3_000_000_000, -5_000_000 - 37_000_000));
         let delays = |p: &[(u64, i128)]| p.iter().map(|(_, d)| *d).collect::<Vec<_>>();
-        let (offset, bound) = offset_from(&delays(&down), &delays(&up)).expect("pairs");
+        let (offset, bound) = offset_from(&mut delays(&down), &mut delays(&up)).expect("pairs");
         assert!((offset - 5_000_000).abs() <= 5_000, "offset {offset}");
         assert!(bound <= 110_000, "bound {bound}");
         assert!(drift_bound(&down, &up, offset) <= 120_000);
