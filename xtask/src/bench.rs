@@ -435,7 +435,9 @@ pub struct OverheadArgs {
     pub duration: u64,
     /// A/B rounds (each round runs both once, alternating which first).
     /// The machine's own speed drifts between rounds: the overhead is the
-    /// median of each round's paired ratio.
+    /// median of each round's paired ratio, printed with its
+    /// distribution-free 95 % confidence interval (the whole range up to
+    /// 8 rounds; from 9, narrower).
     #[arg(short, long, default_value_t = 8)]
     pub rounds: usize,
     /// Connections in flight.
@@ -448,12 +450,18 @@ pub struct OverheadArgs {
     /// record`), instead of tracing every packet on `lo`.
     #[arg(long)]
     pub no_packets: bool,
+    /// Attach only this probe in the probed runs (a name, path or layer,
+    /// as `hvprof record --probe` takes it); repeatable. Default: every
+    /// probe available here. For the cost of one probe alone.
+    #[arg(short, long = "probe", value_name = "NAME")]
+    pub probes: Vec<String>,
 }
 
 /// Probe overhead, A/B: the 0-byte close-mode benchmark through HAProxy
 /// on `native`, plain (A) and under `hvprof record` with every probe
-/// available here plus the loopback device (B). Prints conn/s of each, the
-/// overhead and per-program ns per run from the kernel's BPF statistics.
+/// available here (or those of `--probe`) plus the loopback device (B).
+/// Prints conn/s of each, the overhead and per-program ns per run from the
+/// kernel's BPF statistics.
 pub fn bench_overhead(o: &OverheadArgs) -> Result<()> {
     let root = crate::root();
     if !o.no_build {
@@ -500,6 +508,9 @@ pub fn bench_overhead(o: &OverheadArgs) -> Result<()> {
         };
         if bpf_stats {
             extra.push("--bpf-stats");
+        }
+        for p in &o.probes {
+            extra.extend(["--probe", p]);
         }
         let mut child = recorded_load(&bin, &extra, &dir, &load, &json)
             .spawn()
@@ -567,23 +578,32 @@ pub fn bench_overhead(o: &OverheadArgs) -> Result<()> {
     // time per run alone.
     let (stats_cps, _) = b_run("stats".into(), true)?;
     stand.stop();
-    let (ratio, low, high) = paired(&plain, &probed);
+    let with = if o.probes.is_empty() {
+        "with every probe".to_string()
+    } else {
+        format!("with {}", o.probes.join(", "))
+    };
+    let rate = paired(&plain, &probed);
     let (pa, pb) = (median(&mut plain), median(&mut probed));
     println!(
-        "plain {pa:.0} conn/s, with every probe {pb:.0} conn/s (medians); overhead {:.1}% (median of the rounds' paired ratios, {:.1}% .. {:.1}%); lost events {lost:.0}",
-        100.0 * (1.0 - ratio),
-        100.0 * (1.0 - high),
-        100.0 * (1.0 - low),
+        "plain {pa:.0} conn/s, {with} {pb:.0} conn/s (medians); overhead {:.1}% \
+         (median of the rounds' paired ratios; {:.0}% confidence {:.1}% .. {:.1}%); lost events {lost:.0}",
+        100.0 * (1.0 - rate.median),
+        100.0 * rate.confidence,
+        100.0 * (1.0 - rate.high),
+        100.0 * (1.0 - rate.low),
     );
-    let (r, low, high) = paired(&plain_cpu, &probed_cpu);
-    if r.is_finite() {
+    let cpu = paired(&plain_cpu, &probed_cpu);
+    if cpu.median.is_finite() {
         println!(
-            "machine CPU per connection: plain {:.1} µs, with every probe {:.1} µs (medians); {:+.1}% (median of the rounds' paired ratios, {:+.1}% .. {:+.1}%)",
+            "machine CPU per connection: plain {:.1} µs, {with} {:.1} µs (medians); {:+.1}% \
+             (median of the rounds' paired ratios; {:.0}% confidence {:+.1}% .. {:+.1}%)",
             median(&mut plain_cpu),
             median(&mut probed_cpu),
-            100.0 * (r - 1.0),
-            100.0 * (low - 1.0),
-            100.0 * (high - 1.0),
+            100.0 * (cpu.median - 1.0),
+            100.0 * cpu.confidence,
+            100.0 * (cpu.low - 1.0),
+            100.0 * (cpu.high - 1.0),
         );
     }
     // The programs' own CPU time, from the kernel's statistics: a share
@@ -623,9 +643,10 @@ pub fn bench_overhead(o: &OverheadArgs) -> Result<()> {
 }
 
 /// Each round's ratio `b / a` (the two runs of a round are close in time,
-/// while the machine's speed drifts between rounds): their median, lowest
-/// and highest, leaving out rounds without a figure (NaN if none has one).
-fn paired(a: &[f64], b: &[f64]) -> (f64, f64, f64) {
+/// while the machine's speed drifts between rounds), leaving out rounds
+/// without a figure: their median and its confidence interval (NaN if no
+/// round has a figure).
+fn paired(a: &[f64], b: &[f64]) -> Paired {
     let mut r: Vec<f64> = a
         .iter()
         .zip(b)
@@ -633,10 +654,56 @@ fn paired(a: &[f64], b: &[f64]) -> (f64, f64, f64) {
         .filter(|r| r.is_finite())
         .collect();
     if r.is_empty() {
-        return (f64::NAN, f64::NAN, f64::NAN);
+        return Paired {
+            median: f64::NAN,
+            low: f64::NAN,
+            high: f64::NAN,
+            confidence: 0.0,
+        };
     }
-    let m = median(&mut r);
-    (m, r[0], r[r.len() - 1])
+    let median = median(&mut r);
+    let (k, confidence) = median_rank(r.len());
+    Paired {
+        median,
+        low: r[k],
+        high: r[r.len() - 1 - k],
+        confidence,
+    }
+}
+
+/// The median of paired ratios and the interval that holds the true
+/// median with probability `confidence`.
+#[derive(Debug, Clone, Copy)]
+struct Paired {
+    median: f64,
+    low: f64,
+    high: f64,
+    confidence: f64,
+}
+
+/// The distribution-free confidence interval of a median from `n` sorted
+/// values: `(k, c)` such that values `k` and `n - 1 - k` (from 0) bound
+/// the true median with probability `c`, the narrowest with `c` ≥ 95 %
+/// (the whole range, with what confidence it has, when `n` is too small
+/// for that). Each value lies below the median with probability ½, so
+/// the count below it is Binomial(n, ½).
+fn median_rank(n: usize) -> (usize, f64) {
+    // P(B ≤ j) for B ~ Binomial(n, ½), j = 0, 1, ...
+    let mut below = 0.0;
+    let mut term = 0.5f64.powi(n as i32);
+    let mut best = (0, 1.0 - 2.0 * term);
+    for j in 0..n / 2 {
+        below += term;
+        // Values j+1 and n-2-j bound the median unless the count below it
+        // is j+1 or less, or (as likely) n-2-j or more.
+        let c = 1.0 - 2.0 * (below + term * (n - j) as f64 / (j + 1) as f64);
+        if c < 0.95 {
+            break;
+        }
+        best = (j + 1, c);
+        term *= (n - j) as f64 / (j + 1) as f64;
+    }
+    best
 }
 
 /// `hvprof load` straight against each origin, same objects and settings.
@@ -927,8 +994,28 @@ mod tests {
         assert_eq!(median(&mut [3.0, 1.0, 2.0]), 2.0);
         assert_eq!(median(&mut [4.0, 1.0, 3.0, 2.0]), 2.5);
         // The paired ratios' median, as `bench overhead` prints it.
-        let (m, low, high) = paired(&[1.0, 1.0, 1.0, 1.0], &[0.9, 1.0, 0.8, 1.1]);
-        assert!((m - 0.95).abs() < 1e-9, "{m}");
-        assert_eq!((low, high), (0.8, 1.1));
+        let p = paired(&[1.0, 1.0, 1.0, 1.0], &[0.9, 1.0, 0.8, 1.1]);
+        assert!((p.median - 0.95).abs() < 1e-9, "{p:?}");
+        // Four rounds: the whole range, which holds the median 7/8 of the
+        // time.
+        assert_eq!((p.low, p.high), (0.8, 1.1));
+        assert!((p.confidence - 0.875).abs() < 1e-9, "{p:?}");
+    }
+
+    #[test]
+    fn the_median_interval_takes_the_order_statistics_of_the_binomial() {
+        // Published values (e.g. Conover, Practical Nonparametric
+        // Statistics, table A3): n = 6 is the first count whose whole
+        // range reaches 95 %; n = 16 keeps the 4th lowest and highest.
+        assert_eq!(median_rank(5).0, 0);
+        let (k, c) = median_rank(6);
+        assert_eq!(k, 0);
+        assert!((c - 0.96875).abs() < 1e-9, "{c}");
+        let (k, c) = median_rank(16);
+        assert_eq!(k, 3);
+        assert!((c - 0.97873).abs() < 1e-4, "{c}");
+        let (k, c) = median_rank(48);
+        assert_eq!(k, 16);
+        assert!((0.95..0.98).contains(&c), "{c}");
     }
 }
