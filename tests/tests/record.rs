@@ -234,6 +234,16 @@ fn connections_to(run: &std::path::Path, port: &str) -> Vec<Value> {
         .collect()
 }
 
+/// The programs `summary.json` says the probes got, in its order.
+fn programs_of(summary: &Value) -> Vec<&str> {
+    summary["probes"]
+        .as_array()
+        .expect("probes")
+        .iter()
+        .filter_map(|p| p["program"].as_str())
+        .collect()
+}
+
 #[test]
 fn the_classic_tracepoint_records_the_same_lives_where_raw_ones_are_avoided() {
     require_bpf!("record_classic_tracepoint");
@@ -307,12 +317,7 @@ fn two_hogs_on_one_cpu_share_it(raw: bool) {
     drop(hogs);
     assert_ok(&out, "hvprof record");
     let summary: Value = read_json(&run.join("summary.json"));
-    let programs: Vec<&str> = summary["probes"]
-        .as_array()
-        .expect("probes")
-        .iter()
-        .filter_map(|p| p["program"].as_str())
-        .collect();
+    let programs = programs_of(&summary);
     let want = if raw {
         ["hvp_sched_switch_raw", "hvp_sched_wakeup_raw"]
     } else {
@@ -1021,7 +1026,21 @@ fn report_from_a_recording_has_layers_threads_latency_and_a_layer_coloured_flame
 fn device_probes_see_only_the_selected_device_with_tcp_headers() {
     require_bpf!("device_probes");
     let _g = bpf_lock();
-    let ns = Netns::new("dev");
+    device_probes_see_only_the_selected_device(true);
+}
+
+#[test]
+fn the_classic_device_tracepoints_see_the_same_where_raw_ones_are_avoided() {
+    require_bpf!("device_probes_classic");
+    let _g = bpf_lock();
+    device_probes_see_only_the_selected_device(false);
+}
+
+/// 50 connections on a namespace's loopback recorded with `--dev NS:lo`,
+/// 50 on the host's that must not show up: through the raw tracepoints
+/// (`raw`), or the classic ones.
+fn device_probes_see_only_the_selected_device(raw: bool) {
+    let ns = Netns::new(if raw { "dev" } else { "devtp" });
     let tmp = tempfile::tempdir().expect("tempdir");
     let run = tmp.path().join("run");
     // 50 connections inside the namespace, and 50 on the host's loopback
@@ -1033,8 +1052,20 @@ fn device_probes_see_only_the_selected_device_with_tcp_headers() {
         p1 = tmp.path().join("p1").display(),
         p2 = tmp.path().join("p2").display(),
     );
-    let out = Command::new(hvprof_bin())
-        .args(["record", "-q", "--dev", &format!("{}:lo", ns.0), "-o"])
+    let mut cmd = Command::new(hvprof_bin());
+    if !raw {
+        cmd.env("HVPROF_AVOID_METHODS", "raw_tracepoint");
+    }
+    let out = cmd
+        .args([
+            "record",
+            "-q",
+            "-p",
+            "dev",
+            "--dev",
+            &format!("{}:lo", ns.0),
+            "-o",
+        ])
         .arg(&run)
         .args(["--", "sh", "-c", &script])
         .output()
@@ -1044,6 +1075,14 @@ fn device_probes_see_only_the_selected_device_with_tcp_headers() {
         "{}",
         String::from_utf8_lossy(&out.stderr)
     );
+    let summary: Value = read_json(&run.join("summary.json"));
+    let programs = programs_of(&summary);
+    let want = if raw {
+        ["hvp_dev_xmit_raw", "hvp_dev_recv_raw"]
+    } else {
+        ["hvp_dev_xmit", "hvp_dev_recv"]
+    };
+    assert_eq!(programs, want, "{summary}");
     let port: u64 = std::fs::read_to_string(tmp.path().join("p1"))
         .expect("port")
         .trim()
@@ -1075,6 +1114,19 @@ fn device_probes_see_only_the_selected_device_with_tcp_headers() {
         .filter(|p| p["dport"] == port && p["payload"] == 4 && p["dir"] == "recv")
         .count();
     assert_eq!(pings, 50, "each 4-byte ping received once");
+    // The `sk_buff`'s length: at least the IP and TCP headers and the
+    // payload (and the Ethernet header, going out).
+    for p in &packets {
+        let (len, payload) = (p["len"].as_u64(), p["payload"].as_u64());
+        let eth = if p["dir"] == "xmit" { 14 } else { 0 };
+        assert!(
+            len.zip(payload).is_some_and(|(l, d)| l >= eth + 40 + d),
+            "{p}"
+        );
+    }
+    if !raw {
+        return;
+    }
 
     let bad = hvprof(&[
         "record",

@@ -81,10 +81,13 @@ impl Probe {
         };
         let sock = ready(tcp::sock_offsets(btf.as_ref()).1, "sock");
         let task = ready(sched::task_offsets(btf.as_ref()).1, "task_struct");
+        let skb = ready(dev::raw_unready(btf.as_ref()), "sk_buff");
         let raw_tracepoint = BTreeMap::from([
             (tcp::RAW_PROGRAM, sock),
             (sched::SWITCH_RAW_PROGRAM, task.clone()),
             (sched::WAKEUP_RAW_PROGRAM, task),
+            (dev::XMIT_RAW_PROGRAM, skb.clone()),
+            (dev::RECV_RAW_PROGRAM, skb),
         ]);
         let mut probe = Self {
             features: Features::detect(),

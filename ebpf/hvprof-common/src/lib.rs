@@ -150,7 +150,9 @@ pub struct DevOffsets {
     pub valid: u32,
     /// Non-zero: only devices in the `HVP_DEVICES` map are traced.
     pub filter: u32,
-    pub _pad: u32,
+    /// `sk_buff.len` (the raw-tracepoint programs read the length there;
+    /// the classic ones have it in their record).
+    pub skb_len: u32,
 }
 
 /// Frames kept per stack (kernel and user each).

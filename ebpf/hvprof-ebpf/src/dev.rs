@@ -3,14 +3,18 @@
 //! received from a traced device (TAP, veth, bridge port, a guest's NIC), with its
 //! 4-tuple and sequence numbers so packets can be matched across layers
 //! and across the host/guest boundary. Devices are filtered in the kernel
-//! (netns inode + ifindex), so untraced traffic costs a map lookup.
+//! (netns inode + ifindex), so untraced traffic costs a map lookup. Two
+//! entry points each: the raw tracepoints (the `sk_buff` in a register, no
+//! record built: the classic tracepoint fills its whole record, device
+//! name included, before a program runs, for every packet of every
+//! device) and, where those can't be used, the classic ones.
 
 use aya_ebpf::{
     Global,
     helpers::bpf_probe_read_kernel,
-    macros::{map, tracepoint},
+    macros::{map, raw_tracepoint, tracepoint},
     maps::HashMap,
-    programs::TracePointContext,
+    programs::{RawTracePointContext, TracePointContext},
 };
 use hvprof_common::{DevOffsets, DevPacketEvent, kind, probe};
 
@@ -32,7 +36,7 @@ static HVP_DEV_OFFSETS: Global<DevOffsets> = Global::new(DevOffsets {
     tp_recv_len: 0,
     valid: 0,
     filter: 0,
-    _pad: 0,
+    skb_len: 0,
 });
 
 /// Devices to trace: key `netns inode << 32 | ifindex`.
@@ -41,14 +45,51 @@ static DEVICES: HashMap<u64, u8> = HashMap::with_max_entries(256, 0);
 
 #[tracepoint(category = "net", name = "net_dev_start_xmit")]
 pub fn hvp_dev_xmit(ctx: TracePointContext) -> u32 {
-    let _ = packet(&ctx, 0, probe::DEV_XMIT);
+    let o = HVP_DEV_OFFSETS.load();
+    let _ = classic(&ctx, o.tp_xmit_skbaddr, o.tp_xmit_len, 0, probe::DEV_XMIT);
     0
 }
 
 #[tracepoint(category = "net", name = "netif_receive_skb")]
 pub fn hvp_dev_recv(ctx: TracePointContext) -> u32 {
-    let _ = packet(&ctx, 1, probe::DEV_RECV);
+    let o = HVP_DEV_OFFSETS.load();
+    let _ = classic(&ctx, o.tp_recv_skbaddr, o.tp_recv_len, 1, probe::DEV_RECV);
     0
+}
+
+#[raw_tracepoint(tracepoint = "net_dev_start_xmit")]
+pub fn hvp_dev_xmit_raw(ctx: RawTracePointContext) -> i32 {
+    // TP_PROTO(const struct sk_buff *skb, const struct net_device *dev)
+    let skb: u64 = ctx.arg(0);
+    let dev: u64 = ctx.arg(1);
+    let _ = packet(skb, Some(dev), 0, probe::DEV_XMIT, |o| read(skb, o.skb_len));
+    0
+}
+
+#[raw_tracepoint(tracepoint = "netif_receive_skb")]
+pub fn hvp_dev_recv_raw(ctx: RawTracePointContext) -> i32 {
+    // TP_PROTO(struct sk_buff *skb)
+    let skb: u64 = ctx.arg(0);
+    let _ = packet(skb, None, 1, probe::DEV_RECV, |o| read(skb, o.skb_len));
+    0
+}
+
+/// A classic tracepoint's packet: the `sk_buff` and its length at these
+/// offsets of the record.
+#[inline(always)]
+fn classic(
+    ctx: &TracePointContext,
+    skb_off: u32,
+    len_off: u32,
+    dir: u8,
+    probe_id: u16,
+) -> Result<(), i32> {
+    // SAFETY: offsets from this kernel's tracepoint format.
+    let skb: u64 = unsafe { ctx.read_at(skb_off as usize) }?;
+    // SAFETY: as above.
+    packet(skb, None, dir, probe_id, |_| unsafe {
+        ctx.read_at::<u32>(len_off as usize)
+    })
 }
 
 #[inline(always)]
@@ -57,20 +98,25 @@ fn read<T>(base: u64, off: u32) -> Result<T, i32> {
     unsafe { bpf_probe_read_kernel((base + u64::from(off)) as *const T) }
 }
 
+/// One packet `skb` on its device (`dev` when the tracepoint gives it,
+/// else read from the `sk_buff`), going out (`dir` 0) or in (1); `len`
+/// reads its length, once the packet is known to be wanted.
 #[inline(always)]
-fn packet(ctx: &TracePointContext, dir: u8, probe_id: u16) -> Result<(), i32> {
+fn packet(
+    skb: u64,
+    dev: Option<u64>,
+    dir: u8,
+    probe_id: u16,
+    len: impl FnOnce(&DevOffsets) -> Result<u32, i32>,
+) -> Result<(), i32> {
     let o = HVP_DEV_OFFSETS.load();
     if o.valid == 0 {
         return Ok(());
     }
-    let (skb_off, len_off) = if dir == 0 {
-        (o.tp_xmit_skbaddr, o.tp_xmit_len)
-    } else {
-        (o.tp_recv_skbaddr, o.tp_recv_len)
+    let dev: u64 = match dev {
+        Some(d) => d,
+        None => read(skb, o.skb_dev)?,
     };
-    // SAFETY: offset from this kernel's tracepoint format.
-    let skb: u64 = unsafe { ctx.read_at(skb_off as usize) }?;
-    let dev: u64 = read(skb, o.skb_dev)?;
     let ifindex: u32 = read(dev, o.dev_ifindex)?;
     let net: u64 = read(dev, o.dev_nd_net)?;
     let netns: u32 = if net != 0 {
@@ -120,8 +166,7 @@ fn packet(ctx: &TracePointContext, dir: u8, probe_id: u16) -> Result<(), i32> {
     ev.skbaddr = skb;
     ev.netns = netns;
     ev.ifindex = ifindex;
-    // SAFETY: as for skbaddr.
-    ev.len = unsafe { ctx.read_at::<u32>(len_off as usize) }.unwrap_or(0);
+    ev.len = len(&o).unwrap_or(0);
     ev.seq = u32::from_be_bytes([tcp[4], tcp[5], tcp[6], tcp[7]]);
     ev.ack = u32::from_be_bytes([tcp[8], tcp[9], tcp[10], tcp[11]]);
     ev.saddr = [ip[12], ip[13], ip[14], ip[15]];

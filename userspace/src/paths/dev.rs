@@ -11,7 +11,7 @@ use aya::{Ebpf, maps::HashMap};
 use hvprof_common::{DevOffsets, DevPacketEvent, probe};
 use serde::Serialize;
 
-use super::{Path, tp, traced};
+use super::{Path, raw, tp, traced};
 use crate::{
     catalog::Layer,
     kernel::{btf, tracefs},
@@ -25,32 +25,43 @@ pub const PATH: Path = Path {
     name: "dev",
     frames: &[],
     rows: &[
-        traced(
-            tp(
-                "dev:net_dev_start_xmit",
-                Layer::Backend,
-                "dev",
-                "net",
-                "net_dev_start_xmit",
-                FIELDS,
+        raw(
+            traced(
+                tp(
+                    "dev:net_dev_start_xmit",
+                    Layer::Backend,
+                    "dev",
+                    "net",
+                    "net_dev_start_xmit",
+                    FIELDS,
+                ),
+                "hvp_dev_xmit",
+                probe::DEV_XMIT,
             ),
-            "hvp_dev_xmit",
-            probe::DEV_XMIT,
+            XMIT_RAW_PROGRAM,
         ),
-        traced(
-            tp(
-                "dev:netif_receive_skb",
-                Layer::Backend,
-                "dev",
-                "net",
-                "netif_receive_skb",
-                FIELDS,
+        raw(
+            traced(
+                tp(
+                    "dev:netif_receive_skb",
+                    Layer::Backend,
+                    "dev",
+                    "net",
+                    "netif_receive_skb",
+                    FIELDS,
+                ),
+                "hvp_dev_recv",
+                probe::DEV_RECV,
             ),
-            "hvp_dev_recv",
-            probe::DEV_RECV,
+            RECV_RAW_PROGRAM,
         ),
     ],
 };
+
+/// The raw-tracepoint programs (the rows' preferred method): they read the
+/// packet's length in the `sk_buff` rather than in a record.
+pub const XMIT_RAW_PROGRAM: &str = "hvp_dev_xmit_raw";
+pub const RECV_RAW_PROGRAM: &str = "hvp_dev_recv_raw";
 
 pub const OFFSETS_GLOBAL: &str = "HVP_DEV_OFFSETS";
 const DEVICES_MAP: &str = "HVP_DEVICES";
@@ -58,32 +69,37 @@ const DEVICES_MAP: &str = "HVP_DEVICES";
 /// Offsets for this kernel; `valid == 0` (device probes record nothing)
 /// when something is missing.
 pub fn offsets(kbtf: Option<&btf_rs::Btf>, filter: bool) -> DevOffsets {
-    let resolve = || -> Result<DevOffsets> {
-        let b = kbtf.ok_or_else(|| anyhow!("no kernel BTF"))?;
-        let xmit = tracefs::format("net", "net_dev_start_xmit")?;
-        let recv = tracefs::format("net", "netif_receive_skb")?;
-        Ok(DevOffsets {
-            skb_head: btf::member_offset(b, "sk_buff", "head")?,
-            skb_data: btf::member_offset(b, "sk_buff", "data")?,
-            skb_network_header: btf::member_offset(b, "sk_buff", "network_header")?,
-            skb_dev: btf::member_offset(b, "sk_buff", "dev")?,
-            dev_ifindex: btf::member_offset(b, "net_device", "ifindex")?,
-            dev_name: btf::member_offset(b, "net_device", "name")?,
-            dev_nd_net: btf::member_offset(b, "net_device", "nd_net")?,
-            net_inum: btf::member_offset(b, "net", "ns")?
-                + btf::member_offset(b, "ns_common", "inum")?,
-            tp_xmit_skbaddr: tracefs::offset_of(&xmit, "skbaddr", 8)?,
-            tp_xmit_len: tracefs::offset_of(&xmit, "len", 4)?,
-            tp_recv_skbaddr: tracefs::offset_of(&recv, "skbaddr", 8)?,
-            tp_recv_len: tracefs::offset_of(&recv, "len", 4)?,
-            valid: 1,
-            filter: u32::from(filter),
-            _pad: 0,
-        })
-    };
-    resolve().unwrap_or_else(|e| {
+    resolve_offsets(kbtf, filter).unwrap_or_else(|e| {
         log::warn!("device probes disabled: {e:#}");
         DevOffsets::default()
+    })
+}
+
+/// Why the raw-tracepoint programs can't be used here (`None`: they can).
+pub fn raw_unready(kbtf: Option<&btf_rs::Btf>) -> Option<String> {
+    resolve_offsets(kbtf, false).err().map(|e| format!("{e:#}"))
+}
+
+fn resolve_offsets(kbtf: Option<&btf_rs::Btf>, filter: bool) -> Result<DevOffsets> {
+    let b = kbtf.ok_or_else(|| anyhow!("no kernel BTF"))?;
+    let xmit = tracefs::format("net", "net_dev_start_xmit")?;
+    let recv = tracefs::format("net", "netif_receive_skb")?;
+    Ok(DevOffsets {
+        skb_head: btf::member_offset(b, "sk_buff", "head")?,
+        skb_data: btf::member_offset(b, "sk_buff", "data")?,
+        skb_network_header: btf::member_offset(b, "sk_buff", "network_header")?,
+        skb_dev: btf::member_offset(b, "sk_buff", "dev")?,
+        dev_ifindex: btf::member_offset(b, "net_device", "ifindex")?,
+        dev_name: btf::member_offset(b, "net_device", "name")?,
+        dev_nd_net: btf::member_offset(b, "net_device", "nd_net")?,
+        net_inum: btf::member_offset(b, "net", "ns")? + btf::member_offset(b, "ns_common", "inum")?,
+        tp_xmit_skbaddr: tracefs::offset_of(&xmit, "skbaddr", 8)?,
+        tp_xmit_len: tracefs::offset_of(&xmit, "len", 4)?,
+        tp_recv_skbaddr: tracefs::offset_of(&recv, "skbaddr", 8)?,
+        tp_recv_len: tracefs::offset_of(&recv, "len", 4)?,
+        valid: 1,
+        filter: u32::from(filter),
+        skb_len: btf::member_offset(b, "sk_buff", "len")?,
     })
 }
 
