@@ -1082,7 +1082,13 @@ fn device_probes_see_only_the_selected_device(raw: bool) {
     } else {
         ["hvp_dev_xmit", "hvp_dev_recv"]
     };
-    assert_eq!(programs, want, "{summary}");
+    // Then the programs sending the per-CPU batches of packets.
+    assert_eq!(programs[..2], want, "{summary}");
+    assert_eq!(
+        programs[2..],
+        ["hvp_batch_flush", "hvp_batch_idle"],
+        "{summary}"
+    );
     let port: u64 = std::fs::read_to_string(tmp.path().join("p1"))
         .expect("port")
         .trim()

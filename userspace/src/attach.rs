@@ -19,6 +19,7 @@ use aya::{
 use hvprof_common::{COMM_LEN, MAX_PROBES, task_filter};
 
 use crate::{
+    batch,
     catalog::{self, Hook, Method, ProbeSpec},
     kernel::{btf as kbtf, features::Features, tracefs},
     paths::{cpu, dev, sched, tcp, vmexit},
@@ -457,6 +458,7 @@ pub fn attach(
     let mut programs = BTreeMap::new();
     let mut functions = Vec::new();
     let mut helpers = Vec::new();
+    let mut batching_tried = false;
     // The CPU sampler and the scheduler accounting go last, so that the
     // window they measure starts when everything is attached (loading
     // the other programs takes a while), like the recording's duration.
@@ -492,14 +494,18 @@ pub fn attach(
                 r.obtained = None;
             } else if let Some(p) = program_for(r.spec, method) {
                 programs.insert(r.spec.name, p);
-                if r.spec.name == tcp::PROBE && features.sampling.is_ok() {
-                    match tcp::start_batching(&mut ebpf) {
+                // Socket lives and packets cross in per-CPU batches; the
+                // programs that send them serve the first of these probes.
+                let batched = r.spec.name == tcp::PROBE || r.spec.path == dev::PATH.name;
+                if batched && !batching_tried && features.sampling.is_ok() {
+                    batching_tried = true;
+                    match batch::start(&mut ebpf) {
                         Ok(()) => {
-                            helpers.extend(tcp::FLUSH_PROGRAMS.map(|p| (tcp::PROBE, p)));
+                            helpers.extend(batch::FLUSH_PROGRAMS.map(|p| (r.spec.name, p)));
                         }
                         Err(e) => {
-                            log::info!("socket lives sent one by one: {e:#}");
-                            for p in tcp::FLUSH_PROGRAMS {
+                            log::info!("socket lives and packets sent one by one: {e:#}");
+                            for p in batch::FLUSH_PROGRAMS {
                                 let _ = unload(&mut ebpf, p);
                             }
                         }

@@ -8,6 +8,7 @@
 pub mod agent;
 pub mod attach;
 pub mod attribution;
+pub mod batch;
 pub mod bench;
 pub mod capture;
 pub mod catalog;

@@ -130,8 +130,9 @@ pub fn live_stats(interval: std::time::Duration) -> Result<Vec<LiveStats>> {
         let spec = catalog::all()
             .into_iter()
             .find(|s| s.programs.names().any(|p| p.starts_with(name.as_str())));
-        // The programs sending the socket lives' batches serve that probe.
-        let helps = crate::paths::tcp::FLUSH_PROGRAMS
+        // The programs sending the batches serve the socket probe (and
+        // the device probes).
+        let helps = crate::batch::FLUSH_PROGRAMS
             .iter()
             .any(|p| p.starts_with(name.as_str()))
             .then_some(crate::paths::tcp::PROBE);

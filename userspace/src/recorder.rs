@@ -15,7 +15,7 @@ use std::{
 
 use anyhow::{Result, bail};
 use aya::maps::{MapData, RingBuf};
-use hvprof_common::{EventHeader, SockLivesEvent, kind};
+use hvprof_common::{EventHeader, kind};
 use tokio::io::unix::AsyncFd;
 
 use crate::{
@@ -331,16 +331,20 @@ impl Recorder {
         )
         .and_then(|()| {
             // Lives closed but not sent yet, and sockets still open (their
-            // lives so far), from the kernel's maps.
-            if !self.session.programs.contains_key(tcp::PROBE) {
-                return Ok(());
-            }
+            // lives so far), and packets not sent yet, from the kernel's
+            // maps.
             let ebpf = &self.session.ebpf;
-            for life in tcp::unsent_lives(ebpf)?
-                .into_iter()
-                .chain(tcp::open_lives(ebpf)?)
-            {
-                keep(&life, &mut sink, &mut self.tap)?;
+            let attached = |p: &str| self.session.programs.contains_key(p);
+            let mut waiting = Vec::new();
+            if attached(tcp::PROBE) {
+                waiting.extend(tcp::unsent_lives(ebpf)?);
+                waiting.extend(tcp::open_lives(ebpf)?);
+            }
+            if dev::PATH.rows.iter().any(|r| attached(r.name)) {
+                waiting.extend(dev::unsent_packets(ebpf)?);
+            }
+            for rec in waiting {
+                keep(&rec, &mut sink, &mut self.tap)?;
             }
             Ok(())
         });
@@ -377,10 +381,10 @@ fn drain_ring(
 ) -> Result<()> {
     while let Some(item) = ring.next() {
         let head = EventHeader::read(&item);
-        if head.is_some_and(|h| h.kind == kind::SOCK_LIVES) {
-            // Lives that crossed together are kept one by one.
-            for life in SockLivesEvent::lives_in(&item) {
-                keep(life, sink, tap)?;
+        if let Some(items) = head.and_then(|h| crate::batch::items(&item, h.kind)) {
+            // Events that crossed together are kept one by one.
+            for one in items {
+                keep(one, sink, tap)?;
             }
             continue;
         }

@@ -84,6 +84,9 @@ pub mod kind {
     /// [`super::SockLivesEvent`]: in the ring buffer only (the recorder
     /// writes each life as its own `SOCK_LIFE` record).
     pub const SOCK_LIVES: u16 = 6;
+    /// [`super::DevPacketsEvent`]: in the ring buffer only (the recorder
+    /// writes each packet as its own `DEV_PACKET` record).
+    pub const DEV_PACKETS: u16 = 7;
 }
 
 /// A probed kernel function was entered.
@@ -122,6 +125,8 @@ pub struct DevPacketEvent {
     /// 0: transmitted by the device, 1: received from it.
     pub dir: u8,
     pub ifname: [u8; 16],
+    /// Zero; makes the padding explicit, so every byte is written.
+    pub _pad: u32,
 }
 
 /// Offsets for reading packets and devices, from the running kernel's BTF.
@@ -382,28 +387,49 @@ pub unsafe fn copy_words<T>(dst: *mut T, src: *const T) {
 
 /// Lives a [`SockLivesEvent`] carries at most.
 pub const SOCK_BATCH: usize = 8;
+/// Packets a [`DevPacketsEvent`] carries at most.
+pub const DEV_BATCH: usize = 16;
 
-/// Closed socket lives that cross to user space together: a CPU gathers
-/// them and sends them in one ring-buffer record (a reservation per life
-/// cost a quarter of the socket program, the ring's lock and positions
-/// being shared by all CPUs). Also the per-CPU map value they gather in.
-/// The record holds `count` lives, not always [`SOCK_BATCH`].
+/// Events of one kind that cross to user space together: a CPU gathers
+/// them and sends them in one ring-buffer record (a reservation per event
+/// cost a quarter of the socket program and about a third of the device
+/// programs, the ring's lock and positions being shared by all CPUs).
+/// Also the per-CPU map value they gather in. The record holds `count`
+/// events, not always `N`; the recorder writes each as its own record.
 #[repr(C)]
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
-pub struct SockLivesEvent {
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Batch<T, const N: usize> {
     /// `ts_ns`: when the record was sent; no task.
     pub header: EventHeader,
-    /// Lives in `lives` (at most [`SOCK_BATCH`]).
+    /// Events in `items` (at most `N`).
     pub count: u32,
     pub _pad: u32,
     /// In the map: 1 while a program on this CPU changes the batch (one
-    /// sending a waiting batch may interrupt the socket program).
+    /// sending a waiting batch may interrupt the one adding to it).
     /// Meaningless in the ring.
     pub held: u64,
     /// When the first of them was added.
     pub first_ns: u64,
-    pub lives: [SockLifeEvent; SOCK_BATCH],
+    pub items: [T; N],
 }
+
+impl<T: Copy + Default, const N: usize> Default for Batch<T, N> {
+    fn default() -> Self {
+        Self {
+            header: EventHeader::default(),
+            count: 0,
+            _pad: 0,
+            held: 0,
+            first_ns: 0,
+            items: [T::default(); N],
+        }
+    }
+}
+
+/// Closed socket lives sent together ([`kind::SOCK_LIVES`]).
+pub type SockLivesEvent = Batch<SockLifeEvent, SOCK_BATCH>;
+/// Device packets sent together ([`kind::DEV_PACKETS`]).
+pub type DevPacketsEvent = Batch<DevPacketEvent, DEV_BATCH>;
 
 /// Bytes at the start of `sock_common` the raw-tracepoint socket program
 /// reads in one go: the IPv4 addresses, remote port and family must lie in
@@ -475,7 +501,7 @@ mod pod {
     unsafe impl aya::Pod for super::KernelOffsets {}
     unsafe impl aya::Pod for super::EventHeader {}
     unsafe impl aya::Pod for super::SockLifeEvent {}
-    unsafe impl aya::Pod for super::SockLivesEvent {}
+    unsafe impl<T: aya::Pod, const N: usize> aya::Pod for super::Batch<T, N> {}
     unsafe impl aya::Pod for super::SockSlot {}
     unsafe impl aya::Pod for super::SockOffsets {}
     unsafe impl aya::Pod for super::ThreadStats {}
@@ -506,32 +532,35 @@ impl SockLifeEvent {
     /// The record as the event log stores it (a life read back from the
     /// kernel's map by user space).
     pub fn as_bytes(&self) -> &[u8] {
-        // SAFETY: #[repr(C)] integers and byte arrays with no padding
-        // holes (see `layout_is_stable`), so every byte is initialised.
-        unsafe {
-            core::slice::from_raw_parts(
-                (self as *const Self).cast::<u8>(),
-                core::mem::size_of::<Self>(),
-            )
-        }
+        // SAFETY: no padding holes (see `layout_is_stable`).
+        unsafe { bytes_of(self) }
     }
 }
 
-impl SockLivesEvent {
-    /// Offset of `lives`.
-    pub const LIVES_AT: usize = core::mem::offset_of!(SockLivesEvent, lives);
+/// The bytes of `v`.
+///
+/// # Safety
+/// `T` is `#[repr(C)]` integers and byte arrays with no padding holes, so
+/// every byte is initialised.
+unsafe fn bytes_of<T>(v: &T) -> &[u8] {
+    // SAFETY: as the caller promised.
+    unsafe { core::slice::from_raw_parts((v as *const T).cast::<u8>(), core::mem::size_of::<T>()) }
+}
 
-    /// The lives a record of this kind carries, each as the event log
+impl<T, const N: usize> Batch<T, N> {
+    /// Offset of `items`.
+    pub const ITEMS_AT: usize = core::mem::offset_of!(Self, items);
+
+    /// The events a record of this kind carries, each as the event log
     /// stores it (a short or hostile record yields what it holds whole).
-    pub fn lives_in(bytes: &[u8]) -> impl Iterator<Item = &[u8]> {
-        let at = core::mem::offset_of!(SockLivesEvent, count);
+    pub fn items_in(bytes: &[u8]) -> impl Iterator<Item = &[u8]> {
+        let at = core::mem::offset_of!(Self, count);
         let count = read_unaligned::<u32>(bytes.get(at..).unwrap_or_default()).unwrap_or(0);
-        let size = core::mem::size_of::<SockLifeEvent>();
         bytes
-            .get(Self::LIVES_AT..)
+            .get(Self::ITEMS_AT..)
             .unwrap_or_default()
-            .chunks_exact(size)
-            .take((count as usize).min(SOCK_BATCH))
+            .chunks_exact(core::mem::size_of::<T>())
+            .take((count as usize).min(N))
     }
 }
 
@@ -544,6 +573,13 @@ impl FuncEvent {
 impl DevPacketEvent {
     pub fn read(bytes: &[u8]) -> Option<Self> {
         read_unaligned(bytes)
+    }
+
+    /// The record as the event log stores it (a packet read back from the
+    /// kernel's map by user space).
+    pub fn as_bytes(&self) -> &[u8] {
+        // SAFETY: no padding holes (see `layout_is_stable`).
+        unsafe { bytes_of(self) }
     }
 }
 
@@ -589,7 +625,7 @@ mod tests {
             count: 3,
             ..Default::default()
         };
-        for (i, l) in ev.lives.iter_mut().enumerate() {
+        for (i, l) in ev.items.iter_mut().enumerate() {
             l.skaddr = i as u64 + 1;
         }
         fn bytes_of(ev: &SockLivesEvent) -> &[u8] {
@@ -603,7 +639,7 @@ mod tests {
         }
         let bytes = bytes_of(&ev);
         let addrs = |b: &[u8]| -> usize {
-            SockLivesEvent::lives_in(b)
+            SockLivesEvent::items_in(b)
                 .map(|l| SockLifeEvent::read(l).map_or(0, |l| l.skaddr as usize))
                 .sum()
         };
@@ -611,20 +647,26 @@ mod tests {
         // Cut inside the third life: two whole ones.
         let size = core::mem::size_of::<SockLifeEvent>();
         assert_eq!(
-            addrs(&bytes[..SockLivesEvent::LIVES_AT + 2 * size + 5]),
+            addrs(&bytes[..SockLivesEvent::ITEMS_AT + 2 * size + 5]),
             1 + 2
         );
         // A count beyond the batch, or a record too short for its count.
         ev.count = u32::MAX;
         let bytes = bytes_of(&ev);
-        assert_eq!(SockLivesEvent::lives_in(bytes).count(), SOCK_BATCH);
-        assert_eq!(SockLivesEvent::lives_in(&bytes[..10]).count(), 0);
+        assert_eq!(SockLivesEvent::items_in(bytes).count(), SOCK_BATCH);
+        assert_eq!(SockLivesEvent::items_in(&bytes[..10]).count(), 0);
     }
 
     #[test]
     fn layout_is_stable() {
         assert_eq!(core::mem::size_of::<EventHeader>(), 40);
-        assert_eq!(SockLivesEvent::LIVES_AT, 64);
+        assert_eq!(SockLivesEvent::ITEMS_AT, 64);
+        assert_eq!(DevPacketsEvent::ITEMS_AT, 64);
+        // No padding holes: the fields' sizes add up to the whole.
+        assert_eq!(
+            core::mem::size_of::<DevPacketEvent>(),
+            40 + 8 + 4 * 7 + 2 * 3 + 2 + 16 + 4
+        );
         assert_eq!(
             core::mem::size_of::<SockLivesEvent>(),
             64 + SOCK_BATCH * core::mem::size_of::<SockLifeEvent>()

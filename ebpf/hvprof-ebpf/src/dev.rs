@@ -7,18 +7,19 @@
 //! entry points each: the raw tracepoints (the `sk_buff` in a register, no
 //! record built: the classic tracepoint fills its whole record, device
 //! name included, before a program runs, for every packet of every
-//! device) and, where those can't be used, the classic ones.
+//! device) and, where those can't be used, the classic ones. Packets
+//! cross to user space in a batch per CPU (`batch`).
 
 use aya_ebpf::{
     Global,
-    helpers::bpf_probe_read_kernel,
+    helpers::{bpf_ktime_get_ns, bpf_probe_read_kernel},
     macros::{map, raw_tracepoint, tracepoint},
-    maps::HashMap,
+    maps::{HashMap, PerCpuArray},
     programs::{RawTracePointContext, TracePointContext},
 };
-use hvprof_common::{DevOffsets, DevPacketEvent, kind, probe};
+use hvprof_common::{DevOffsets, DevPacketEvent, DevPacketsEvent, kind, probe};
 
-use crate::maps::{EVENTS, count_lost, header_into, kernel_comm_into, submit_flags};
+use crate::maps::{EVENTS, count_lost, header_at, kernel_comm_into, submit_flags};
 
 #[unsafe(no_mangle)]
 static HVP_DEV_OFFSETS: Global<DevOffsets> = Global::new(DevOffsets {
@@ -42,6 +43,16 @@ static HVP_DEV_OFFSETS: Global<DevOffsets> = Global::new(DevOffsets {
 /// Devices to trace: key `netns inode << 32 | ifindex`.
 #[map(name = "HVP_DEVICES")]
 static DEVICES: HashMap<u64, u8> = HashMap::with_max_entries(256, 0);
+
+/// Packets waiting to cross together, per CPU.
+#[map(name = "HVP_DEV_BATCH")]
+static BATCH: PerCpuArray<DevPacketsEvent> = PerCpuArray::with_max_entries(1, 0);
+
+/// This CPU's batch of packets.
+#[inline(always)]
+pub fn batch() -> Option<*mut DevPacketsEvent> {
+    BATCH.get_ptr_mut(0)
+}
 
 #[tracepoint(category = "net", name = "net_dev_start_xmit")]
 pub fn hvp_dev_xmit(ctx: TracePointContext) -> u32 {
@@ -154,29 +165,38 @@ fn packet(
     let tcp: [u8; 20] = unsafe { core::mem::transmute(tcp) };
     let tot = u16::from_be_bytes([ip[2], ip[3]]);
     let doff = u16::from(tcp[12] >> 4) * 4;
+    let len = len(&o).unwrap_or(0);
+    // Every field is written, in place (a copy from the stack would move
+    // the names a byte at a time).
+    let fill = |ev: &mut DevPacketEvent, ts: u64| {
+        header_at(&mut ev.header, kind::DEV_PACKET, probe_id, ts);
+        ev.skbaddr = skb;
+        ev.netns = netns;
+        ev.ifindex = ifindex;
+        ev.len = len;
+        ev.seq = u32::from_be_bytes([tcp[4], tcp[5], tcp[6], tcp[7]]);
+        ev.ack = u32::from_be_bytes([tcp[8], tcp[9], tcp[10], tcp[11]]);
+        ev.saddr = [ip[12], ip[13], ip[14], ip[15]];
+        ev.daddr = [ip[16], ip[17], ip[18], ip[19]];
+        ev.sport = u16::from_be_bytes([tcp[0], tcp[1]]);
+        ev.dport = u16::from_be_bytes([tcp[2], tcp[3]]);
+        ev.payload = tot.saturating_sub(ihl as u16).saturating_sub(doff);
+        ev.flags = tcp[13];
+        ev.dir = dir;
+        ev._pad = 0;
+        kernel_comm_into(&mut ev.ifname, dev + u64::from(o.dev_name));
+    };
+    // SAFETY: plain helper call.
+    let ts = unsafe { bpf_ktime_get_ns() };
+    if crate::batch::add(batch(), ts, |ev| fill(ev, ts)) {
+        return Ok(());
+    }
     let Some(mut entry) = EVENTS.reserve::<DevPacketEvent>(0) else {
         count_lost(probe_id);
         return Ok(());
     };
-    // Built where it goes (a copy from the stack would move the names a
-    // byte at a time); every field is written.
-    // SAFETY: the reserved record.
-    let ev = unsafe { &mut *entry.as_mut_ptr() };
-    let ts = header_into(&mut ev.header, kind::DEV_PACKET, probe_id);
-    ev.skbaddr = skb;
-    ev.netns = netns;
-    ev.ifindex = ifindex;
-    ev.len = len(&o).unwrap_or(0);
-    ev.seq = u32::from_be_bytes([tcp[4], tcp[5], tcp[6], tcp[7]]);
-    ev.ack = u32::from_be_bytes([tcp[8], tcp[9], tcp[10], tcp[11]]);
-    ev.saddr = [ip[12], ip[13], ip[14], ip[15]];
-    ev.daddr = [ip[16], ip[17], ip[18], ip[19]];
-    ev.sport = u16::from_be_bytes([tcp[0], tcp[1]]);
-    ev.dport = u16::from_be_bytes([tcp[2], tcp[3]]);
-    ev.payload = tot.saturating_sub(ihl as u16).saturating_sub(doff);
-    ev.flags = tcp[13];
-    ev.dir = dir;
-    kernel_comm_into(&mut ev.ifname, dev + u64::from(o.dev_name));
+    // SAFETY: the reserved record, every field of which `fill` writes.
+    fill(unsafe { &mut *entry.as_mut_ptr() }, ts);
     entry.submit(submit_flags(ts));
     Ok(())
 }

@@ -15,6 +15,8 @@
 )]
 
 #[cfg(target_arch = "bpf")]
+mod batch;
+#[cfg(target_arch = "bpf")]
 mod dev;
 #[cfg(target_arch = "bpf")]
 mod features;

@@ -91,15 +91,22 @@ pub fn count_lost_n(probe: u16, n: u64) {
 /// Returns its time.
 #[inline(always)]
 pub fn header_into(h: &mut EventHeader, kind: u16, probe: u16) -> u64 {
-    let pid_tgid = bpf_get_current_pid_tgid();
-    // SAFETY: plain helper calls.
+    // SAFETY: plain helper call.
     let ts_ns = unsafe { bpf_ktime_get_ns() };
+    header_at(h, kind, probe, ts_ns);
+    ts_ns
+}
+
+/// [`header_into`] with the event's time `ts_ns` already read.
+#[inline(always)]
+pub fn header_at(h: &mut EventHeader, kind: u16, probe: u16, ts_ns: u64) {
+    let pid_tgid = bpf_get_current_pid_tgid();
     h.ts_ns = ts_ns;
     h.kind = kind;
     h.probe = probe;
+    // SAFETY: plain helper call.
     h.cpu = unsafe { bpf_get_smp_processor_id() };
     h.pid = (pid_tgid >> 32) as u32;
     h.tid = pid_tgid as u32;
     current_comm_into(&mut h.comm);
-    ts_ns
 }

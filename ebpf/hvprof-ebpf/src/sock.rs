@@ -3,8 +3,7 @@
 //! state changes (all of them with `--all-tcp-states`; by default not the
 //! intermediate ones nothing reads); the whole life goes to user space
 //! once, when the socket reaches TCP_CLOSE, in a batch of a CPU's closed
-//! lives that a timer or the CPU going idle sends if it waits (sockets
-//! still open, and batches not sent, are read from the maps when the
+//! lives (`batch`; sockets still open are read from the maps when the
 //! recording stops). A socket's entry is a slot of an array picked by a
 //! hash of its address — claimed and freed by writing the address, found
 //! without a bucket walk, nothing allocated — or, when another socket
@@ -13,24 +12,22 @@
 //! and, where that can't be used, the classic tracepoint (its record's
 //! offsets from tracefs). Nothing is compiled in for one kernel.
 
-use core::sync::atomic::{Ordering, compiler_fence};
-
 use aya_ebpf::{
     Global,
     bindings::{BPF_F_MMAPABLE, BPF_NOEXIST},
     helpers::{bpf_get_current_pid_tgid, bpf_ktime_get_ns},
     helpers::{bpf_get_smp_processor_id, bpf_probe_read_kernel},
-    macros::{map, perf_event, raw_tracepoint, tracepoint},
+    macros::{map, raw_tracepoint, tracepoint},
     maps::{Array, HashMap, PerCpuArray},
-    programs::{PerfEventContext, RawTracePointContext, TracePointContext},
+    programs::{RawTracePointContext, TracePointContext},
 };
 use hvprof_common::{
-    KernelOffsets, SOCK_BATCH, SOCK_STEPS, SockLifeEvent, SockLivesEvent, SockOffsets, SockSlot,
-    SockStateTpOffsets, kind, probe, sock_life,
+    KernelOffsets, SOCK_STEPS, SockLifeEvent, SockLivesEvent, SockOffsets, SockSlot,
+    SockStateTpOffsets, probe, sock_life,
 };
 
 use crate::filter::task_wanted;
-use crate::maps::{EVENTS, count_lost, count_lost_n, current_comm_into, submit_flags};
+use crate::maps::{EVENTS, count_lost, current_comm_into, submit_flags};
 
 #[unsafe(no_mangle)]
 static HVP_SOCK_STATE_TP: Global<SockStateTpOffsets> = Global::new(SockStateTpOffsets {
@@ -88,18 +85,6 @@ static SOCKS: HashMap<u64, SockSlot> = HashMap::with_max_entries(61440, 0);
 /// Closed lives waiting to cross together, per CPU.
 #[map(name = "HVP_SOCK_BATCH")]
 static BATCH: PerCpuArray<SockLivesEvent> = PerCpuArray::with_max_entries(1, 0);
-
-/// 1 once `hvp_sock_flush` and `hvp_sock_idle` run: closed lives then
-/// wait in their CPU's batch; else each is sent alone (a batch nobody
-/// sends could wait forever on a quiet CPU). Set by user space after
-/// attaching them.
-#[map(name = "HVP_SOCK_BATCHING")]
-static BATCHING: Array<u32> = Array::with_max_entries(1, 0);
-
-/// How long a closed life may wait in its CPU's batch while lives keep
-/// closing there (`hvp_sock_flush` and `hvp_sock_idle` send what waits
-/// on a CPU where none close).
-const BATCH_WAIT_NS: u64 = 100_000_000;
 
 /// Non-zero: follow every state change. Zero (the default): skip the
 /// changes nothing reads — into FIN_WAIT2, LAST_ACK and CLOSING, about a
@@ -228,41 +213,27 @@ fn on_change(sk: u64, old: u8, new: u8, src: &impl Source) {
     }
 }
 
-/// Sends the closed life of `sk`: alone, or through this CPU's batch,
-/// which goes when it is full or its first life has waited long enough
-/// (what a quiet CPU's batch holds, `flush` sends; what is left when the
-/// recording stops, user space reads from the map).
+/// Sends the closed life of `sk`: through this CPU's batch, or alone.
 #[inline(always)]
 fn send(life: &SockSlot, sk: u64, now: u64) {
-    let batching = BATCHING.get(0).is_some_and(|on| *on != 0);
-    let Some(b) = BATCH.get_ptr_mut(0).filter(|b| batching && hold(*b)) else {
-        match EVENTS.reserve::<SockLifeEvent>(0) {
-            Some(mut entry) => {
-                // SAFETY: the reserved record, every byte of which
-                // `closed` writes.
-                closed(life, unsafe { &mut *entry.as_mut_ptr() }, sk, now);
-                entry.submit(submit_flags(now));
-            }
-            None => count_lost(probe::SOCK_STATE),
-        }
+    if crate::batch::add(batch(), now, |slot| closed(life, slot, sk, now)) {
         return;
-    };
-    // SAFETY: this CPU's batch, held: the programs that flush it can't
-    // change it meanwhile, and a socket program doesn't run twice at once
-    // on a CPU (the kernel skips a nested run).
-    let batch = unsafe { &mut *b };
-    let n = batch.count as usize;
-    if let Some(slot) = batch.lives.get_mut(n) {
-        closed(life, slot, sk, now);
-        batch.count += 1;
-        if n == 0 {
-            batch.first_ns = now;
+    }
+    match EVENTS.reserve::<SockLifeEvent>(0) {
+        Some(mut entry) => {
+            // SAFETY: the reserved record, every byte of which `closed`
+            // writes.
+            closed(life, unsafe { &mut *entry.as_mut_ptr() }, sk, now);
+            entry.submit(submit_flags(now));
         }
+        None => count_lost(probe::SOCK_STATE),
     }
-    if batch.count as usize >= SOCK_BATCH || now.wrapping_sub(batch.first_ns) >= BATCH_WAIT_NS {
-        send_batch(batch, now);
-    }
-    release(b);
+}
+
+/// This CPU's batch of closed lives.
+#[inline(always)]
+pub fn batch() -> Option<*mut SockLivesEvent> {
+    BATCH.get_ptr_mut(0)
 }
 
 /// The event of `sk`'s life, closed `now`: its header's time is the last
@@ -274,94 +245,6 @@ fn closed(life: &SockSlot, out: &mut SockLifeEvent, sk: u64, now: u64) {
     // SAFETY: plain helper call.
     out.header.cpu = unsafe { bpf_get_smp_processor_id() };
     bytes(sk, out);
-}
-
-/// Sends what `batch` (held) holds, in one record of just its lives.
-#[inline(always)]
-fn send_batch(batch: &mut SockLivesEvent, now: u64) {
-    let n = (batch.count as usize).min(SOCK_BATCH);
-    if n == 0 {
-        return;
-    }
-    batch.header.ts_ns = now;
-    batch.header.kind = kind::SOCK_LIVES;
-    batch.header.probe = probe::SOCK_STATE;
-    // SAFETY: plain helper call.
-    batch.header.cpu = unsafe { bpf_get_smp_processor_id() };
-    let len = SockLivesEvent::LIVES_AT + n * core::mem::size_of::<SockLifeEvent>();
-    // SAFETY: the first `len` bytes of the batch (`n` is at most
-    // SOCK_BATCH), a plain `#[repr(C)]` value.
-    let bytes = unsafe { core::slice::from_raw_parts((&raw const *batch).cast::<u8>(), len) };
-    if EVENTS.output::<[u8]>(bytes, submit_flags(now)).is_err() {
-        count_lost_n(probe::SOCK_STATE, n as u64);
-    }
-    batch.count = 0;
-}
-
-/// Takes this CPU's batch (1 in `held`): fails only while a program this
-/// one interrupted holds it. Only programs on this CPU touch its batch,
-/// and an interrupting one runs to its end before the interrupted one
-/// goes on, so plain reads and writes in program order suffice; the
-/// fences keep the compiler from moving the batch's reads and writes out
-/// from between `hold` and `release`.
-#[inline(always)]
-fn hold(batch: *mut SockLivesEvent) -> bool {
-    // SAFETY: an aligned u64 of this CPU's batch.
-    unsafe {
-        if core::ptr::read_volatile(&raw const (*batch).held) != 0 {
-            return false;
-        }
-        core::ptr::write_volatile(&raw mut (*batch).held, 1);
-    }
-    compiler_fence(Ordering::SeqCst);
-    true
-}
-
-#[inline(always)]
-fn release(batch: *mut SockLivesEvent) {
-    compiler_fence(Ordering::SeqCst);
-    // SAFETY: an aligned u64 of this CPU's batch, held by this program.
-    unsafe { core::ptr::write_volatile(&raw mut (*batch).held, 0) };
-}
-
-/// A timer on every CPU (a CPU-clock perf event, a few times a second):
-/// sends the lives waiting in the batch of a CPU kept busy by work that
-/// closes no sockets.
-#[perf_event]
-pub fn hvp_sock_flush(_ctx: PerfEventContext) -> u32 {
-    flush();
-    0
-}
-
-/// `power:cpu_idle`: sends the lives waiting in the batch of a CPU going
-/// idle (the timer above doesn't fire on an idle CPU).
-#[raw_tracepoint(tracepoint = "cpu_idle")]
-pub fn hvp_sock_idle(ctx: RawTracePointContext) -> i32 {
-    // TP_PROTO(unsigned int state, unsigned int cpu_id); leaving idle is
-    // PWR_EVENT_EXIT, -1.
-    let state: u64 = ctx.arg(0);
-    if state as u32 != u32::MAX {
-        flush();
-    }
-    0
-}
-
-/// Sends what waits in this CPU's batch, unless a program it interrupted
-/// holds the batch (then the next tick, idle entry or close sends it).
-#[inline(always)]
-fn flush() {
-    let Some(b) = BATCH.get_ptr_mut(0) else {
-        return;
-    };
-    // SAFETY: this CPU's batch; a racy peek, decided again once held.
-    if unsafe { core::ptr::read_volatile(&raw const (*b).count) } == 0 || !hold(b) {
-        return;
-    }
-    // SAFETY: plain helper call.
-    let now = unsafe { bpf_ktime_get_ns() };
-    // SAFETY: held (see `send`).
-    send_batch(unsafe { &mut *b }, now);
-    release(b);
 }
 
 /// The slot `sk` hashes to (multiplicative hashing, then a multiply-shift

@@ -65,6 +65,18 @@ pub const RECV_RAW_PROGRAM: &str = "hvp_dev_recv_raw";
 
 pub const OFFSETS_GLOBAL: &str = "HVP_DEV_OFFSETS";
 const DEVICES_MAP: &str = "HVP_DEVICES";
+/// Packets waiting to cross together, per CPU.
+const BATCH_MAP: &str = "HVP_DEV_BATCH";
+
+/// Packets still waiting in the CPUs' batches when the programs were
+/// detached.
+pub fn unsent_packets(ebpf: &Ebpf) -> Result<Vec<Vec<u8>>> {
+    crate::batch::unsent::<DevPacketEvent, { hvprof_common::DEV_BATCH }>(
+        ebpf,
+        BATCH_MAP,
+        DevPacketEvent::as_bytes,
+    )
+}
 
 /// Offsets for this kernel; `valid == 0` (device probes record nothing)
 /// when something is missing.

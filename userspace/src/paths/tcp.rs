@@ -8,8 +8,8 @@ use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 
 use anyhow::{Context as _, Result};
 use hvprof_common::{
-    KernelOffsets, SOCK_COMMON_HEAD, SockLifeEvent, SockLivesEvent, SockOffsets, SockSlot,
-    SockStateTpOffsets, probe, sock_life,
+    KernelOffsets, SOCK_COMMON_HEAD, SockLifeEvent, SockOffsets, SockSlot, SockStateTpOffsets,
+    probe, sock_life,
 };
 use serde::Serialize;
 
@@ -117,16 +117,6 @@ pub const SLOT_COUNT_GLOBAL: &str = "HVP_SOCK_SLOT_COUNT";
 pub const SOCKS_MAP: &str = "HVP_SOCKS";
 /// Closed lives waiting to cross together, per CPU.
 const BATCH_MAP: &str = "HVP_SOCK_BATCH";
-/// Whether closed lives wait in batches (set once the programs that send
-/// them run).
-const BATCHING_MAP: &str = "HVP_SOCK_BATCHING";
-/// The programs that send a CPU's waiting batch: a timer on the CPU
-/// clock (on a busy CPU) and one at `power:cpu_idle` (a CPU going idle,
-/// where that timer doesn't fire).
-pub const FLUSH_PROGRAMS: [&str; 2] = ["hvp_sock_flush", "hvp_sock_idle"];
-/// How often the timer looks at the batch of a busy CPU: a closed life
-/// waits at most this long there (plus the reader's own period).
-const FLUSH_HZ: u64 = 10;
 /// Non-zero: follow every state change (`record --all-tcp-states`).
 pub const ALL_STATES_GLOBAL: &str = "HVP_SOCK_ALL_STATES";
 /// Sockets followed at once at most by default (`record --max-sockets`):
@@ -146,34 +136,6 @@ pub fn map_sizes(max_sockets: u32) -> (u32, u32) {
     let max = max_sockets.max(2);
     let slots = (max - (max / 8).max(1)).min(MAX_SLOTS);
     (slots, max - slots)
-}
-
-/// Closed lives in batches: attaches the programs that send a CPU's
-/// waiting batch — a timer on every CPU's clock and one at the CPU going
-/// idle — then turns batching on. On an error (no perf events or raw
-/// tracepoints here) batching stays off and each life is sent alone; the
-/// caller unloads what was loaded.
-pub fn start_batching(ebpf: &mut aya::Ebpf) -> Result<()> {
-    use aya::programs::{PerfEvent, RawTracePoint};
-    let [timer, idle] = FLUSH_PROGRAMS;
-    let prog: &mut PerfEvent = ebpf
-        .program_mut(timer)
-        .with_context(|| format!("program {timer} missing"))?
-        .try_into()?;
-    prog.load().with_context(|| format!("loading {timer}"))?;
-    super::cpu::attach_clock(prog, 1_000_000_000 / FLUSH_HZ, timer)?;
-    let prog: &mut RawTracePoint = ebpf
-        .program_mut(idle)
-        .with_context(|| format!("program {idle} missing"))?
-        .try_into()?;
-    prog.load().with_context(|| format!("loading {idle}"))?;
-    prog.attach("cpu_idle")
-        .with_context(|| format!("attaching {idle} to raw tracepoint cpu_idle"))?;
-    let mut on: aya::maps::Array<_, u32> = aya::maps::Array::try_from(
-        ebpf.map_mut(BATCHING_MAP)
-            .with_context(|| format!("map {BATCHING_MAP} missing"))?,
-    )?;
-    on.set(0, 1, 0).context("turning batching on")
 }
 
 /// Tracepoint record offsets for this kernel.
@@ -336,18 +298,11 @@ pub fn sock_offsets(btf: Option<&btf_rs::Btf>) -> (SockOffsets, Option<String>) 
 /// Closed lives still waiting in the CPUs' batches when the programs were
 /// detached.
 pub fn unsent_lives(ebpf: &aya::Ebpf) -> Result<Vec<Vec<u8>>> {
-    let map = ebpf
-        .map(BATCH_MAP)
-        .with_context(|| format!("map {BATCH_MAP} missing"))?;
-    let batch: aya::maps::PerCpuArray<_, SockLivesEvent> = aya::maps::PerCpuArray::try_from(map)?;
-    let per_cpu = batch.get(&0, 0).context("reading unsent socket lives")?;
-    Ok(per_cpu
-        .iter()
-        .flat_map(|b| {
-            let n = (b.count as usize).min(hvprof_common::SOCK_BATCH);
-            b.lives[..n].iter().map(|l| l.as_bytes().to_vec())
-        })
-        .collect())
+    crate::batch::unsent::<SockLifeEvent, { hvprof_common::SOCK_BATCH }>(
+        ebpf,
+        BATCH_MAP,
+        SockLifeEvent::as_bytes,
+    )
 }
 
 /// The lives still open in the kernel's map (sockets not closed when the
