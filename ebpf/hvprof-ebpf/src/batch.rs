@@ -64,17 +64,22 @@ pub fn add<T: Item, const N: usize>(
     let Some(b) = b.filter(|b| batching && hold(*b)) else {
         return false;
     };
+    const { assert!(N.is_power_of_two()) };
     // SAFETY: this CPU's batch, held: the programs that flush it can't
     // change it meanwhile, and a program doesn't run twice at once on a
     // CPU (the kernel skips a nested run).
     let batch = unsafe { &mut *b };
-    let n = batch.count as usize;
-    if let Some(slot) = batch.items.get_mut(n) {
-        fill(slot);
-        batch.count += 1;
-        if n == 0 {
-            batch.first_ns = now;
-        }
+    // Below `N` always (a full batch is sent at once). Read afresh and
+    // masked so that the verifier sees the bound on the value itself: one
+    // learned from a comparison is lost by older verifiers (6.1) when the
+    // register is spilled, and the compiler drops a mask it can prove
+    // changes nothing.
+    // SAFETY: an aligned u32 of the held batch.
+    let n = unsafe { core::ptr::read_volatile(&raw const batch.count) } as usize & (N - 1);
+    fill(&mut batch.items[n]);
+    batch.count = n as u32 + 1;
+    if n == 0 {
+        batch.first_ns = now;
     }
     if batch.count as usize >= N || now.wrapping_sub(batch.first_ns) >= WAIT_NS {
         send(batch, now);
