@@ -628,16 +628,9 @@ mod tests {
         for (i, l) in ev.items.iter_mut().enumerate() {
             l.skaddr = i as u64 + 1;
         }
-        fn bytes_of(ev: &SockLivesEvent) -> &[u8] {
-            // SAFETY: #[repr(C)] integers and arrays without padding holes.
-            unsafe {
-                core::slice::from_raw_parts(
-                    (ev as *const SockLivesEvent).cast::<u8>(),
-                    core::mem::size_of::<SockLivesEvent>(),
-                )
-            }
-        }
-        let bytes = bytes_of(&ev);
+        // SAFETY: a batch of lives has no padding holes
+        // (`layout_is_stable`).
+        let bytes = unsafe { bytes_of(&ev) };
         let addrs = |b: &[u8]| -> usize {
             SockLivesEvent::items_in(b)
                 .map(|l| SockLifeEvent::read(l).map_or(0, |l| l.skaddr as usize))
@@ -652,7 +645,8 @@ mod tests {
         );
         // A count beyond the batch, or a record too short for its count.
         ev.count = u32::MAX;
-        let bytes = bytes_of(&ev);
+        // SAFETY: as above.
+        let bytes = unsafe { bytes_of(&ev) };
         assert_eq!(SockLivesEvent::items_in(bytes).count(), SOCK_BATCH);
         assert_eq!(SockLivesEvent::items_in(&bytes[..10]).count(), 0);
     }

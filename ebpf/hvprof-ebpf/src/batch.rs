@@ -31,7 +31,7 @@ const WAIT_NS: u64 = 100_000_000;
 
 /// An event that travels in a batch: the kind of the batch's record and
 /// the probe its loss is counted for.
-pub trait Item {
+pub trait Item: 'static {
     const BATCH_KIND: u16;
     fn probe(&self) -> u16;
 }
@@ -50,12 +50,37 @@ impl Item for DevPacketEvent {
     }
 }
 
+/// Sends one event from `probe`, written in place by `fill`: through this
+/// CPU's batch `b`, or alone in a ring record of its own when batching is
+/// off or a program this one interrupted holds the batch (counted lost
+/// for `probe` when the ring is full).
+#[inline(always)]
+pub fn emit<T: Item, const N: usize>(
+    b: Option<*mut Batch<T, N>>,
+    now: u64,
+    probe: u16,
+    fill: impl Fn(&mut T),
+) {
+    if add(b, now, &fill) {
+        return;
+    }
+    match EVENTS.reserve::<T>(0) {
+        Some(mut entry) => {
+            // SAFETY: the reserved record, every byte of which `fill`
+            // writes.
+            fill(unsafe { &mut *entry.as_mut_ptr() });
+            entry.submit(submit_flags(now));
+        }
+        None => count_lost(probe),
+    }
+}
+
 /// Adds one event to this CPU's batch `b`, written in place by `fill`,
 /// and sends the batch if it is full or has waited long enough. `false`
 /// (nothing done): batching is off, or a program this one interrupted
-/// holds the batch; the caller sends the event alone.
+/// holds the batch.
 #[inline(always)]
-pub fn add<T: Item, const N: usize>(
+fn add<T: Item, const N: usize>(
     b: Option<*mut Batch<T, N>>,
     now: u64,
     fill: impl FnOnce(&mut T),

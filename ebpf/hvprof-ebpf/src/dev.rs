@@ -19,7 +19,7 @@ use aya_ebpf::{
 };
 use hvprof_common::{DevOffsets, DevPacketEvent, DevPacketsEvent, kind, probe};
 
-use crate::maps::{EVENTS, count_lost, header_at, kernel_comm_into, submit_flags};
+use crate::maps::{header_at, kernel_comm_into};
 
 #[unsafe(no_mangle)]
 static HVP_DEV_OFFSETS: Global<DevOffsets> = Global::new(DevOffsets {
@@ -166,9 +166,11 @@ fn packet(
     let tot = u16::from_be_bytes([ip[2], ip[3]]);
     let doff = u16::from(tcp[12] >> 4) * 4;
     let len = len(&o).unwrap_or(0);
+    // SAFETY: plain helper call.
+    let ts = unsafe { bpf_ktime_get_ns() };
     // Every field is written, in place (a copy from the stack would move
     // the names a byte at a time).
-    let fill = |ev: &mut DevPacketEvent, ts: u64| {
+    crate::batch::emit(batch(), ts, probe_id, |ev: &mut DevPacketEvent| {
         header_at(&mut ev.header, kind::DEV_PACKET, probe_id, ts);
         ev.skbaddr = skb;
         ev.netns = netns;
@@ -185,18 +187,6 @@ fn packet(
         ev.dir = dir;
         ev._pad = 0;
         kernel_comm_into(&mut ev.ifname, dev + u64::from(o.dev_name));
-    };
-    // SAFETY: plain helper call.
-    let ts = unsafe { bpf_ktime_get_ns() };
-    if crate::batch::add(batch(), ts, |ev| fill(ev, ts)) {
-        return Ok(());
-    }
-    let Some(mut entry) = EVENTS.reserve::<DevPacketEvent>(0) else {
-        count_lost(probe_id);
-        return Ok(());
-    };
-    // SAFETY: the reserved record, every field of which `fill` writes.
-    fill(unsafe { &mut *entry.as_mut_ptr() }, ts);
-    entry.submit(submit_flags(ts));
+    });
     Ok(())
 }

@@ -73,15 +73,9 @@ pub fn kernel_comm_into(dst: &mut [u8; COMM_LEN], src: u64) {
 /// Counts one lost event for `probe`.
 #[inline(always)]
 pub fn count_lost(probe: u16) {
-    count_lost_n(probe, 1);
-}
-
-/// Counts `n` lost events for `probe`.
-#[inline(always)]
-pub fn count_lost_n(probe: u16, n: u64) {
     if let Some(slot) = LOST.get_ptr_mut(u32::from(probe)) {
         // SAFETY: per-CPU slot, no concurrent writer on this CPU.
-        unsafe { *slot += n };
+        unsafe { *slot += 1 };
     }
 }
 

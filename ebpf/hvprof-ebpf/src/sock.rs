@@ -27,7 +27,7 @@ use hvprof_common::{
 };
 
 use crate::filter::task_wanted;
-use crate::maps::{EVENTS, count_lost, current_comm_into, submit_flags};
+use crate::maps::{count_lost, current_comm_into};
 
 #[unsafe(no_mangle)]
 static HVP_SOCK_STATE_TP: Global<SockStateTpOffsets> = Global::new(SockStateTpOffsets {
@@ -216,18 +216,9 @@ fn on_change(sk: u64, old: u8, new: u8, src: &impl Source) {
 /// Sends the closed life of `sk`: through this CPU's batch, or alone.
 #[inline(always)]
 fn send(life: &SockSlot, sk: u64, now: u64) {
-    if crate::batch::add(batch(), now, |slot| closed(life, slot, sk, now)) {
-        return;
-    }
-    match EVENTS.reserve::<SockLifeEvent>(0) {
-        Some(mut entry) => {
-            // SAFETY: the reserved record, every byte of which `closed`
-            // writes.
-            closed(life, unsafe { &mut *entry.as_mut_ptr() }, sk, now);
-            entry.submit(submit_flags(now));
-        }
-        None => count_lost(probe::SOCK_STATE),
-    }
+    crate::batch::emit(batch(), now, probe::SOCK_STATE, |slot| {
+        closed(life, slot, sk, now)
+    });
 }
 
 /// This CPU's batch of closed lives.
