@@ -573,6 +573,13 @@ fn live_view_and_metrics_follow_a_running_system_and_quit_on_ctrl_c() {
         assert!(t0.elapsed().as_secs() < 30, "no metrics endpoint");
         std::thread::sleep(std::time::Duration::from_millis(100));
     }
+    // Without -o it records into a scratch directory named after it.
+    let pid = live.0.id();
+    assert_eq!(
+        live_dirs_of(pid).len(),
+        1,
+        "one hvprof-live-{pid}-… directory"
+    );
     std::thread::sleep(std::time::Duration::from_millis(1500));
     let out = Command::new(helper_bin("tcp-burst"))
         .arg("300")
@@ -609,6 +616,156 @@ fn live_view_and_metrics_follow_a_running_system_and_quit_on_ctrl_c() {
         "{view}"
     );
     assert!(our_bpf_programs().is_empty(), "programs left attached");
+    assert!(
+        live_dirs_of(pid).is_empty(),
+        "scratch directory left: {:?}",
+        live_dirs_of(pid)
+    );
+}
+
+/// `record --live`'s scratch directories (`$TMPDIR/hvprof-live-<pid>-…`)
+/// of process `pid`.
+fn live_dirs_of(pid: u32) -> Vec<std::path::PathBuf> {
+    let prefix = format!("hvprof-live-{pid}-");
+    std::fs::read_dir(std::env::temp_dir())
+        .expect("temp dir readable")
+        .flatten()
+        .filter(|e| e.file_name().to_string_lossy().starts_with(&prefix))
+        .map(|e| e.path())
+        .collect()
+}
+
+#[test]
+fn live_scratch_dir_is_gone_after_sigterm_and_sighup() {
+    require_bpf!("record_live_scratch_signals");
+    let _g = bpf_lock();
+    // SIGHUP: the live view's terminal closed.
+    for (sig, code) in [(libc::SIGTERM, 143), (libc::SIGHUP, 129)] {
+        let child = Command::new(hvprof_bin())
+            .args(["record", "--live", "-d", "60s"])
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("hvprof runs");
+        let mut rec = Owned(child);
+        let pid = rec.0.id();
+        // Recording once the event log exists (after attach).
+        let t0 = Instant::now();
+        let dir = loop {
+            if let Some(d) = live_dirs_of(pid)
+                .into_iter()
+                .find(|d| d.join("events.log").exists())
+            {
+                break d;
+            }
+            if let Some(st) = rec.0.try_wait().expect("try_wait") {
+                let err = rec.0.stderr.take().map(std::io::read_to_string);
+                panic!("hvprof ended early ({st}): {err:?}");
+            }
+            assert!(t0.elapsed() < Duration::from_secs(20), "never started");
+            std::thread::sleep(Duration::from_millis(50));
+        };
+        // SAFETY: signalling the child we started.
+        unsafe { libc::kill(pid as i32, sig) };
+        let status = rec.0.wait().expect("hvprof exits");
+        assert_eq!(status.code(), Some(code), "exit code after signal {sig}");
+        assert!(!dir.exists(), "{} left after signal {sig}", dir.display());
+        assert!(
+            our_bpf_programs().is_empty(),
+            "programs left after signal {sig}"
+        );
+    }
+}
+
+/// A pid no process has: a child that ran and was reaped, with no
+/// `/proc/PID` left.
+fn dead_pid() -> u32 {
+    loop {
+        let mut c = Command::new("true").spawn().expect("true runs");
+        let pid = c.id();
+        c.wait().expect("true ends");
+        if !std::path::Path::new(&format!("/proc/{pid}")).exists() {
+            return pid;
+        }
+    }
+}
+
+/// Directories removed when dropped (also on a failed assertion).
+struct RemoveDirs(Vec<std::path::PathBuf>);
+
+impl Drop for RemoveDirs {
+    fn drop(&mut self) {
+        for d in &self.0 {
+            let _ = std::fs::remove_dir_all(d);
+        }
+    }
+}
+
+#[test]
+fn cleanup_removes_live_scratch_dirs_of_dead_runs_only() {
+    // The other tests' `hvprof record` cleans up at start too: not now.
+    let _g = bpf_lock();
+    let tmp = std::env::temp_dir();
+    let me = std::process::id();
+    let dead = dead_pid();
+    let gone = tmp.join(format!("hvprof-live-{dead}-abc"));
+    // This test's own pid is alive: its directory stays.
+    let alive = tmp.join(format!("hvprof-live-{me}-abc"));
+    // Old names (no pid) are not this cleanup's.
+    let unnamed = tmp.join(format!("hvprof-live-x{me}abc"));
+    let _remove = RemoveDirs(vec![gone.clone(), alive.clone(), unnamed.clone()]);
+    for d in [&gone, &alive, &unnamed] {
+        std::fs::create_dir_all(d).expect("create directory");
+        std::fs::write(d.join("events.log"), b"events").expect("write events.log");
+    }
+    let line = format!("directory {}", gone.display());
+    let mentioned = |text: &str, d: &std::path::Path| text.contains(&d.display().to_string());
+
+    // A dry run lists it and removes nothing.
+    let dry = hvprof(&["cleanup", "--dry-run"]);
+    assert_ok(&dry, "hvprof cleanup --dry-run");
+    let text = String::from_utf8_lossy(&dry.stdout);
+    assert!(text.contains(&format!("would remove {line}")), "{text}");
+    assert!(
+        !mentioned(&text, &alive) && !mentioned(&text, &unnamed),
+        "{text}"
+    );
+    assert!(gone.exists() && alive.exists() && unnamed.exists());
+
+    let o = hvprof(&["cleanup"]);
+    assert_ok(&o, "hvprof cleanup");
+    let text = String::from_utf8_lossy(&o.stdout);
+    assert!(text.contains(&format!("removed {line}")), "{text}");
+    assert!(
+        !mentioned(&text, &alive) && !mentioned(&text, &unnamed),
+        "{text}"
+    );
+    assert!(!gone.exists(), "{} left", gone.display());
+    assert!(
+        alive.join("events.log").exists(),
+        "a live pid's directory removed"
+    );
+    assert!(
+        unnamed.join("events.log").exists(),
+        "an unnamed directory removed"
+    );
+
+    // `record` does the same when it starts (as root), saying so on
+    // stderr, even when it then has nothing to record.
+    // SAFETY: plain getter.
+    if unsafe { libc::geteuid() } != 0 {
+        eprintln!("note: not root: the cleanup at the start of `record` is not checked");
+        return;
+    }
+    std::fs::create_dir_all(&gone).expect("create directory");
+    let run = tempfile::tempdir().expect("tempdir");
+    let o = hvprof(&["record", "-o", &run.path().join("run").to_string_lossy()]);
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(!o.status.success(), "nothing to record: {err}");
+    assert!(err.contains("leftover(s)") && err.contains(&line), "{err}");
+    assert!(!gone.exists(), "{} left", gone.display());
+    assert!(alive.exists() && unnamed.exists());
 }
 
 /// Whether util-linux `script` (a command under a pseudo-terminal) runs.

@@ -37,7 +37,8 @@ pub enum Command {
     Bench(crate::bench::BenchArgs),
     /// The topologies `--topology` accepts and whether each can run here.
     Topologies(crate::topology::TopologiesArgs),
-    /// Remove namespaces, links, guests and proxies a killed hvprof left.
+    /// Remove namespaces, links, guests, proxies and scratch directories a
+    /// killed hvprof left.
     Cleanup(crate::topology::cleanup::CleanupArgs),
     /// Internal: stands in for HAProxy while it runs in a guest.
     #[command(hide = true)]

@@ -1,6 +1,6 @@
 //! `hvprof record`: attach probes, stream events into a run directory for
 //! a duration or for the life of a command, detach on every exit path
-//! (normal end, Ctrl-C, SIGTERM, errors), and summarise.
+//! (normal end, Ctrl-C, SIGTERM, SIGHUP, errors), and summarise.
 
 use std::{
     cell::RefCell,
@@ -21,6 +21,11 @@ use crate::{
 };
 
 mod live;
+
+/// `--live` without -o records into `$TMPDIR/hvprof-live-<pid>-…`: the
+/// recording process's pid tells `hvprof cleanup` which ones are a killed
+/// run's.
+pub const LIVE_PREFIX: &str = "hvprof-live-";
 
 /// Record probes on a live system into a run directory.
 #[derive(Args, Debug)]
@@ -156,12 +161,15 @@ impl RecordArgs {
         if let Some(name) = self.topology.clone() {
             return self.run_topology(&name);
         }
-        // `--live` without -o: a scratch directory, removed at the end.
+        // `--live` without -o: a scratch directory, removed at the end
+        // (every return, and Ctrl-C, SIGTERM and SIGHUP, which end the
+        // recording in order). Named after this process, so that `hvprof
+        // cleanup` finds one a killed run left.
         let (dir, _scratch) = match &self.output {
             Some(o) => (rundir::create(o)?, None),
             None => {
                 let t = tempfile::Builder::new()
-                    .prefix("hvprof-live-")
+                    .prefix(&format!("{LIVE_PREFIX}{}-", std::process::id()))
                     .tempdir()
                     .context("creating a scratch directory for --live")?;
                 (t.path().to_path_buf(), Some(t))
@@ -291,6 +299,9 @@ impl RecordArgs {
     async fn record(self, dir: PathBuf, token: Option<Vec<u8>>) -> Result<ExitCode> {
         let mut sigint = tokio::signal::unix::signal(SignalKind::interrupt())?;
         let mut sigterm = tokio::signal::unix::signal(SignalKind::terminate())?;
+        // A closed terminal (the live view's) ends it in order too.
+        let mut sighup =
+            tokio::signal::unix::signal(SignalKind::hangup()).context("listening for SIGHUP")?;
         let collector = match (self.collect, token) {
             (Some(addr), Some(token)) => {
                 let c = Collector::bind(addr, token, dir.clone()).await?;
@@ -406,6 +417,7 @@ impl RecordArgs {
                         break if view.is_some() { ExitCode::SUCCESS } else { ExitCode::from(130) }
                     }
                     _ = sigterm.recv() => { stop_child(&mut child, libc::SIGTERM).await; break ExitCode::from(143) }
+                    _ = sighup.recv() => { stop_child(&mut child, libc::SIGHUP).await; break ExitCode::from(129) }
                 }
             }
         };

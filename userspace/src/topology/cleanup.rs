@@ -8,7 +8,8 @@
 //! `hvp-<dead pid>-…`. Nothing else is ever touched. Commands that create
 //! topologies or start proxies run the same cleanup first
 //! ([`cleanup_at_start`]); it also removes HAProxy's temporary directories
-//! (`hvprof-haproxy-<pid>-…`) of processes that are gone.
+//! (`hvprof-haproxy-<pid>-…`) and `record --live`'s scratch directories
+//! (`hvprof-live-<pid>-…`) of processes that are gone.
 //!
 //! Creating an object and recording it happen under one lock
 //! ([`creating`]) that the signal teardown takes too, so a signal never
@@ -315,13 +316,17 @@ fn read_signal(fd: libc::c_int, timeout_ms: i32) -> Option<u8> {
 fn teardown_and_exit(code: i32) -> ! {
     let _creating = creating();
     let mut guard = STATE.lock().unwrap_or_else(|e| e.into_inner());
-    // HAProxy's directories (HAProxy itself stops with us).
+    let me = std::process::id();
+    // HAProxy's directories (HAProxy itself stops with us), and any
+    // `record --live` scratch directory (its drop won't run).
     loadgen::haproxy::remove_own_dirs();
+    for (dir, _) in live_scratch_dirs().into_iter().filter(|d| d.1 == me) {
+        let _ = std::fs::remove_dir_all(dir);
+    }
     if let Some(state) = guard.as_mut() {
         remove_all(state);
         // Namespaces named after this process that the state lost track
         // of (none expected; cheap to make sure).
-        let me = std::process::id();
         for ns in marked_namespaces() {
             if ns.1 == me {
                 super::netns::delete_netns(&ns.0);
@@ -560,7 +565,75 @@ pub fn cleanup_stale(dry_run: bool) -> CleanupReport {
             report.removed.push(format!("directory {}", path.display()));
         }
     }
+    // `record --live`'s scratch directories (`hvprof-live-<pid>-…`) whose
+    // process is gone (any process: a reused pid keeps its directory until
+    // that process is gone too).
+    for (path, pid) in live_scratch_dirs() {
+        if pid == me || !process_gone(pid) {
+            continue;
+        }
+        let line = format!("directory {}", path.display());
+        if dry_run {
+            report.removed.push(line);
+            continue;
+        }
+        match std::fs::remove_dir_all(&path) {
+            Ok(()) => report.removed.push(line),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+            Err(e) => report
+                .kept
+                .push(format!("{} (cannot remove: {e})", path.display())),
+        }
+    }
     report
+}
+
+/// The pid in a directory name `<prefix><pid>-<suffix>`: `None` unless the
+/// name has exactly that form (a pid of decimal digits without a leading
+/// zero, a dash, a non-empty suffix).
+fn pid_in_name(name: &str, prefix: &str) -> Option<u32> {
+    let (pid, suffix) = name.strip_prefix(prefix)?.split_once('-')?;
+    let digits = !pid.is_empty() && pid.bytes().all(|b| b.is_ascii_digit());
+    if !digits || pid.starts_with('0') || suffix.is_empty() {
+        return None;
+    }
+    pid.parse().ok()
+}
+
+/// `record --live`'s scratch directories in the temporary directory
+/// (`hvprof-live-<pid>-…`, see [`crate::record::LIVE_PREFIX`]), with their
+/// pid: only real directories (not symlinks) of this user.
+fn live_scratch_dirs() -> Vec<(PathBuf, u32)> {
+    use std::os::unix::fs::MetadataExt as _;
+    let Ok(entries) = std::fs::read_dir(std::env::temp_dir()) else {
+        return Vec::new();
+    };
+    // SAFETY: plain getter.
+    let euid = unsafe { libc::geteuid() };
+    entries
+        .flatten()
+        .filter_map(|e| {
+            let pid = pid_in_name(&e.file_name().to_string_lossy(), crate::record::LIVE_PREFIX)?;
+            // Not followed: a symlink is not a directory here.
+            let m = e.metadata().ok()?;
+            (m.is_dir() && m.uid() == euid).then(|| (e.path(), pid))
+        })
+        .collect()
+}
+
+/// Whether no process has `pid` (or only a zombie does). In doubt — `/proc`
+/// not mounted, `/proc/PID/stat` unreadable — the process counts as alive.
+fn process_gone(pid: u32) -> bool {
+    if !Path::new("/proc/self/stat").exists() {
+        return false;
+    }
+    match std::fs::read_to_string(format!("/proc/{pid}/stat")) {
+        Ok(s) => s
+            .rfind(')')
+            .and_then(|i| s[i + 1..].split_whitespace().next())
+            .is_some_and(|st| st == "Z" || st == "X"),
+        Err(e) => e.kind() == std::io::ErrorKind::NotFound,
+    }
 }
 
 /// Whether any process (not a zombie) has `pid`.
@@ -673,6 +746,34 @@ mod tests {
                 .any(|l| l.contains(&mine.display().to_string())),
             "{report:?}"
         );
+    }
+
+    #[test]
+    fn live_scratch_names_parse_only_in_their_exact_form() {
+        let p = crate::record::LIVE_PREFIX;
+        assert_eq!(pid_in_name("hvprof-live-1234-abcDEF", p), Some(1234));
+        assert_eq!(pid_in_name("hvprof-live-7-a-b", p), Some(7));
+        for bad in [
+            "hvprof-live-abcDEF",  // the old names: no pid
+            "hvprof-live-1234",    // no suffix
+            "hvprof-live-1234-",   // empty suffix
+            "hvprof-live--1234-x", // no pid
+            "hvprof-live-+12-x",
+            "hvprof-live-012-x",
+            "hvprof-live-12a-x",
+            "hvprof-live-99999999999-x", // beyond u32
+            "hvprof-haproxy-1234-x",
+            "xhvprof-live-1234-x",
+        ] {
+            assert_eq!(pid_in_name(bad, p), None, "{bad}");
+        }
+    }
+
+    #[test]
+    fn only_dead_pids_are_gone() {
+        assert!(!process_gone(std::process::id()));
+        assert!(!process_gone(1));
+        assert!(process_gone(dead_pid()));
     }
 
     #[test]
