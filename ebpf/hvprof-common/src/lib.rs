@@ -432,7 +432,7 @@ pub type SockLivesEvent = Batch<SockLifeEvent, SOCK_BATCH>;
 pub type DevPacketsEvent = Batch<DevPacketEvent, DEV_BATCH>;
 
 /// Bytes at the start of `sock_common` the raw-tracepoint socket program
-/// reads in one go: the IPv4 addresses, remote port and family must lie in
+/// reads in one go: the IPv4 addresses, both ports and family must lie in
 /// them ([`SockOffsets`] is valid only then).
 pub const SOCK_COMMON_HEAD: u32 = 24;
 
@@ -446,8 +446,8 @@ pub struct SockOffsets {
     pub daddr: u32,
     pub rcv_saddr: u32,
     /// `sock_common.skc_dport` and `inet_sock.inet_sport` (network
-    /// order; `skc_num` is already 0 when a closing socket's state
-    /// changes).
+    /// order; `inet_sport` is read where `skc_num` is already 0, as when
+    /// a socket closes without ever being established).
     pub dport: u32,
     pub sport: u32,
     /// `sock_common.skc_family`.
@@ -458,7 +458,9 @@ pub struct SockOffsets {
     /// `sock.sk_protocol` (u16).
     pub protocol: u32,
     pub valid: u32,
-    pub _pad: u32,
+    /// `sock_common.skc_num`: the local port in host order, while the
+    /// socket holds one.
+    pub num: u32,
 }
 
 /// Byte offsets inside the `sock:inet_sock_set_state` tracepoint record, read

@@ -55,7 +55,7 @@ static HVP_SOCK_OFFSETS: Global<SockOffsets> = Global::new(SockOffsets {
     v6_rcv_saddr: 0,
     protocol: 0,
     valid: 0,
-    _pad: 0,
+    num: 0,
 });
 
 #[unsafe(no_mangle)]
@@ -368,7 +368,12 @@ impl Source for Sock {
         let u16_at = |o: u32| u16::from_ne_bytes([head[at(o)], head[(at(o) + 1) % COMMON_HEAD]]);
         life.family = u16_at(off.family);
         life.dport = u16::from_be(u16_at(off.dport));
-        life.sport = u16::from_be(self.read(off.sport));
+        // The local port in host order, unless the socket let go of it
+        // already (closing without ever being established).
+        life.sport = u16_at(off.num);
+        if life.sport == 0 {
+            life.sport = u16::from_be(self.read(off.sport));
+        }
         if life.family == AF_INET6 {
             life.saddr = self.read(off.v6_rcv_saddr);
             life.daddr = self.read(off.v6_daddr);

@@ -283,12 +283,18 @@ pub fn sock_offsets(btf: Option<&btf_rs::Btf>) -> (SockOffsets, Option<String>) 
             // `sock_common` is the first member of `struct sock`.
             protocol: btf::member_offset(btf, "sock", "sk_protocol")?,
             valid: 1,
-            _pad: 0,
+            num: common("skc_num")?,
         };
-        let head = [(o.daddr, 4), (o.rcv_saddr, 4), (o.dport, 2), (o.family, 2)];
+        let head = [
+            (o.daddr, 4),
+            (o.rcv_saddr, 4),
+            (o.dport, 2),
+            (o.num, 2),
+            (o.family, 2),
+        ];
         if head.iter().any(|(off, size)| off + size > SOCK_COMMON_HEAD) {
             anyhow::bail!(
-                "sock_common's addresses, port and family lie beyond its first {SOCK_COMMON_HEAD} bytes"
+                "sock_common's addresses, ports and family lie beyond its first {SOCK_COMMON_HEAD} bytes"
             );
         }
         Ok(o)
