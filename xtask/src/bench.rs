@@ -646,7 +646,7 @@ pub fn bench_overhead(o: &OverheadArgs) -> Result<()> {
 /// while the machine's speed drifts between rounds), leaving out rounds
 /// without a figure: their median and its confidence interval (NaN if no
 /// round has a figure).
-fn paired(a: &[f64], b: &[f64]) -> Paired {
+pub(crate) fn paired(a: &[f64], b: &[f64]) -> Paired {
     let mut r: Vec<f64> = a
         .iter()
         .zip(b)
@@ -674,11 +674,11 @@ fn paired(a: &[f64], b: &[f64]) -> Paired {
 /// The median of paired ratios and the interval that holds the true
 /// median with probability `confidence`.
 #[derive(Debug, Clone, Copy)]
-struct Paired {
-    median: f64,
-    low: f64,
-    high: f64,
-    confidence: f64,
+pub(crate) struct Paired {
+    pub(crate) median: f64,
+    pub(crate) low: f64,
+    pub(crate) high: f64,
+    pub(crate) confidence: f64,
 }
 
 /// The distribution-free confidence interval of a median from `n` sorted

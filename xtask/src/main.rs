@@ -4,6 +4,7 @@
 
 mod bench;
 mod bench_faults;
+mod bench_programs;
 mod bench_report;
 mod bench_soak;
 mod fuzz;
@@ -59,6 +60,9 @@ enum BenchCmd {
     /// Probe overhead: the 0-byte close-mode benchmark on `native` with the
     /// full catalog attached vs nothing, alternating A/B.
     Overhead(bench::OverheadArgs),
+    /// Two builds' eBPF programs side by side: ns per run and per
+    /// connection in short recordings taking turns under one load.
+    Programs(bench_programs::ProgramsArgs),
     /// Teardown under faults: `hvprof bench`/`record` interrupted with
     /// SIGINT, SIGTERM or SIGKILL at random points, nothing may be left
     /// (the faults test with more trials).
@@ -78,6 +82,7 @@ fn main() {
         Cmd::Test { args } => setup::run().and_then(|()| test::run(&args)),
         Cmd::Bench(BenchCmd::Load(a)) => bench::bench_load(&a),
         Cmd::Bench(BenchCmd::Overhead(a)) => bench::bench_overhead(&a),
+        Cmd::Bench(BenchCmd::Programs(a)) => bench_programs::bench_programs(&a),
         Cmd::Bench(BenchCmd::Faults(a)) => bench_faults::run(&a),
         Cmd::Bench(BenchCmd::Report(a)) => bench_report::bench_report(&a),
         Cmd::Bench(BenchCmd::Soak(a)) => bench_soak::bench_soak(&a),
