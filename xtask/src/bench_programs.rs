@@ -251,7 +251,11 @@ fn print_table(base: &Figures, new: &Figures) {
             num(med(&new.per_run, name)),
             num(med(&base.per_conn, name)),
             num(med(&new.per_conn, name)),
-            num(r.median),
+            if r.median.is_finite() {
+                format!("{:.3}", r.median)
+            } else {
+                "-".into()
+            },
         );
     }
 }
