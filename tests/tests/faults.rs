@@ -1,6 +1,7 @@
 //! Teardown under faults (issue #8, item 5): `hvprof bench` (native,
 //! veth, bridge-nf, and a QEMU guest when the test bed is there) and
-//! `hvprof record` (with and without `--dev lo`) are interrupted with
+//! `hvprof record` (with and without `--dev lo`, and `--live` without a
+//! run directory) are interrupted with
 //! SIGINT, SIGTERM or SIGKILL at a random point — while starting, while
 //! bringing up the topology or attaching probes, or during the load — and
 //! then nothing of the run may be left: no `hvp-<pid>-…` namespace, no
@@ -8,8 +9,9 @@
 //! from the run (QEMU, HAProxy, `ip` helpers: the test is their child
 //! subreaper, so orphans come back to it), no `hvp_` BPF program, no
 //! state file or run directory under /run/hvprof, no HAProxy temporary
-//! directory; SIGINT and SIGTERM end in exit 128+signal (or death by the
-//! signal before any handler exists). After SIGKILL, what the
+//! directory, no `--live` scratch directory; SIGINT and SIGTERM end in exit
+//! 128+signal (or death by the signal before any handler exists; Ctrl-C
+//! quits the live view with 0). After SIGKILL, what the
 //! run left is removed by `hvprof cleanup` or, in some trials, by the next
 //! command's automatic cleanup at start.
 //!
@@ -63,8 +65,11 @@ impl Rng {
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
 enum Cmd {
     Bench(&'static str),
+    /// `record`, into a run directory, or with `--live` into its scratch
+    /// directory.
     Record {
         dev_lo: bool,
+        live: bool,
     },
     /// `record --topology NAME`: stops in order on a signal (summary,
     /// then teardown).
@@ -81,8 +86,9 @@ impl Cmd {
                 format!("bench --topology {t} --sizes 0 -d 2s")
             }
             Cmd::Bench(t) => format!("bench --topology {t} --sizes 0 -d 3s"),
-            Cmd::Record { dev_lo: false } => "record -d 5s".into(),
-            Cmd::Record { dev_lo: true } => "record -d 5s --dev lo".into(),
+            Cmd::Record { live: true, .. } => "record --live -d 5s".into(),
+            Cmd::Record { dev_lo: false, .. } => "record -d 5s".into(),
+            Cmd::Record { dev_lo: true, .. } => "record -d 5s --dev lo".into(),
             Cmd::RecordTopology(t) => format!("record --topology {t} -d 4s"),
         }
     }
@@ -105,6 +111,11 @@ impl Cmd {
                 .map(String::from)
                 .to_vec()
             }
+            // No -o: the scratch directory a kill leaves is this trial's
+            // to find removed.
+            Cmd::Record { live: true, .. } => {
+                ["record", "--live", "-d", "5s"].map(String::from).to_vec()
+            }
             Cmd::Record { .. } => ["record", "-d", "5s", "-o", &format!("{out}/run")]
                 .map(String::from)
                 .to_vec(),
@@ -123,10 +134,14 @@ impl Cmd {
         if self.is_vm() {
             a.extend(["--testbed".into(), testbed_dir().display().to_string()]);
         }
-        if let Cmd::Record { dev_lo: true } = self {
+        if let Cmd::Record { dev_lo: true, .. } = self {
             a.extend(["--dev".into(), "lo".into()]);
         }
         a
+    }
+    /// Whether Ctrl-C is how a user quits it (exit 0): the live view.
+    fn quits_on_ctrl_c(self) -> bool {
+        matches!(self, Cmd::Record { live: true, .. })
     }
     /// How long the load runs.
     fn load(self) -> Duration {
@@ -222,8 +237,18 @@ fn plan(seed: u64, trials: usize, vm: bool) -> Vec<Trial> {
         Cmd::Bench("native"),
         Cmd::Bench("bridge-nf"),
         Cmd::Bench("veth"),
-        Cmd::Record { dev_lo: false },
-        Cmd::Record { dev_lo: true },
+        Cmd::Record {
+            dev_lo: false,
+            live: false,
+        },
+        Cmd::Record {
+            dev_lo: true,
+            live: false,
+        },
+        Cmd::Record {
+            dev_lo: false,
+            live: true,
+        },
         Cmd::RecordTopology("veth"),
     ];
     let mut cmds: Vec<Cmd> = (0..trials.saturating_sub(vm_trials))
@@ -609,7 +634,24 @@ fn leftovers(pid: u32, base: &Baseline, seen: &BTreeMap<Seen, String>) -> Vec<St
             }
         }
     }
+    for d in live_dirs(pid) {
+        out.push(format!("--live scratch directory {}", d.display()));
+    }
     out
+}
+
+/// `record --live`'s scratch directories of run `pid`
+/// (`$TMPDIR/hvprof-live-<pid>-…`).
+fn live_dirs(pid: u32) -> Vec<PathBuf> {
+    let prefix = format!("hvprof-live-{pid}-");
+    std::fs::read_dir(std::env::temp_dir())
+        .map(|d| {
+            d.flatten()
+                .filter(|e| e.file_name().to_string_lossy().starts_with(&prefix))
+                .map(|e| e.path())
+                .collect()
+        })
+        .unwrap_or_default()
 }
 
 /// `leftovers`, polled for up to `limit` (processes take a moment to exit
@@ -680,6 +722,16 @@ impl Run {
             stderr,
             seen: BTreeMap::new(),
         }
+    }
+
+    /// Whether a plain recording has begun: it says so, or (`--live`,
+    /// which says nothing on stderr) its scratch directory holds the
+    /// event log.
+    fn recording(&self) -> bool {
+        self.stderr_has("hvprof: recording")
+            || live_dirs(self.pid)
+                .iter()
+                .any(|d| d.join("events.log").exists())
     }
 
     fn stderr_has(&self, needle: &str) -> bool {
@@ -871,9 +923,9 @@ fn fire(run: &mut Run, t: &Trial) -> (String, Phase) {
             let limit = if t.cmd.is_vm() { 240 } else { 30 };
             run.wait_until(Duration::from_secs(limit), Run::proxy_seen)
         }
-        (Phase::Load, Cmd::Record { .. }) => run.wait_until(Duration::from_secs(30), |r| {
-            r.stderr_has("hvprof: recording")
-        }),
+        (Phase::Load, Cmd::Record { .. }) => {
+            run.wait_until(Duration::from_secs(30), Run::recording)
+        }
         (Phase::BringUp, Cmd::Record { .. }) => true,
         (Phase::BringUp, Cmd::RecordTopology(_)) => true,
         (Phase::Load, Cmd::RecordTopology(_)) => {
@@ -909,7 +961,7 @@ fn fire(run: &mut Run, t: &Trial) -> (String, Phase) {
         .any(|c| c.contains("haproxy -db") || c.contains("guest-haproxy"))
         || run.proxy_seen();
     let qemu = kids.iter().any(|c| c.contains("qemu-system")) || run.qemu_seen();
-    let attached = run.stderr_has("hvprof: recording") || run.stderr_has("recording into");
+    let attached = run.recording() || run.stderr_has("recording into");
     let up = run.stderr_has("up in");
     if !exited_before {
         run.signal(t.sig.number());
@@ -1099,11 +1151,17 @@ fn teardown_under_faults() {
             ));
             run.signal(libc::SIGKILL);
             let _ = run.wait_exit(Duration::from_secs(10));
-        } else if signalled && t.sig != Sig::Kill && !stopped_by(status, t.sig.number()) {
+        } else if signalled
+            && t.sig != Sig::Kill
+            && !stopped_by(status, t.sig.number())
+            && !(t.sig == Sig::Int
+                && t.cmd.quits_on_ctrl_c()
+                && status.and_then(|s| s.code()) == Some(0))
+        {
             // Killed by the signal itself (no handler yet, or none
-            // needed), or exit 128 + signal after an orderly stop;
-            // anything else means the stop raced with the command's own
-            // exit path.
+            // needed), or exit 128 + signal after an orderly stop (or 0:
+            // the live view's way to quit is Ctrl-C); anything else means
+            // the stop raced with the command's own exit path.
             problems.push(format!(
                 "{} after {}: expected exit {} or death by the signal",
                 describe(status),
@@ -1186,6 +1244,7 @@ fn teardown_under_faults() {
                 !(l.starts_with("namespace ")
                     || l.starts_with("state file")
                     || l.starts_with("HAProxy directory")
+                    || l.starts_with("--live scratch directory")
                     || l.starts_with("/run/hvprof/")
                     || l.contains("qemu-system"))
             })
