@@ -101,8 +101,15 @@ fn more_netfilter_rules_move_the_loss_into_netfilter_and_shares_add_up() {
             (sum - predicted).abs() < 0.01,
             "shares {sum} != predicted {predicted}"
         );
+        // The layers explain the loss: the residual is usually within a
+        // point here, but the two 4-s rates it comes from drift apart now
+        // and then (5.4 and 5.6 points in two of about a dozen CI runs,
+        // the second with the CPUs 14 % idle in the bridged run). The report
+        // flags anything beyond 5 points; the test fails beyond 8, short of
+        // what the smallest share here (netfilter, about 9 points with 10
+        // rules) would leave unexplained if it went missing.
         let residual = p["residual_pct"].as_f64().expect("residual");
-        assert!(residual.abs() <= 5.0, "residual {residual} points: {p}");
+        assert!(residual.abs() <= 8.0, "residual {residual} points: {p}");
         assert_eq!(p["residual_flagged"], residual.abs() > 5.0);
         let native = point(r, "native");
         assert_eq!(native["loss_pct"].as_f64(), Some(0.0));
