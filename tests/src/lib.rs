@@ -143,6 +143,18 @@ pub fn read_json(path: &std::path::Path) -> serde_json::Value {
     .unwrap_or_else(|e| panic!("{}: {e}", path.display()))
 }
 
+/// `hvprof record --live`'s scratch directories of process `pid`
+/// (`$TMPDIR/hvprof-live-<pid>-…`).
+pub fn live_scratch_dirs(pid: u32) -> Vec<PathBuf> {
+    let prefix = format!("hvprof-live-{pid}-");
+    std::fs::read_dir(std::env::temp_dir())
+        .expect("temp dir readable")
+        .flatten()
+        .filter(|e| e.file_name().to_string_lossy().starts_with(&prefix))
+        .map(|e| e.path())
+        .collect()
+}
+
 /// Parses JSON lines.
 pub fn json_lines(bytes: &[u8]) -> Vec<serde_json::Value> {
     String::from_utf8_lossy(bytes)

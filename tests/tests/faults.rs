@@ -31,7 +31,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use hvprof_tests::topology_support::{namespaces_of, processes_of, testbed_dir, vm_unavailable};
-use hvprof_tests::{bpf_lock, bpf_unavailable, hvprof_bin, skip};
+use hvprof_tests::{bpf_lock, bpf_unavailable, hvprof_bin, live_scratch_dirs, skip};
 
 /// The seed CI uses unless `HVPROF_FAULT_SEED` says otherwise.
 const DEFAULT_SEED: u64 = 0x5eed_0008_0005;
@@ -634,24 +634,10 @@ fn leftovers(pid: u32, base: &Baseline, seen: &BTreeMap<Seen, String>) -> Vec<St
             }
         }
     }
-    for d in live_dirs(pid) {
+    for d in live_scratch_dirs(pid) {
         out.push(format!("--live scratch directory {}", d.display()));
     }
     out
-}
-
-/// `record --live`'s scratch directories of run `pid`
-/// (`$TMPDIR/hvprof-live-<pid>-…`).
-fn live_dirs(pid: u32) -> Vec<PathBuf> {
-    let prefix = format!("hvprof-live-{pid}-");
-    std::fs::read_dir(std::env::temp_dir())
-        .map(|d| {
-            d.flatten()
-                .filter(|e| e.file_name().to_string_lossy().starts_with(&prefix))
-                .map(|e| e.path())
-                .collect()
-        })
-        .unwrap_or_default()
 }
 
 /// `leftovers`, polled for up to `limit` (processes take a moment to exit
@@ -729,7 +715,7 @@ impl Run {
     /// event log.
     fn recording(&self) -> bool {
         self.stderr_has("hvprof: recording")
-            || live_dirs(self.pid)
+            || live_scratch_dirs(self.pid)
                 .iter()
                 .any(|d| d.join("events.log").exists())
     }

@@ -9,7 +9,7 @@ use std::{
 use hvprof_tests::topology_support::Netns;
 use hvprof_tests::{
     Owned, assert_ok, bpf_lock, bpf_unavailable, dump_events, helper_bin, hvprof, hvprof_bin,
-    json_lines, our_bpf_programs, read_json, skip,
+    json_lines, live_scratch_dirs, our_bpf_programs, read_json, skip,
 };
 use serde_json::Value;
 
@@ -576,7 +576,7 @@ fn live_view_and_metrics_follow_a_running_system_and_quit_on_ctrl_c() {
     // Without -o it records into a scratch directory named after it.
     let pid = live.0.id();
     assert_eq!(
-        live_dirs_of(pid).len(),
+        live_scratch_dirs(pid).len(),
         1,
         "one hvprof-live-{pid}-… directory"
     );
@@ -617,22 +617,10 @@ fn live_view_and_metrics_follow_a_running_system_and_quit_on_ctrl_c() {
     );
     assert!(our_bpf_programs().is_empty(), "programs left attached");
     assert!(
-        live_dirs_of(pid).is_empty(),
+        live_scratch_dirs(pid).is_empty(),
         "scratch directory left: {:?}",
-        live_dirs_of(pid)
+        live_scratch_dirs(pid)
     );
-}
-
-/// `record --live`'s scratch directories (`$TMPDIR/hvprof-live-<pid>-…`)
-/// of process `pid`.
-fn live_dirs_of(pid: u32) -> Vec<std::path::PathBuf> {
-    let prefix = format!("hvprof-live-{pid}-");
-    std::fs::read_dir(std::env::temp_dir())
-        .expect("temp dir readable")
-        .flatten()
-        .filter(|e| e.file_name().to_string_lossy().starts_with(&prefix))
-        .map(|e| e.path())
-        .collect()
 }
 
 #[test]
@@ -653,7 +641,7 @@ fn live_scratch_dir_is_gone_after_sigterm_and_sighup() {
         // Recording once the event log exists (after attach).
         let t0 = Instant::now();
         let dir = loop {
-            if let Some(d) = live_dirs_of(pid)
+            if let Some(d) = live_scratch_dirs(pid)
                 .into_iter()
                 .find(|d| d.join("events.log").exists())
             {
