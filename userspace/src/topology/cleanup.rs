@@ -627,24 +627,24 @@ fn process_gone(pid: u32) -> bool {
     if !Path::new("/proc/self/stat").exists() {
         return false;
     }
-    match std::fs::read_to_string(format!("/proc/{pid}/stat")) {
-        Ok(s) => s
-            .rfind(')')
-            .and_then(|i| s[i + 1..].split_whitespace().next())
-            .is_some_and(|st| st == "Z" || st == "X"),
+    match proc_state(pid) {
+        Ok(st) => st.is_some_and(|st| st == "Z" || st == "X"),
         Err(e) => e.kind() == std::io::ErrorKind::NotFound,
     }
 }
 
 /// Whether any process (not a zombie) has `pid`.
 fn process_alive(pid: u32) -> bool {
-    std::fs::read_to_string(format!("/proc/{pid}/stat"))
-        .ok()
-        .and_then(|s| {
-            let rest = &s[s.rfind(')')? + 1..];
-            rest.split_whitespace().next().map(|st| st != "Z")
-        })
-        .unwrap_or(false)
+    proc_state(pid).is_ok_and(|st| st.is_some_and(|st| st != "Z"))
+}
+
+/// The state field of `/proc/PID/stat` (`R`, `S`, `Z` …; `None` if the
+/// line can't be parsed).
+fn proc_state(pid: u32) -> std::io::Result<Option<String>> {
+    let s = std::fs::read_to_string(format!("/proc/{pid}/stat"))?;
+    Ok(s.rfind(')')
+        .and_then(|i| s[i + 1..].split_whitespace().next())
+        .map(String::from))
 }
 
 #[cfg(test)]
