@@ -1190,12 +1190,18 @@ fn device_probes_see_only_the_selected_device(raw: bool) {
     let run = tmp.path().join("run");
     // 50 connections inside the namespace, and 50 on the host's loopback
     // that must not show up.
+    // And, while recording, what `probes list --stats` says of the
+    // programs: those sending the batches serve the device probe here.
+    let stats = tmp.path().join("stats.json");
     let script = format!(
-        "ip netns exec {ns} {burst} 50 {p1} && {burst} 50 {p2}",
+        "ip netns exec {ns} {burst} 50 {p1} && {burst} 50 {p2} && \
+         {hvprof} probes list --stats --interval 200ms --json > {stats}",
         ns = ns.0,
         burst = helper_bin("tcp-burst").display(),
         p1 = tmp.path().join("p1").display(),
         p2 = tmp.path().join("p2").display(),
+        hvprof = hvprof_bin().display(),
+        stats = stats.display(),
     );
     let mut cmd = Command::new(hvprof_bin());
     if !raw {
@@ -1233,6 +1239,21 @@ fn device_probes_see_only_the_selected_device(raw: bool) {
         programs[2..],
         ["hvp_batch_flush", "hvp_batch_idle"],
         "{summary}"
+    );
+    let stats: Vec<Value> =
+        serde_json::from_slice(&std::fs::read(&stats).expect("stats")).expect("stats JSON");
+    let flush: Vec<&Value> = stats
+        .iter()
+        .filter(|s| {
+            s["program"]
+                .as_str()
+                .is_some_and(|p| p.starts_with("hvp_batch"))
+        })
+        .collect();
+    assert_eq!(flush.len(), 2, "{stats:?}");
+    assert!(
+        flush.iter().all(|s| s["probe"] == "dev:net_dev_start_xmit"),
+        "{stats:?}"
     );
     let port: u64 = std::fs::read_to_string(tmp.path().join("p1"))
         .expect("port")

@@ -496,8 +496,7 @@ pub fn attach(
                 programs.insert(r.spec.name, p);
                 // Socket lives and packets cross in per-CPU batches; the
                 // programs that send them serve the first of these probes.
-                let batched = r.spec.name == tcp::PROBE || r.spec.path == dev::PATH.name;
-                if batched && !batching_tried && features.sampling.is_ok() {
+                if batch::batched(r.spec) && !batching_tried && features.sampling.is_ok() {
                     batching_tried = true;
                     match batch::start(&mut ebpf) {
                         Ok(()) => {

@@ -11,12 +11,21 @@ use aya::{
 };
 use hvprof_common::{Batch, DevPacketsEvent, SockLivesEvent, kind};
 
-use crate::paths::cpu;
+use crate::{
+    catalog::ProbeSpec,
+    paths::{cpu, dev, tcp},
+};
 
 /// The programs that send a CPU's waiting batches: a timer on the CPU
 /// clock (on a busy CPU) and one at `power:cpu_idle` (a CPU going idle,
 /// where that timer doesn't fire).
 pub const FLUSH_PROGRAMS: [&str; 2] = ["hvp_batch_flush", "hvp_batch_idle"];
+
+/// Whether `spec`'s events cross in batches (socket lives and packets):
+/// the flush programs serve the first such probe attached.
+pub fn batched(spec: &ProbeSpec) -> bool {
+    spec.name == tcp::PROBE || spec.path == dev::PATH.name
+}
 /// How often the timer looks at the batches of a busy CPU: an event waits
 /// at most this long there (plus the reader's own period).
 const FLUSH_HZ: u64 = 10;

@@ -122,27 +122,40 @@ pub fn live_stats(interval: std::time::Duration) -> Result<Vec<LiveStats>> {
     std::thread::sleep(interval);
     let after = snapshot()?;
     let secs = t0.elapsed().as_secs_f64();
+    let catalog = catalog::all();
+    let spec_of = |name: &str| {
+        catalog
+            .iter()
+            .find(|s| s.programs.names().any(|p| p.starts_with(name)))
+    };
+    // The programs sending the batches serve the first batched probe
+    // loaded, in catalog order (as `summary.json` lists them).
+    let batched = catalog
+        .iter()
+        .find(|s| {
+            crate::batch::batched(s)
+                && after
+                    .values()
+                    .any(|(name, ..)| spec_of(name).is_some_and(|loaded| loaded.name == s.name))
+        })
+        .map(|s| s.name);
     let mut out = Vec::new();
-    for (id, (name, ns, runs)) in after {
+    for (id, (name, ns, runs)) in after.iter() {
         // Programs loaded meanwhile count from zero.
-        let (ns0, runs0) = before.get(&id).map_or((0, 0), |b| (b.1, b.2));
+        let (ns0, runs0) = before.get(id).map_or((0, 0), |b| (b.1, b.2));
         let (ns, runs) = (ns.saturating_sub(ns0), runs.saturating_sub(runs0));
-        let spec = catalog::all()
-            .into_iter()
-            .find(|s| s.programs.names().any(|p| p.starts_with(name.as_str())));
-        // The programs sending the batches serve the socket probe (and
-        // the device probes).
         let helps = crate::batch::FLUSH_PROGRAMS
             .iter()
             .any(|p| p.starts_with(name.as_str()))
-            .then_some(crate::paths::tcp::PROBE);
+            .then_some(batched)
+            .flatten();
         out.push(LiveStats {
-            id,
-            probe: spec
+            id: *id,
+            probe: spec_of(name)
                 .map(|s| s.name)
                 .or(helps)
                 .map_or_else(|| "?".into(), str::to_string),
-            program: name,
+            program: name.clone(),
             interval_s: secs,
             run_time_ns: ns,
             run_count: runs,
