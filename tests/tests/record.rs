@@ -70,6 +70,24 @@ fn record_sees_exactly_500_connections_with_monotone_timestamps_and_no_loss() {
         "every connection changes state >= 8 times on both ends: {runs}"
     );
     assert!(sock["run_time_ns"].as_u64().unwrap_or(0) > 0);
+    // The recording's own cost: the programs' time is the rows' sum, and
+    // the recorder's thread worked, for no longer than the recording.
+    let cost = &summary["cost"];
+    let rows_ns: u64 = probes
+        .iter()
+        .filter_map(|p| p["run_time_ns"].as_u64())
+        .sum();
+    let programs_s = cost["programs_cpu_s"].as_f64().expect("programs_cpu_s");
+    assert!((programs_s - rows_ns as f64 / 1e9).abs() < 1e-6, "{cost}");
+    let span = cost["span_s"].as_f64().expect("span_s");
+    let recorder = cost["recorder_cpu_s"].as_f64().expect("recorder_cpu_s");
+    assert!(recorder > 0.0 && recorder <= span, "{cost}");
+    let cpus = cost["cpus"].as_f64().expect("cpus");
+    let pct = cost["recorder_pct"].as_f64().expect("recorder_pct");
+    assert!(
+        (pct - 100.0 * recorder / (span * cpus)).abs() < 1e-6,
+        "{cost}"
+    );
     let events = summary["events"].as_u64().expect("events");
     assert!(summary["connections"].as_u64().expect("connections") >= 500);
 
@@ -266,8 +284,15 @@ fn the_classic_tracepoint_records_the_same_lives_where_raw_ones_are_avoided() {
         summary["probes"][0]["program"], "hvp_sock_state",
         "{summary}"
     );
-    // Without --bpf-stats the kernel's statistics stay off: no counts.
+    // Without --bpf-stats the kernel's statistics stay off: no counts,
+    // and no programs' time in the cost (the recorder's is there).
     assert!(summary["probes"][0]["run_count"].is_null(), "{summary}");
+    assert!(summary["cost"]["programs_cpu_s"].is_null(), "{summary}");
+    assert!(summary["cost"]["programs_pct"].is_null(), "{summary}");
+    assert!(
+        summary["cost"]["recorder_cpu_s"].as_f64() > Some(0.0),
+        "{summary}"
+    );
     let port = std::fs::read_to_string(run.with_extension("port")).expect("port");
     let conns = connections_to(&run, port.trim());
     assert_eq!(conns.len(), 200);

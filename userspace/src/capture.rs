@@ -41,6 +41,67 @@ pub struct Summary {
     /// The one-way delay between the two devices traced on a host path
     /// (a namespace topology's ends), when there were two.
     pub crossing: Option<crate::correlate::Crossing>,
+    /// What the recording itself cost this machine.
+    pub cost: Cost,
+}
+
+/// hvprof's own CPU time over a recording, and its share of the
+/// machine's: `span_s` (attach to the last drain) times the CPUs online.
+#[derive(Debug, Clone, Serialize)]
+pub struct Cost {
+    pub span_s: f64,
+    /// The recorder: the thread that drains the kernel's buffers and
+    /// writes the event log, from attach to the last drain.
+    pub recorder_cpu_s: f64,
+    pub recorder_pct: f64,
+    /// The eBPF programs' run time, from the kernel's BPF statistics:
+    /// `null` unless they were on (`record --bpf-stats`).
+    pub programs_cpu_s: Option<f64>,
+    pub programs_pct: Option<f64>,
+    pub cpus: u32,
+}
+
+impl Cost {
+    fn new(recorder_cpu_s: f64, programs: &[ProgramStats], span_s: f64) -> Self {
+        // SAFETY: plain sysconf call.
+        let cpus = u32::try_from(unsafe { libc::sysconf(libc::_SC_NPROCESSORS_ONLN) })
+            .unwrap_or(1)
+            .max(1);
+        let machine = span_s * f64::from(cpus);
+        let pct = |s: f64| {
+            if machine > 0.0 {
+                100.0 * s / machine
+            } else {
+                0.0
+            }
+        };
+        let programs_cpu_s = programs
+            .iter()
+            .map(|p| p.run_time_ns)
+            .sum::<Option<u64>>()
+            .map(|ns| ns as f64 / 1e9);
+        Self {
+            span_s,
+            recorder_cpu_s,
+            recorder_pct: pct(recorder_cpu_s),
+            programs_cpu_s,
+            programs_pct: programs_cpu_s.map(pct),
+            cpus,
+        }
+    }
+}
+
+/// CPU time of the calling thread, in seconds.
+fn thread_cpu_s() -> f64 {
+    let mut ts = libc::timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
+    };
+    // SAFETY: writes the timespec it is given.
+    if unsafe { libc::clock_gettime(libc::CLOCK_THREAD_CPUTIME_ID, &mut ts) } != 0 {
+        return 0.0;
+    }
+    ts.tv_sec as f64 + ts.tv_nsec as f64 / 1e9
 }
 
 #[derive(Debug, Clone, Serialize)]
@@ -68,6 +129,8 @@ pub async fn run_until<F: Future>(
     stop: F,
 ) -> Result<(Summary, F::Output)> {
     let mut rec = Recorder::start(opts, topology, command)?;
+    // The recorder's work is this thread's from here to the last drain.
+    let (cpu0, t0) = (thread_cpu_s(), std::time::Instant::now());
     rundir::write_json(&dir.join(rundir::META), &rec.meta)?;
     let mut log = LogWriter::create(&dir.join(rundir::EVENTS))?;
     on_attached(&mut rec);
@@ -90,6 +153,7 @@ pub async fn run_until<F: Future>(
     .await;
     let finished = rec.finish(|r| Ok(log.append(r)?));
     log.flush()?;
+    let (recorder_cpu_s, span_s) = (thread_cpu_s() - cpu0, t0.elapsed().as_secs_f64());
     let out = result?;
     let mut fin = finished?;
     let mut guests = Vec::new();
@@ -133,12 +197,14 @@ pub async fn run_until<F: Future>(
         rundir::write_json(&dir.join(rundir::KVM), kvm)?;
     }
     let (connections, truncated_tail) = timeline::count_connections(dir)?;
+    let duration_s = fin.meta.duration_s.unwrap_or(0.0);
     let summary = Summary {
+        cost: Cost::new(recorder_cpu_s, &fin.stats, span_s),
         connections,
         events: log.records,
         lost: fin.lost,
         probes: fin.stats,
-        duration_s: fin.meta.duration_s.unwrap_or(0.0),
+        duration_s,
         truncated_tail,
         samples: fin.stacks.samples,
         stacks: n_stacks,

@@ -615,6 +615,16 @@ fn print_summary(dir: &Path, s: &capture::Summary) {
             );
         }
     }
+    let c = &s.cost;
+    println!(
+        "hvprof's own CPU: recorder {:.2} % of the machine ({} CPUs), programs {}",
+        c.recorder_pct,
+        c.cpus,
+        c.programs_pct.map_or_else(
+            || "not measured (--bpf-stats)".to_string(),
+            |p| format!("{p:.2} %")
+        )
+    );
     let total_lost: u64 = s.lost.values().sum();
     if total_lost > 0 {
         println!(
