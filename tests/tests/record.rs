@@ -564,7 +564,7 @@ fn scrape(port: u16) -> String {
     text
 }
 
-fn metric(text: &str, name: &str) -> u64 {
+fn metric(text: &str, name: &str) -> f64 {
     text.lines()
         .find_map(|l| l.strip_prefix(name)?.trim().parse().ok())
         .unwrap_or_else(|| panic!("no {name} in {text}"))
@@ -615,7 +615,7 @@ fn live_view_and_metrics_follow_a_running_system_and_quit_on_ctrl_c() {
     std::thread::sleep(std::time::Duration::from_millis(1500));
     let text = scrape(port);
     assert!(
-        metric(&text, "hvprof_tcp_connections_total") >= 300,
+        metric(&text, "hvprof_tcp_connections_total") >= 300.0,
         "{text}"
     );
     // One event per socket: the client's and the server's end.
@@ -623,11 +623,26 @@ fn live_view_and_metrics_follow_a_running_system_and_quit_on_ctrl_c() {
         metric(
             &text,
             "hvprof_events_total{probe=\"tcp:inet_sock_set_state\"}"
-        ) >= 300 * 2,
+        ) >= 300.0 * 2.0,
         "{text}"
     );
     assert!(text.contains("hvprof_cpu_samples_total{layer=\"socket\"}"));
     assert!(text.contains("hvprof_lost_events_total{probe=\"tcp:inet_sock_set_state\"} 0"));
+    // hvprof's own process, as the kernel counts it.
+    assert!(metric(&text, "process_cpu_seconds_total") > 0.0, "{text}");
+    let rss = metric(&text, "process_resident_memory_bytes");
+    let statm = std::fs::read_to_string(format!("/proc/{pid}/statm")).expect("statm");
+    let pages: f64 = statm
+        .split_whitespace()
+        .nth(1)
+        .and_then(|p| p.parse().ok())
+        .expect("resident pages");
+    // SAFETY: plain sysconf call.
+    let kernel_rss = pages * unsafe { libc::sysconf(libc::_SC_PAGESIZE) } as f64;
+    assert!(
+        rss > kernel_rss / 2.0 && rss < kernel_rss * 2.0,
+        "resident {rss} bytes, the kernel says {kernel_rss}"
+    );
     // Ctrl-C ends it cleanly: exit 0, the view drawn, probes detached.
     let mut live = live;
     // SAFETY: signalling the process we started, by its pid.
@@ -637,7 +652,9 @@ fn live_view_and_metrics_follow_a_running_system_and_quit_on_ctrl_c() {
     let view = std::io::read_to_string(stdout).expect("view");
     assert!(status.success(), "exit {status}");
     assert!(
-        view.contains("connections/s") && view.contains("top functions"),
+        view.contains("connections/s")
+            && view.contains("hvprof itself")
+            && view.contains("top functions"),
         "{view}"
     );
     assert!(our_bpf_programs().is_empty(), "programs left attached");

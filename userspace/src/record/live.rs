@@ -36,6 +36,10 @@ pub struct Counters {
     pub accepted: u64,
     /// Samples per innermost function (kernel frame, or `[user] comm`).
     pub functions: HashMap<Arc<str>, u64>,
+    /// hvprof's own process: CPU time (user and system, all threads)
+    /// and resident memory, as of the snapshot.
+    pub self_cpu_s: f64,
+    pub self_rss_bytes: u64,
 }
 
 impl Counters {
@@ -51,8 +55,11 @@ impl Counters {
 pub struct Live(Arc<Mutex<Counters>>);
 
 impl Live {
+    /// The counters now, with this process's CPU time and memory.
     pub fn snapshot(&self) -> Counters {
-        self.lock().clone()
+        let mut c = self.lock().clone();
+        (c.self_cpu_s, c.self_rss_bytes) = process_usage();
+        c
     }
 
     fn lock(&self) -> MutexGuard<'_, Counters> {
@@ -139,6 +146,27 @@ impl LiveTap {
     }
 }
 
+/// This process's CPU time (seconds, all threads) and resident memory
+/// (bytes); zero where unreadable.
+fn process_usage() -> (f64, u64) {
+    // SAFETY: an all-zero rusage is valid; getrusage fills it.
+    let mut ru: libc::rusage = unsafe { std::mem::zeroed() };
+    // SAFETY: writes the struct it is given.
+    let cpu = if unsafe { libc::getrusage(libc::RUSAGE_SELF, &mut ru) } == 0 {
+        let tv = |t: libc::timeval| t.tv_sec as f64 + t.tv_usec as f64 / 1e6;
+        tv(ru.ru_utime) + tv(ru.ru_stime)
+    } else {
+        0.0
+    };
+    // SAFETY: plain sysconf call.
+    let page = u64::try_from(unsafe { libc::sysconf(libc::_SC_PAGESIZE) }).unwrap_or(4096);
+    let rss = std::fs::read_to_string("/proc/self/statm")
+        .ok()
+        .and_then(|s| s.split_whitespace().nth(1)?.parse::<u64>().ok())
+        .map_or(0, |pages| pages * page);
+    (cpu, rss)
+}
+
 /// One screen of the live view: rates over the last interval `secs`
 /// long, `cpus` sampled at `hz` each.
 pub fn render(now: &Counters, before: &Counters, secs: f64, hz: u64, cpus: usize) -> String {
@@ -149,14 +177,17 @@ pub fn render(now: &Counters, before: &Counters, secs: f64, hz: u64, cpus: usize
     let mut o = String::new();
     let _ = writeln!(
         o,
-        "hvprof live  (q or Ctrl-C to quit)\n\nconnections/s {:>9.0}   events/s {:>9.0}   lost events {lost}{}\n",
+        "hvprof live  (q or Ctrl-C to quit)\n\nconnections/s {:>9.0}   events/s {:>9.0}   lost events {lost}{}\nhvprof itself {:>5.1}% CPU (its process, of all CPUs)   {:.0} MiB resident\n",
         d(now.connections(), before.connections()),
         d(events, events_before),
         if lost > 0 {
             "  (ring buffer full: raise --ringbuf-mib)"
         } else {
             ""
-        }
+        },
+        100.0 * (now.self_cpu_s - before.self_cpu_s).max(0.0)
+            / (secs.max(1e-3) * cpus.max(1) as f64),
+        now.self_rss_bytes as f64 / (1024.0 * 1024.0),
     );
     let capacity = hz as f64 * cpus.max(1) as f64;
     let _ = writeln!(
@@ -231,6 +262,12 @@ pub fn prometheus(c: &Counters) -> String {
         o,
         "# HELP hvprof_tcp_connections_total TCP connections established (each once).\n# TYPE hvprof_tcp_connections_total counter\nhvprof_tcp_connections_total {}",
         c.connections()
+    );
+    // The usual process metrics, of hvprof itself.
+    let _ = writeln!(
+        o,
+        "# HELP process_cpu_seconds_total User and system CPU time of the hvprof process.\n# TYPE process_cpu_seconds_total counter\nprocess_cpu_seconds_total {}\n# HELP process_resident_memory_bytes Resident memory of the hvprof process.\n# TYPE process_resident_memory_bytes gauge\nprocess_resident_memory_bytes {}",
+        c.self_cpu_s, c.self_rss_bytes
     );
     o
 }
@@ -340,12 +377,17 @@ mod tests {
         c.lost.insert("tcp:inet_sock_set_state".into(), 0);
         c.layers.insert("socket", 5);
         c.opened = 3;
+        c.self_cpu_s = 1.5;
+        c.self_rss_bytes = 4096;
         let text = prometheus(&c);
         assert!(text.contains("hvprof_events_total{probe=\"tcp:inet_sock_set_state\"} 12"));
         assert!(text.contains("hvprof_cpu_samples_total{layer=\"socket\"} 5"));
         assert!(text.contains("hvprof_cpu_samples_total{layer=\"vmexit\"} 0"));
         assert!(text.contains("hvprof_tcp_connections_total 3"));
         assert!(text.contains("# TYPE hvprof_lost_events_total counter"));
+        assert!(text.contains("process_cpu_seconds_total 1.5\n"));
+        assert!(text.contains("# TYPE process_resident_memory_bytes gauge\n"));
+        assert!(text.contains("process_resident_memory_bytes 4096\n"));
     }
 
     #[test]
@@ -357,7 +399,9 @@ mod tests {
         };
         now.layers.insert("socket", 499);
         now.functions.insert(Arc::from("tcp_v4_rcv"), 7);
+        now.self_cpu_s = 0.05;
         let v = render(&now, &before, 1.0, 499, 2);
+        assert!(v.contains("hvprof itself   2.5% CPU"), "{v}");
         assert!(v.contains("connections/s       500"), "{v}");
         assert!(v.contains("socket       50.0%"), "{v}");
         assert!(v.contains("tcp_v4_rcv"), "{v}");
