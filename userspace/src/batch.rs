@@ -26,6 +26,7 @@ pub const FLUSH_PROGRAMS: [&str; 2] = ["hvp_batch_flush", "hvp_batch_idle"];
 pub fn batched(spec: &ProbeSpec) -> bool {
     spec.name == tcp::PROBE || spec.path == dev::PATH.name
 }
+
 /// How often the timer looks at the batches of a busy CPU: an event waits
 /// at most this long there (plus the reader's own period).
 const FLUSH_HZ: u64 = 10;
