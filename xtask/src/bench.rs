@@ -380,6 +380,20 @@ pub(crate) fn start_stand(bin: &Path, haproxy_threads: usize) -> Result<(Guard, 
     Ok((stand, proxy))
 }
 
+/// Adds each program's run time (ns) and run count in a recording's
+/// `summary.json` (with `--bpf-stats`) to `programs`, by program name.
+pub(crate) fn add_program_stats(
+    summary: &serde_json::Value,
+    programs: &mut std::collections::BTreeMap<String, (f64, f64)>,
+) {
+    for p in summary["probes"].as_array().into_iter().flatten() {
+        let name = p["program"].as_str().unwrap_or("?").to_string();
+        let e = programs.entry(name).or_default();
+        e.0 += p["run_time_ns"].as_f64().unwrap_or(0.0);
+        e.1 += p["run_count"].as_f64().unwrap_or(0.0);
+    }
+}
+
 /// A close-mode `hvprof load`: where, how many client threads and
 /// connections in flight, for how long.
 pub(crate) struct ClosedLoad<'a> {
@@ -524,12 +538,7 @@ pub fn bench_overhead(o: &OverheadArgs) -> Result<()> {
         let summary: serde_json::Value =
             serde_json::from_slice(&std::fs::read(dir.join("summary.json"))?)?;
         if bpf_stats {
-            for p in summary["probes"].as_array().into_iter().flatten() {
-                let name = p["program"].as_str().unwrap_or("?").to_string();
-                let e = programs.entry(name).or_default();
-                e.0 += p["run_time_ns"].as_f64().unwrap_or(0.0);
-                e.1 += p["run_count"].as_f64().unwrap_or(0.0);
-            }
+            add_program_stats(&summary, &mut programs);
         } else {
             recorder.0 += cpu.0;
             recorder.1 += cpu.1;

@@ -18,7 +18,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context as _, Result, bail};
 
-use crate::bench::{DirGuard, Guard, median, paired, start_stand};
+use crate::bench::{DirGuard, Guard, add_program_stats, median, paired, start_stand};
 
 /// Options of `cargo xtask bench programs`.
 #[derive(clap::Args, Debug, Clone)]
@@ -183,12 +183,7 @@ fn record(bin: &Path, dir: &Path, a: &ProgramsArgs) -> Result<Recording> {
     )
     .with_context(|| format!("parsing {}", path.display()))?;
     let mut programs = BTreeMap::new();
-    for p in summary["probes"].as_array().into_iter().flatten() {
-        let name = p["program"].as_str().unwrap_or("?").to_string();
-        let e: &mut (f64, f64) = programs.entry(name).or_default();
-        e.0 += p["run_time_ns"].as_f64().unwrap_or(0.0);
-        e.1 += p["run_count"].as_f64().unwrap_or(0.0);
-    }
+    add_program_stats(&summary, &mut programs);
     Ok(Recording {
         programs,
         connections: summary["connections"].as_f64().unwrap_or(0.0),
