@@ -82,6 +82,11 @@ fn record_sees_exactly_500_connections_with_monotone_timestamps_and_no_loss() {
     let span = cost["span_s"].as_f64().expect("span_s");
     let recorder = cost["recorder_cpu_s"].as_f64().expect("recorder_cpu_s");
     assert!(recorder > 0.0 && recorder <= span, "{cost}");
+    assert_eq!(
+        cost["cpus"],
+        read_json(&run.join("meta.json"))["cpus"],
+        "{cost}"
+    );
     let cpus = cost["cpus"].as_f64().expect("cpus");
     let pct = cost["recorder_pct"].as_f64().expect("recorder_pct");
     assert!(

@@ -62,11 +62,9 @@ pub struct Cost {
 }
 
 impl Cost {
-    fn new(recorder_cpu_s: f64, programs: &[ProgramStats], span_s: f64) -> Self {
-        // SAFETY: plain sysconf call.
-        let cpus = u32::try_from(unsafe { libc::sysconf(libc::_SC_NPROCESSORS_ONLN) })
-            .unwrap_or(1)
-            .max(1);
+    /// `cpus`: as `meta.json` has them (1 if unknown).
+    fn new(recorder_cpu_s: f64, programs: &[ProgramStats], span_s: f64, cpus: Option<u32>) -> Self {
+        let cpus = cpus.unwrap_or(1).max(1);
         let machine = span_s * f64::from(cpus);
         let pct = |s: f64| {
             if machine > 0.0 {
@@ -199,7 +197,7 @@ pub async fn run_until<F: Future>(
     let (connections, truncated_tail) = timeline::count_connections(dir)?;
     let duration_s = fin.meta.duration_s.unwrap_or(0.0);
     let summary = Summary {
-        cost: Cost::new(recorder_cpu_s, &fin.stats, span_s),
+        cost: Cost::new(recorder_cpu_s, &fin.stats, span_s, fin.meta.cpus),
         connections,
         events: log.records,
         lost: fin.lost,
