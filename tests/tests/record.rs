@@ -9,7 +9,7 @@ use std::{
 use hvprof_tests::topology_support::Netns;
 use hvprof_tests::{
     Owned, assert_ok, bpf_lock, bpf_unavailable, dump_events, helper_bin, hvprof, hvprof_bin,
-    json_lines, live_scratch_dirs, our_bpf_programs, read_json, skip,
+    json_lines, live_scratch_dirs, machine_steal_s, our_bpf_programs, read_json, skip,
 };
 use serde_json::Value;
 
@@ -29,6 +29,7 @@ fn record_sees_exactly_500_connections_with_monotone_timestamps_and_no_loss() {
     let tmp = tempfile::tempdir().expect("tempdir");
     let run = tmp.path().join("run");
     let portfile = tmp.path().join("port");
+    let steal_before = machine_steal_s();
     let out = Command::new(hvprof_bin())
         .args(["record", "--bpf-stats", "--all-tcp-states", "-o"])
         .arg(&run)
@@ -38,6 +39,7 @@ fn record_sees_exactly_500_connections_with_monotone_timestamps_and_no_loss() {
         .arg(&portfile)
         .output()
         .expect("hvprof runs");
+    let steal_after = machine_steal_s();
     assert!(
         out.status.success(),
         "record failed: {}",
@@ -92,6 +94,19 @@ fn record_sees_exactly_500_connections_with_monotone_timestamps_and_no_loss() {
     assert!(
         (pct - 100.0 * recorder / (span * cpus)).abs() < 1e-6,
         "{cost}"
+    );
+    // What the hypervisor took over the recording: no more than it took
+    // around it, and its share of the window's CPU time follows.
+    let steal = &summary["steal"];
+    let stolen = steal["cpu_s"].as_f64().expect("steal cpu_s");
+    assert!(
+        (0.0..=steal_after - steal_before + 1e-9).contains(&stolen),
+        "{steal}: {steal_before} .. {steal_after} s around the recording"
+    );
+    let window = summary["duration_s"].as_f64().expect("duration_s") * cpus;
+    assert!(
+        (steal["pct"].as_f64().expect("steal pct") - 100.0 * stolen / window).abs() < 1e-6,
+        "{steal}"
     );
     let events = summary["events"].as_u64().expect("events");
     assert!(summary["connections"].as_u64().expect("connections") >= 500);

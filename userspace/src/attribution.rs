@@ -44,6 +44,9 @@ pub struct PointCosts {
     /// CPUs' worth of time unrelated work took meanwhile.
     #[serde(default)]
     pub unrelated_cpus: Option<f64>,
+    /// CPUs' worth of time the hypervisor under the machine took (steal).
+    #[serde(default)]
+    pub stolen_cpus: Option<f64>,
 }
 
 impl PointCosts {
@@ -140,16 +143,27 @@ pub fn point_costs(dir: &Path, c: &Classifier, native: Option<&PointCosts>) -> R
         .unwrap_or_default();
     let hz = meta.sample_hz.unwrap_or(crate::paths::cpu::DEFAULT_HZ) as f64;
     let conns = point.connections.max(1) as f64;
-    // Timer samples go missing now and then (a CPU with interrupts off, a
-    // vCPU the hypervisor took away): each sample stands for its share of
-    // the CPUs' time over the window, idle samples included.
-    let taken = std::fs::read(dir.join(rundir::SUMMARY))
+    let summary = std::fs::read(dir.join(rundir::SUMMARY))
         .ok()
-        .and_then(|b| serde_json::from_slice::<serde_json::Value>(&b).ok())
+        .and_then(|b| serde_json::from_slice::<serde_json::Value>(&b).ok());
+    let taken = summary
+        .as_ref()
         .and_then(|s| s["samples"].as_u64())
         .filter(|n| *n > 0);
+    // Time the hypervisor took is no CPU's to sample: it is left out of
+    // what the samples stand for, and charged to `sched` (`attribute`).
+    let stolen_s = summary
+        .as_ref()
+        .and_then(|s| s["steal"]["cpu_s"].as_f64())
+        .filter(|s| s.is_finite() && *s >= 0.0);
+    // Timer samples go missing now and then (a CPU with interrupts off):
+    // each sample stands for its share of the CPUs' time the machine had
+    // over the window, idle samples included.
     let scale = match (taken, meta.cpus, meta.duration_s) {
-        (Some(n), Some(cpus), Some(d)) => (f64::from(cpus) * hz * d / n as f64).clamp(0.5, 2.0),
+        (Some(n), Some(cpus), Some(d)) => {
+            let had = (f64::from(cpus) * d - stolen_s.unwrap_or(0.0)).max(0.0);
+            (had * hz / n as f64).clamp(0.5, 2.0)
+        }
         _ => 1.0,
     };
     let us = |samples: u64| samples as f64 * scale / hz * 1e6 / conns;
@@ -236,6 +250,7 @@ pub fn point_costs(dir: &Path, c: &Classifier, native: Option<&PointCosts>) -> R
         emulation_factor,
         busy_cpus: cpus(samples),
         unrelated_cpus: cpus(unrelated),
+        stolen_cpus: stolen_s.and_then(|s| meta.duration_s.filter(|d| *d > 0.0).map(|d| s / d)),
     })
 }
 
@@ -281,10 +296,12 @@ pub const RESIDUAL_FLAG_POINTS: f64 = 5.0;
 ///
 /// Throughput is the CPU the benchmark gets over its cost per connection,
 /// `X = U/c`, so a loss also comes from CPU taken away: when unrelated work
-/// took `o_T − o_N` more CPUs than natively, the benchmark's threads waited
-/// for a CPU (run-queue delay), and `(c_N/c_T)·(o_T − o_N)/U_N` is charged
-/// to `sched` (no more than the CPU the benchmark lost, `U_N − U_T`). CPUs
-/// left idle (latency-bound) are not charged: they stay in the residual.
+/// and the hypervisor under the machine (steal) took `o_T − o_N` more CPUs
+/// than natively, the benchmark's threads waited for a CPU (run-queue
+/// delay, or a vCPU not running), and `(c_N/c_T)·(o_T − o_N)/U_N` is
+/// charged to `sched` (no more than the CPU the benchmark lost,
+/// `U_N − U_T`). CPUs left idle (latency-bound) are not charged: they stay
+/// in the residual.
 pub fn attribute(t: &PointCosts, n: &PointCosts) -> Attribution {
     let loss = if n.conn_per_s > 0.0 {
         100.0 * (1.0 - t.conn_per_s / n.conn_per_s)
@@ -294,7 +311,8 @@ pub fn attribute(t: &PointCosts, n: &PointCosts) -> Attribution {
     let ct = t.total();
     let mut layers = Vec::new();
     let mut predicted = 0.0;
-    let contention = match (t.unrelated_cpus, n.unrelated_cpus, t.busy_cpus, n.busy_cpus) {
+    let others = |p: &PointCosts| p.unrelated_cpus.map(|o| o + p.stolen_cpus.unwrap_or(0.0));
+    let contention = match (others(t), others(n), t.busy_cpus, n.busy_cpus) {
         (Some(ot), Some(on), Some(ut), Some(un)) if ct > 0.0 && un > 0.0 => {
             100.0 * (n.total() / ct) * taken_by_others(un - ut, ot - on) / un
         }
@@ -341,6 +359,7 @@ mod tests {
             emulation_factor: None,
             busy_cpus: None,
             unrelated_cpus: None,
+            stolen_cpus: None,
         }
     }
 
@@ -397,5 +416,31 @@ mod tests {
         t.unrelated_cpus = Some(0.1);
         let a = attribute(&t, &native);
         assert!(a.predicted_loss_pct.abs() < 1e-9 && a.residual_flagged);
+    }
+
+    #[test]
+    fn cpu_the_hypervisor_took_is_sched() {
+        // No other program here, but the host ran its vCPUs 0.9 of 2 CPUs
+        // less than natively: the same loss as a hog's, charged the same.
+        let mut native = point(1000.0, &[("proxy", 100.0), ("socket", 100.0)]);
+        native.busy_cpus = Some(1.8);
+        native.unrelated_cpus = Some(0.1);
+        native.stolen_cpus = Some(0.05);
+        let mut t = point(500.0, &[("proxy", 100.0), ("socket", 100.0)]);
+        t.busy_cpus = Some(0.9);
+        t.unrelated_cpus = Some(0.1);
+        t.stolen_cpus = Some(0.95);
+        let a = attribute(&t, &native);
+        let sched = a.layers.iter().find(|l| l.layer == "sched").expect("row");
+        assert!(
+            (sched.loss_points - 50.0).abs() < 1e-9,
+            "{}",
+            sched.loss_points
+        );
+        assert!(a.residual_pct.abs() < 1e-9);
+        // Recorded before steal was: the same as none.
+        t.stolen_cpus = None;
+        let a = attribute(&t, &native);
+        assert!(a.residual_flagged);
     }
 }

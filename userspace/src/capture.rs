@@ -43,6 +43,31 @@ pub struct Summary {
     pub crossing: Option<crate::correlate::Crossing>,
     /// What the recording itself cost this machine.
     pub cost: Cost,
+    /// What the hypervisor under this machine took from it over the
+    /// window; none where the kernel does not say.
+    pub steal: Option<Steal>,
+}
+
+/// CPU time stolen from this machine (`/proc/stat` steal) over the
+/// recording's window (`duration_s`), and its share of the CPUs' time.
+#[derive(Debug, Clone, Serialize)]
+pub struct Steal {
+    pub cpu_s: f64,
+    pub pct: f64,
+}
+
+impl Steal {
+    fn new(cpu_s: f64, duration_s: f64, cpus: Option<u32>) -> Self {
+        let machine = duration_s * f64::from(cpus.unwrap_or(1).max(1));
+        Self {
+            cpu_s,
+            pct: if machine > 0.0 {
+                (100.0 * cpu_s / machine).min(100.0)
+            } else {
+                0.0
+            },
+        }
+    }
 }
 
 /// hvprof's own CPU time over a recording, and its share of the
@@ -198,6 +223,9 @@ pub async fn run_until<F: Future>(
     let duration_s = fin.meta.duration_s.unwrap_or(0.0);
     let summary = Summary {
         cost: Cost::new(recorder_cpu_s, &fin.stats, span_s, fin.meta.cpus),
+        steal: fin
+            .stolen_s
+            .map(|s| Steal::new(s, duration_s, fin.meta.cpus)),
         connections,
         events: log.records,
         lost: fin.lost,

@@ -576,6 +576,9 @@ async fn stop_child(child: &mut Option<tokio::process::Child>, sig: i32) {
     }
 }
 
+/// Steal from this share of the CPUs' time on is worth a line.
+const STEAL_WARN_PCT: f64 = 1.0;
+
 fn print_summary(dir: &Path, s: &capture::Summary) {
     println!(
         "recorded {} events ({} CPU samples), {} connections in {:.2}s -> {}",
@@ -626,6 +629,12 @@ fn print_summary(dir: &Path, s: &capture::Summary) {
             |p| format!("{p:.2} %")
         )
     );
+    if let Some(st) = s.steal.as_ref().filter(|st| st.pct >= STEAL_WARN_PCT) {
+        println!(
+            "note: the hypervisor under this machine took {:.1} % of its CPUs' time during the recording (steal, {:.2} CPU s); it is charged to sched, and rates compare only with runs that had as much",
+            st.pct, st.cpu_s
+        );
+    }
     let total_lost: u64 = s.lost.values().sum();
     if total_lost > 0 {
         println!(

@@ -106,6 +106,16 @@ pub trait Tap: Send {
 pub struct Window {
     start_ns: AtomicU64,
     end_ns: AtomicU64,
+    /// The machine's stolen CPU time (`kernel::stat::steal_ns`) at the
+    /// marks; `UNKNOWN` until read, or where there is none to read.
+    steal_start_ns: AtomicU64,
+    steal_end_ns: AtomicU64,
+}
+
+const UNKNOWN: u64 = u64::MAX;
+
+fn steal_now() -> u64 {
+    kernel::stat::steal_ns().unwrap_or(UNKNOWN)
 }
 
 impl Window {
@@ -114,11 +124,14 @@ impl Window {
         Self {
             start_ns: AtomicU64::new(if gated { u64::MAX } else { 0 }),
             end_ns: AtomicU64::new(0),
+            steal_start_ns: AtomicU64::new(if gated { UNKNOWN } else { steal_now() }),
+            steal_end_ns: AtomicU64::new(UNKNOWN),
         }
     }
 
     /// The load starts now.
     pub fn open(&self) {
+        self.steal_start_ns.store(steal_now(), Ordering::SeqCst);
         self.start_ns
             .store(kernel::monotonic_ns(), Ordering::SeqCst);
     }
@@ -126,6 +139,18 @@ impl Window {
     /// The load ended now.
     pub fn close(&self) {
         self.end_ns.store(kernel::monotonic_ns(), Ordering::SeqCst);
+        self.steal_end_ns.store(steal_now(), Ordering::SeqCst);
+    }
+
+    /// CPU seconds the hypervisor took from this machine between the
+    /// marks, or from the start until now when no end was marked.
+    fn stolen_s(&self) -> Option<f64> {
+        let start = self.steal_start_ns.load(Ordering::SeqCst);
+        let end = match self.steal_end_ns.load(Ordering::SeqCst) {
+            UNKNOWN => steal_now(),
+            e => e,
+        };
+        (start != UNKNOWN && end != UNKNOWN).then(|| end.saturating_sub(start) as f64 / 1e9)
     }
 
     fn contains(&self, ts_ns: u64) -> bool {
@@ -151,6 +176,8 @@ pub struct Finished {
     pub sched: Option<SchedSnapshot>,
     pub kvm: Option<vmexit::KvmSnapshot>,
     pub stacks: Stacks,
+    /// CPU seconds the hypervisor took from this machine over the window.
+    pub stolen_s: Option<f64>,
 }
 
 impl Recorder {
@@ -307,6 +334,7 @@ impl Recorder {
             .window
             .span_s()
             .unwrap_or_else(|| self.started.elapsed().as_secs_f64());
+        let stolen_s = self.window.stolen_s();
         log::debug!("recording stops after {duration_s:.3}s");
         let stats = self.session.program_stats();
         let sched = self
@@ -364,6 +392,7 @@ impl Recorder {
             sched,
             kvm,
             stacks: self.stacks,
+            stolen_s,
         })
     }
 }

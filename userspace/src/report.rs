@@ -132,6 +132,9 @@ pub struct RunReport {
     pub layers: Vec<LayerCost>,
     pub threads: Vec<ThreadReport>,
     pub cpu_idle_pct: Option<f64>,
+    /// The share of the CPUs' time the hypervisor under the machine took
+    /// (`summary.json`'s steal).
+    pub cpu_steal_pct: Option<f64>,
     pub bottleneck: String,
     /// SYN → established, and established → fully closed, per connection.
     pub latency_us: BTreeMap<&'static str, Percentiles>,
@@ -274,7 +277,11 @@ fn analyse(dir: &Path, index: usize, out: &Path, classifier: &Classifier) -> Res
             cpu_idle_pct = Some(pct(idle as f64 / 1e9, span_s * s.cpu_idle_ns.len() as f64));
         }
     }
-    let bottleneck = bottleneck(&threads, cpu_idle_pct);
+    let cpu_steal_pct = std::fs::read(dir.join(rundir::SUMMARY))
+        .ok()
+        .and_then(|b| serde_json::from_slice::<serde_json::Value>(&b).ok())
+        .and_then(|s| s["steal"]["pct"].as_f64());
+    let bottleneck = bottleneck(&threads, cpu_idle_pct, cpu_steal_pct);
 
     // Connection latency.
     let mut connect = Vec::new();
@@ -335,6 +342,7 @@ fn analyse(dir: &Path, index: usize, out: &Path, classifier: &Classifier) -> Res
         layers,
         threads,
         cpu_idle_pct,
+        cpu_steal_pct,
         bottleneck,
         latency_us,
         flamegraph,
@@ -592,10 +600,10 @@ fn percentiles(v: &mut [f64]) -> Percentiles {
 }
 
 /// "haproxy thread 1234 98% busy (proxy), 1% waiting for a CPU; load
-/// generator load-0 71%; CPUs 3% idle". The bottleneck is a thread of the
-/// system under test (proxy, QEMU, softirq): another program's thread is
-/// contention, not the bottleneck.
-fn bottleneck(threads: &[ThreadReport], idle: Option<f64>) -> String {
+/// generator load-0 71%; CPUs 3% idle, 20% stolen by the hypervisor". The
+/// bottleneck is a thread of the system under test (proxy, QEMU, softirq):
+/// another program's thread is contention, not the bottleneck.
+fn bottleneck(threads: &[ThreadReport], idle: Option<f64>, stolen: Option<f64>) -> String {
     let mut parts = Vec::new();
     let busiest = |keep: &dyn Fn(&ThreadReport) -> bool| {
         threads
@@ -614,8 +622,13 @@ fn bottleneck(threads: &[ThreadReport], idle: Option<f64>) -> String {
     if let Some(t) = busiest(&|t| t.layer == "loadgen") {
         parts.push(format!("load generator {} {:.0}%", t.comm, t.busy_pct));
     }
-    if let Some(i) = idle {
-        parts.push(format!("CPUs {i:.0}% idle"));
+    match (idle, stolen.filter(|s| *s >= 0.5)) {
+        (Some(i), Some(s)) => parts.push(format!(
+            "CPUs {i:.0}% idle, {s:.0}% stolen by the hypervisor"
+        )),
+        (Some(i), None) => parts.push(format!("CPUs {i:.0}% idle")),
+        (None, Some(s)) => parts.push(format!("CPUs {s:.0}% stolen by the hypervisor")),
+        (None, None) => {}
     }
     if parts.is_empty() {
         "no scheduler data (sched probes not attached)".into()
@@ -932,4 +945,44 @@ pub fn check_runs(runs: &[PathBuf]) -> Result<()> {
         }
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_bottleneck_names_the_busiest_thread_and_what_the_cpus_lacked() {
+        let thread = |comm: &str, layer: &'static str, busy_pct: f64| ThreadReport {
+            tid: 7,
+            pid: 7,
+            comm: comm.into(),
+            layer,
+            busy_pct,
+            runq_ms: 1.0,
+            runq_pct: 3.0,
+        };
+        let threads = [
+            thread("load-0", "loadgen", 71.0),
+            thread("haproxy", "proxy", 98.0),
+        ];
+        assert_eq!(
+            bottleneck(&threads, Some(3.0), None),
+            "haproxy thread 7 98% busy (proxy), 3% waiting for a CPU; load generator load-0 71%; CPUs 3% idle"
+        );
+        // Steal is named when there was any to speak of.
+        assert!(
+            bottleneck(&threads, Some(3.0), Some(21.4))
+                .ends_with("CPUs 3% idle, 21% stolen by the hypervisor")
+        );
+        assert!(bottleneck(&threads, Some(3.0), Some(0.2)).ends_with("CPUs 3% idle"));
+        assert_eq!(
+            bottleneck(&[], None, Some(40.0)),
+            "CPUs 40% stolen by the hypervisor"
+        );
+        assert_eq!(
+            bottleneck(&[], None, None),
+            "no scheduler data (sched probes not attached)"
+        );
+    }
 }

@@ -5,6 +5,7 @@
 pub mod btf;
 pub mod features;
 pub mod kallsyms;
+pub mod stat;
 pub mod tracefs;
 
 /// `uname -r` of the running kernel.
