@@ -512,7 +512,7 @@ pub fn bench_overhead(o: &OverheadArgs) -> Result<()> {
     };
     // One recorded load (B); with the kernel's BPF statistics on, its
     // programs' run time and count are added to `programs`.
-    let mut b_run = |run: String, bpf_stats: bool| -> Result<(f64, f64)> {
+    let mut b_run = |run: String, bpf_stats: bool| -> Result<Arm> {
         let dir = tmp.join(&run);
         let json = tmp.join(format!("{run}.json"));
         let mut extra: Vec<&str> = if o.no_packets {
@@ -549,16 +549,17 @@ pub fn bench_overhead(o: &OverheadArgs) -> Result<()> {
             .flatten()
             .filter_map(|(_, v)| v.as_f64())
             .sum::<f64>();
-        Ok((cps, busy_us_per_conn(busy, cps)))
+        Ok(Arm::new(cps, busy))
     };
     // Machine CPU per connection (µs) of each run, from the middle of its
     // load: what the rate alone can't show on a machine that isn't fully
     // busy, where the rate also follows how fast idle CPUs wake.
     let (mut plain_cpu, mut probed_cpu) = (Vec::new(), Vec::new());
-    let a_run = || -> Result<(f64, f64)> {
+    let mut steal = Vec::new();
+    let a_run = || -> Result<Arm> {
         let busy = busy_share_later(o.duration);
         let rate = hvprof_load(&bin, &url, &a)?.rate;
-        Ok((rate, busy_us_per_conn(busy.join().ok().flatten(), rate)))
+        Ok(Arm::new(rate, busy.join().ok().flatten()))
     };
     for round in 0..o.rounds {
         let run = format!("run{round}");
@@ -569,23 +570,25 @@ pub fn bench_overhead(o: &OverheadArgs) -> Result<()> {
             let pb = b_run(run, false)?;
             (a_run()?, pb)
         };
-        plain.push(pa.0);
-        plain_cpu.push(pa.1);
-        probed.push(pb.0);
-        probed_cpu.push(pb.1);
+        plain.push(pa.rate);
+        plain_cpu.push(pa.cpu_us);
+        probed.push(pb.rate);
+        probed_cpu.push(pb.cpu_us);
+        steal.extend([pa.steal_pct, pb.steal_pct]);
         println!(
-            "  round {}: plain {:.0} conn/s {:.1} CPU µs/conn, probed {:.0} conn/s {:.1} CPU µs/conn",
+            "  round {}: plain {:.0} conn/s {:.1} CPU µs/conn, probed {:.0} conn/s {:.1} CPU µs/conn{}",
             round + 1,
-            pa.0,
-            pa.1,
-            pb.0,
-            pb.1
+            pa.rate,
+            pa.cpu_us,
+            pb.rate,
+            pb.cpu_us,
+            stolen_note(pa.steal_pct, pb.steal_pct),
         );
     }
     // The statistics cost every program two clock reads per run: they are
     // off in the rounds above and on in one more recorded load, for the
     // time per run alone.
-    let (stats_cps, _) = b_run("stats".into(), true)?;
+    let stats_cps = b_run("stats".into(), true)?.rate;
     stand.stop();
     let with = if o.probes.is_empty() {
         "with every probe".to_string()
@@ -602,6 +605,18 @@ pub fn bench_overhead(o: &OverheadArgs) -> Result<()> {
         100.0 * (1.0 - rate.high),
         100.0 * (1.0 - rate.low),
     );
+    let worst = steal
+        .iter()
+        .copied()
+        .filter(|v| v.is_finite())
+        .fold(0.0, f64::max);
+    if worst >= 1.0 {
+        println!(
+            "the hypervisor under this machine took up to {worst:.1}% of its CPU time during a load \
+             (steal; median {:.1}%): rates drift with it, the paired ratios less",
+            median(&mut steal)
+        );
+    }
     let cpu = paired(&plain_cpu, &probed_cpu);
     if cpu.median.is_finite() {
         println!(
@@ -774,12 +789,12 @@ fn compare_origins(bin: &Path, a: &BenchLoadArgs) -> Result<()> {
 /// Waits for `hvprof record -- hvprof load ...` (a load of `duration_s`);
 /// returns its status, the recorder's own CPU seconds (user + system,
 /// from /proc, 10 ms ticks) while its load command ran with that time in
-/// seconds, and the machine's busy share in the middle of the load
+/// seconds, and the machine's busy and stolen shares in the middle of the load
 /// ([`busy_share_later`]).
 fn recorder_cpu_during_load(
     child: &mut Child,
     duration_s: u64,
-) -> Result<(std::process::ExitStatus, (f64, f64), Option<f64>)> {
+) -> Result<(std::process::ExitStatus, (f64, f64), Option<Share>)> {
     let pid = child.id();
     let cpu = || -> Option<f64> {
         let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
@@ -822,14 +837,51 @@ fn recorder_cpu_during_load(
     }
 }
 
-/// A busy share being measured (see [`busy_share_later`]).
-type BusyShare = std::thread::JoinHandle<Option<f64>>;
+/// One load of an overhead round: its rate, the machine's CPU µs per
+/// connection and the share of the CPUs' time the hypervisor took (NaN
+/// where unknown).
+struct Arm {
+    rate: f64,
+    cpu_us: f64,
+    steal_pct: f64,
+}
+
+impl Arm {
+    fn new(rate: f64, share: Option<Share>) -> Self {
+        Self {
+            rate,
+            cpu_us: busy_us_per_conn(share.map(|s| s.busy), rate),
+            steal_pct: share.map_or(f64::NAN, |s| 100.0 * s.steal),
+        }
+    }
+}
+
+/// ", steal a% / b%" when the hypervisor took any of a round's CPU time.
+fn stolen_note(plain: f64, probed: f64) -> String {
+    if plain.max(probed) >= 0.5 {
+        format!(", steal {plain:.1}% / {probed:.1}%")
+    } else {
+        String::new()
+    }
+}
+
+/// What the machine's CPUs did over the middle of a load: the busy share
+/// of the time the machine had, and the share the hypervisor under it
+/// took (steal) of all.
+#[derive(Debug, Clone, Copy)]
+struct Share {
+    busy: f64,
+    steal: f64,
+}
+
+/// A share being measured (see [`busy_share_later`]).
+type BusyShare = std::thread::JoinHandle<Option<Share>>;
 
 /// The machine's busy share over the middle of a load of `duration_s`
 /// starting now, measured on a thread: from /proc/stat, busy CPU time
-/// (user, system, interrupts; not idle, not steal) over all CPU time,
-/// from 0.5 s after the start to 0.5 s before the end (or over the whole
-/// second of a shorter load).
+/// (user, system, interrupts; not idle, not steal) over all CPU time but
+/// steal, from 0.5 s after the start to 0.5 s before the end (or over the
+/// whole second of a shorter load); and steal over all CPU time.
 fn busy_share_later(duration_s: u64) -> BusyShare {
     let (skip, span) = if duration_s >= 2 {
         (
@@ -841,28 +893,46 @@ fn busy_share_later(duration_s: u64) -> BusyShare {
     };
     std::thread::spawn(move || {
         std::thread::sleep(skip);
-        let (b0, t0) = cpu_ticks()?;
+        let a = cpu_ticks()?;
         std::thread::sleep(span);
-        let (b1, t1) = cpu_ticks()?;
-        (t1 > t0).then(|| (b1 - b0) as f64 / (t1 - t0) as f64)
+        let b = cpu_ticks()?;
+        let (busy, had, stolen) = (b.busy - a.busy, b.had - a.had, b.steal - a.steal);
+        (had > 0).then(|| Share {
+            busy: busy as f64 / had as f64,
+            steal: stolen as f64 / (had + stolen) as f64,
+        })
     })
 }
 
-/// Busy and all (without steal) CPU ticks of the machine, /proc/stat's
-/// `cpu` line: user nice system idle iowait irq softirq steal ...
-fn cpu_ticks() -> Option<(u64, u64)> {
-    let stat = std::fs::read_to_string("/proc/stat").ok()?;
+/// The machine's CPU ticks since boot, /proc/stat's `cpu` line: user nice
+/// system idle iowait irq softirq steal ...
+struct Ticks {
+    busy: u64,
+    /// Busy, idle and iowait: the time the machine had.
+    had: u64,
+    steal: u64,
+}
+
+fn cpu_ticks() -> Option<Ticks> {
+    parse_ticks(&std::fs::read_to_string("/proc/stat").ok()?)
+}
+
+fn parse_ticks(stat: &str) -> Option<Ticks> {
     let f: Vec<u64> = stat
         .lines()
         .next()?
         .strip_prefix("cpu ")?
         .split_whitespace()
-        .take(7)
+        .take(8)
         .map(|v| v.parse().ok())
         .collect::<Option<_>>()?;
     let at = |i: usize| f.get(i).copied();
     let busy = at(0)? + at(1)? + at(2)? + at(5)? + at(6)?;
-    Some((busy, busy + at(3)? + at(4)?))
+    Some(Ticks {
+        busy,
+        had: busy + at(3)? + at(4)?,
+        steal: at(7).unwrap_or(0),
+    })
 }
 
 /// Machine CPU µs per connection: a busy share of every CPU at `rate`
@@ -988,6 +1058,17 @@ fn start_haproxy_origin(_bin: &Path, dir: &Path, port: u16) -> Result<Option<Chi
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn ticks_split_busy_had_and_steal() {
+        let t =
+            parse_ticks("cpu  10 1 5 100 2 3 4 7 0 0\ncpu0 1 1 1 1 1 1 1 1 0 0\n").expect("ticks");
+        assert_eq!((t.busy, t.had, t.steal), (23, 125, 7));
+        // A kernel without the steal column: none stolen.
+        let t = parse_ticks("cpu  10 1 5 100 2 3 4\n").expect("ticks");
+        assert_eq!((t.busy, t.had, t.steal), (23, 125, 0));
+        assert!(parse_ticks("intr 1 2 3\n").is_none());
+    }
 
     #[test]
     fn reads_json_numbers() {
