@@ -65,8 +65,9 @@ pub struct RecordArgs {
     #[arg(long, value_name = "NAME", conflicts_with_all = ["collect", "token"])]
     pub topology: Option<String>,
     /// A terminal view refreshed every second: connections/s, CPU per
-    /// layer, top functions, lost events, hvprof's own CPU and memory; `q`
-    /// or Ctrl-C quits. Without -o nothing is kept on disk.
+    /// layer, CPU time the hypervisor took (steal, when any), top
+    /// functions, lost events, hvprof's own CPU and memory; `q` or Ctrl-C
+    /// quits. Without -o nothing is kept on disk.
     #[arg(long, conflicts_with = "topology")]
     pub live: bool,
     /// Serve Prometheus counters (events and lost events per probe, CPU
@@ -383,7 +384,11 @@ impl RecordArgs {
             // Only this future touches the child from here on.
             let mut child = child.borrow_mut().take();
             let mut redraw = tokio::time::interval(Duration::from_secs(1));
-            let mut shown = (live::Counters::default(), std::time::Instant::now());
+            // Process CPU and steal count from here, not from boot.
+            let start = view
+                .as_ref()
+                .map_or_else(live::Counters::default, |(c, _, _)| c.snapshot());
+            let mut shown = (start, std::time::Instant::now());
             let quit = live::quit_key();
             tokio::pin!(quit);
             loop {

@@ -40,6 +40,9 @@ pub struct Counters {
     /// and resident memory, as of the snapshot.
     pub self_cpu_s: f64,
     pub self_rss_bytes: u64,
+    /// CPU time the hypervisor under this machine has taken from it
+    /// since boot (steal), as of the snapshot.
+    pub stolen_s: f64,
 }
 
 impl Counters {
@@ -59,6 +62,7 @@ impl Live {
     pub fn snapshot(&self) -> Counters {
         let mut c = self.lock().clone();
         (c.self_cpu_s, c.self_rss_bytes) = process_usage();
+        c.stolen_s = crate::kernel::stat::steal_ns().map_or(0.0, |ns| ns as f64 / 1e9);
         c
     }
 
@@ -205,6 +209,17 @@ pub fn render(now: &Counters, before: &Counters, secs: f64, hz: u64, cpus: usize
             let bar = "#".repeat((pct / 2.0).round() as usize);
             let _ = writeln!(o, "{:<10} {pct:>6.1}%  {bar}", l.name());
         }
+    }
+    // Time the hypervisor took: no sample lands in it, so no layer has it.
+    let stolen =
+        100.0 * (now.stolen_s - before.stolen_s).max(0.0) / (secs.max(1e-3) * cpus.max(1) as f64);
+    if stolen >= 0.05 {
+        let bar = "#".repeat((stolen / 2.0).round() as usize);
+        let _ = writeln!(
+            o,
+            "{:<10} {stolen:>6.1}%  {bar}  (steal: taken by the hypervisor under this machine)",
+            "steal"
+        );
     }
     let mut top: Vec<(&Arc<str>, u64)> = now
         .functions
@@ -405,5 +420,9 @@ mod tests {
         assert!(v.contains("connections/s       500"), "{v}");
         assert!(v.contains("socket       50.0%"), "{v}");
         assert!(v.contains("tcp_v4_rcv"), "{v}");
+        assert!(!v.contains("steal"), "{v}");
+        now.stolen_s = 0.3;
+        let v = render(&now, &before, 1.0, 499, 2);
+        assert!(v.contains("steal        15.0%  ########"), "{v}");
     }
 }
