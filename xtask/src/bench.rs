@@ -605,11 +605,8 @@ pub fn bench_overhead(o: &OverheadArgs) -> Result<()> {
         100.0 * (1.0 - rate.high),
         100.0 * (1.0 - rate.low),
     );
-    let worst = steal
-        .iter()
-        .copied()
-        .filter(|v| v.is_finite())
-        .fold(0.0, f64::max);
+    steal.retain(|v| v.is_finite());
+    let worst = steal.iter().copied().fold(0.0, f64::max);
     if worst >= 1.0 {
         println!(
             "the hypervisor under this machine took up to {worst:.1}% of its CPU time during a load \
