@@ -58,15 +58,21 @@ pub struct Steal {
 
 impl Steal {
     fn new(cpu_s: f64, duration_s: f64, cpus: Option<u32>) -> Self {
-        let machine = duration_s * f64::from(cpus.unwrap_or(1).max(1));
         Self {
             cpu_s,
-            pct: if machine > 0.0 {
-                (100.0 * cpu_s / machine).min(100.0)
-            } else {
-                0.0
-            },
+            pct: machine_pct(cpu_s, duration_s, cpus).min(100.0),
         }
+    }
+}
+
+/// `cpu_s` as a percentage of the machine's CPU time over `span_s`:
+/// `cpus` CPUs, as `meta.json` has them (1 if unknown); 0 over no time.
+fn machine_pct(cpu_s: f64, span_s: f64, cpus: Option<u32>) -> f64 {
+    let machine = span_s * f64::from(cpus.unwrap_or(1).max(1));
+    if machine > 0.0 {
+        100.0 * cpu_s / machine
+    } else {
+        0.0
     }
 }
 
@@ -89,15 +95,7 @@ pub struct Cost {
 impl Cost {
     /// `cpus`: as `meta.json` has them (1 if unknown).
     fn new(recorder_cpu_s: f64, programs: &[ProgramStats], span_s: f64, cpus: Option<u32>) -> Self {
-        let cpus = cpus.unwrap_or(1).max(1);
-        let machine = span_s * f64::from(cpus);
-        let pct = |s: f64| {
-            if machine > 0.0 {
-                100.0 * s / machine
-            } else {
-                0.0
-            }
-        };
+        let pct = |s: f64| machine_pct(s, span_s, cpus);
         let programs_cpu_s = programs
             .iter()
             .map(|p| p.run_time_ns)
@@ -109,7 +107,7 @@ impl Cost {
             recorder_pct: pct(recorder_cpu_s),
             programs_cpu_s,
             programs_pct: programs_cpu_s.map(pct),
-            cpus,
+            cpus: cpus.unwrap_or(1).max(1),
         }
     }
 }
