@@ -175,6 +175,10 @@ fn process_usage() -> (f64, u64) {
 /// long, `cpus` sampled at `hz` each.
 pub fn render(now: &Counters, before: &Counters, secs: f64, hz: u64, cpus: usize) -> String {
     let d = |a: u64, b: u64| a.saturating_sub(b) as f64 / secs.max(1e-3);
+    // CPU seconds over the interval, as a share of all CPUs' time.
+    let of_cpus = |now_s: f64, before_s: f64| {
+        100.0 * (now_s - before_s).max(0.0) / (secs.max(1e-3) * cpus.max(1) as f64)
+    };
     let events: u64 = now.events.values().sum();
     let events_before: u64 = before.events.values().sum();
     let lost: u64 = now.lost.values().sum();
@@ -189,8 +193,7 @@ pub fn render(now: &Counters, before: &Counters, secs: f64, hz: u64, cpus: usize
         } else {
             ""
         },
-        100.0 * (now.self_cpu_s - before.self_cpu_s).max(0.0)
-            / (secs.max(1e-3) * cpus.max(1) as f64),
+        of_cpus(now.self_cpu_s, before.self_cpu_s),
         now.self_rss_bytes as f64 / (1024.0 * 1024.0),
     );
     let capacity = hz as f64 * cpus.max(1) as f64;
@@ -211,8 +214,7 @@ pub fn render(now: &Counters, before: &Counters, secs: f64, hz: u64, cpus: usize
         }
     }
     // Time the hypervisor took: no sample lands in it, so no layer has it.
-    let stolen =
-        100.0 * (now.stolen_s - before.stolen_s).max(0.0) / (secs.max(1e-3) * cpus.max(1) as f64);
+    let stolen = of_cpus(now.stolen_s, before.stolen_s);
     if stolen >= 0.05 {
         let bar = "#".repeat((stolen / 2.0).round() as usize);
         let _ = writeln!(
