@@ -556,6 +556,8 @@ pub fn bench_overhead(o: &OverheadArgs) -> Result<()> {
     // busy, where the rate also follows how fast idle CPUs wake.
     let (mut plain_cpu, mut probed_cpu) = (Vec::new(), Vec::new());
     let mut steal = Vec::new();
+    // The larger steal of each round's two loads (NaN: not measured).
+    let mut round_steal = Vec::new();
     let a_run = || -> Result<Arm> {
         let busy = busy_share_later(o.duration);
         let rate = hvprof_load(&bin, &url, &a)?.rate;
@@ -575,6 +577,7 @@ pub fn bench_overhead(o: &OverheadArgs) -> Result<()> {
         probed.push(pb.rate);
         probed_cpu.push(pb.cpu_us);
         steal.extend([pa.steal_pct, pb.steal_pct]);
+        round_steal.push(pa.steal_pct.max(pb.steal_pct));
         println!(
             "  round {}: plain {:.0} conn/s {:.1} CPU µs/conn, probed {:.0} conn/s {:.1} CPU µs/conn{}",
             round + 1,
@@ -596,6 +599,7 @@ pub fn bench_overhead(o: &OverheadArgs) -> Result<()> {
         format!("with {}", o.probes.join(", "))
     };
     let rate = paired(&plain, &probed);
+    let calm = calm_rounds(&plain, &probed, &round_steal);
     let (pa, pb) = (median(&mut plain), median(&mut probed));
     println!(
         "plain {pa:.0} conn/s, {with} {pb:.0} conn/s (medians); overhead {:.1}% \
@@ -613,6 +617,16 @@ pub fn bench_overhead(o: &OverheadArgs) -> Result<()> {
              (steal; median {:.1}%): rates drift with it, the paired ratios less",
             median(&mut steal)
         );
+        if let Some((n, calm)) = calm {
+            println!(
+                "the {n} rounds with under {CALM_STEAL_PCT}% steal in both loads: overhead {:.1}% \
+                 ({:.0}% confidence {:.1}% .. {:.1}%)",
+                100.0 * (1.0 - calm.median),
+                100.0 * calm.confidence,
+                100.0 * (1.0 - calm.high),
+                100.0 * (1.0 - calm.low),
+            );
+        }
     }
     let cpu = paired(&plain_cpu, &probed_cpu);
     if cpu.median.is_finite() {
@@ -661,6 +675,29 @@ pub fn bench_overhead(o: &OverheadArgs) -> Result<()> {
         );
     }
     Ok(())
+}
+
+/// Steal (% of the CPUs' time) under which a round counts as calm.
+const CALM_STEAL_PCT: f64 = 1.0;
+
+/// The paired ratios of the rounds whose loads both had less than
+/// [`CALM_STEAL_PCT`] steal (`steal`: each round's larger share), and how
+/// many there were: `None` unless some rounds had more and at least 3 had
+/// less (the rates of a round the hypervisor slowed say more about it
+/// than about hvprof).
+fn calm_rounds(a: &[f64], b: &[f64], steal: &[f64]) -> Option<(usize, Paired)> {
+    let calm: Vec<usize> = (0..steal.len())
+        .filter(|&i| steal[i] < CALM_STEAL_PCT)
+        .collect();
+    if calm.len() < 3 || calm.len() == steal.len() {
+        return None;
+    }
+    let pick = |v: &[f64]| {
+        calm.iter()
+            .filter_map(|&i| v.get(i).copied())
+            .collect::<Vec<_>>()
+    };
+    Some((calm.len(), paired(&pick(a), &pick(b))))
 }
 
 /// Each round's ratio `b / a` (the two runs of a round are close in time,
@@ -862,9 +899,8 @@ fn stolen_note(plain: f64, probed: f64) -> String {
     }
 }
 
-/// What the machine's CPUs did over the middle of a load: the busy share
-/// of the time the machine had, and the share the hypervisor under it
-/// took (steal) of all.
+/// What the machine's CPUs did over the middle of a load, each a share of
+/// all their time: busy, and taken by the hypervisor under it (steal).
 #[derive(Debug, Clone, Copy)]
 struct Share {
     busy: f64,
@@ -874,11 +910,12 @@ struct Share {
 /// A share being measured (see [`busy_share_later`]).
 type BusyShare = std::thread::JoinHandle<Option<Share>>;
 
-/// The machine's busy share over the middle of a load of `duration_s`
-/// starting now, measured on a thread: from /proc/stat, busy CPU time
-/// (user, system, interrupts; not idle, not steal) over all CPU time but
-/// steal, from 0.5 s after the start to 0.5 s before the end (or over the
-/// whole second of a shorter load); and steal over all CPU time.
+/// The machine's busy and stolen shares over the middle of a load of
+/// `duration_s` starting now, measured on a thread from /proc/stat, from
+/// 0.5 s after the start to 0.5 s before the end (or over the whole second
+/// of a shorter load). Busy is user, system and interrupt time (not idle,
+/// not steal), over all CPU time: stolen time is no CPU the load used, so
+/// a round the hypervisor slowed doesn't read as more CPU per connection.
 fn busy_share_later(duration_s: u64) -> BusyShare {
     let (skip, span) = if duration_s >= 2 {
         (
@@ -894,9 +931,10 @@ fn busy_share_later(duration_s: u64) -> BusyShare {
         std::thread::sleep(span);
         let b = cpu_ticks()?;
         let (busy, had, stolen) = (b.busy - a.busy, b.had - a.had, b.steal - a.steal);
+        let all = (had + stolen) as f64;
         (had > 0).then(|| Share {
-            busy: busy as f64 / had as f64,
-            steal: stolen as f64 / (had + stolen) as f64,
+            busy: busy as f64 / all,
+            steal: stolen as f64 / all,
         })
     })
 }
@@ -1065,6 +1103,22 @@ mod tests {
         let t = parse_ticks("cpu  10 1 5 100 2 3 4\n").expect("ticks");
         assert_eq!((t.busy, t.had, t.steal), (23, 125, 0));
         assert!(parse_ticks("intr 1 2 3\n").is_none());
+    }
+
+    #[test]
+    fn calm_rounds_leave_out_those_the_hypervisor_slowed() {
+        let plain = [100.0, 100.0, 100.0, 100.0, 100.0];
+        let probed = [98.0, 50.0, 97.0, 99.0, 60.0];
+        // Rounds 2 and 5 had steal (round 5's unmeasured counts as such).
+        let steal = [0.2, 6.0, 0.0, 0.9, f64::NAN];
+        let (n, p) = calm_rounds(&plain, &probed, &steal).expect("three calm rounds");
+        assert_eq!(n, 3);
+        assert!((p.median - 0.98).abs() < 1e-9, "{p:?}");
+        assert_eq!((p.low, p.high), (0.97, 0.99));
+        // Every round calm: the overall figure says it already.
+        assert!(calm_rounds(&plain, &probed, &[0.0; 5]).is_none());
+        // Fewer than three calm: no figure.
+        assert!(calm_rounds(&plain, &probed, &[0.0, 0.0, 2.0, 2.0, 2.0]).is_none());
     }
 
     #[test]
