@@ -320,7 +320,10 @@ fn teardown_and_exit(code: i32) -> ! {
     // HAProxy's directories (HAProxy itself stops with us), and any
     // `record --live` scratch directory (its drop won't run).
     loadgen::haproxy::remove_own_dirs();
-    for (dir, _) in live_scratch_dirs().into_iter().filter(|d| d.1 == me) {
+    for (dir, _) in temp_dirs(crate::record::LIVE_PREFIX)
+        .into_iter()
+        .filter(|d| d.1 == me)
+    {
         let _ = std::fs::remove_dir_all(dir);
     }
     if let Some(state) = guard.as_mut() {
@@ -541,48 +544,28 @@ pub fn cleanup_stale(dry_run: bool) -> CleanupReport {
             report.removed.push(line);
         }
     }
-    // HAProxy's temporary directories (`hvprof-haproxy-<pid>-…`) whose
-    // process is gone: any process, since the HAProxy driver also runs
-    // inside other programs (its tests).
-    let tmp = std::env::temp_dir();
-    if let Ok(entries) = std::fs::read_dir(&tmp) {
-        for e in entries.flatten() {
-            let name = e.file_name().to_string_lossy().to_string();
-            let Some(pid) = name
-                .strip_prefix(loadgen::haproxy::TEMP_PREFIX)
-                .and_then(|r| r.split('-').next())
-                .and_then(|p| p.parse::<u32>().ok())
-            else {
-                continue;
-            };
-            if pid == me || process_alive(pid) {
-                continue;
-            }
-            let path = e.path();
-            if !dry_run {
-                let _ = std::fs::remove_dir_all(&path);
-            }
-            report.removed.push(format!("directory {}", path.display()));
-        }
-    }
+    // HAProxy's temporary directories (`hvprof-haproxy-<pid>-…`) and
     // `record --live`'s scratch directories (`hvprof-live-<pid>-…`) whose
-    // process is gone (any process: a reused pid keeps its directory until
-    // that process is gone too).
-    for (path, pid) in live_scratch_dirs() {
-        if pid == me || !process_gone(pid) {
-            continue;
-        }
-        let line = format!("directory {}", path.display());
-        if dry_run {
-            report.removed.push(line);
-            continue;
-        }
-        match std::fs::remove_dir_all(&path) {
-            Ok(()) => report.removed.push(line),
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
-            Err(e) => report
-                .kept
-                .push(format!("{} (cannot remove: {e})", path.display())),
+    // process is gone: any process, since the HAProxy driver also runs
+    // inside other programs (its tests), and a reused pid keeps its
+    // directory until that process is gone too.
+    for prefix in [loadgen::haproxy::TEMP_PREFIX, crate::record::LIVE_PREFIX] {
+        for (path, pid) in temp_dirs(prefix) {
+            if pid == me || !process_gone(pid) {
+                continue;
+            }
+            let line = format!("directory {}", path.display());
+            if dry_run {
+                report.removed.push(line);
+                continue;
+            }
+            match std::fs::remove_dir_all(&path) {
+                Ok(()) => report.removed.push(line),
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+                Err(e) => report
+                    .kept
+                    .push(format!("{} (cannot remove: {e})", path.display())),
+            }
         }
     }
     report
@@ -600,10 +583,10 @@ fn pid_in_name(name: &str, prefix: &str) -> Option<u32> {
     pid.parse().ok()
 }
 
-/// `record --live`'s scratch directories in the temporary directory
-/// (`hvprof-live-<pid>-…`, see [`crate::record::LIVE_PREFIX`]), with their
-/// pid: only real directories (not symlinks) of this user.
-fn live_scratch_dirs() -> Vec<(PathBuf, u32)> {
+/// Directories `<prefix><pid>-…` in the temporary directory (HAProxy's,
+/// `record --live`'s scratch), with their pid: only real directories (not
+/// symlinks) of this user.
+fn temp_dirs(prefix: &str) -> Vec<(PathBuf, u32)> {
     use std::os::unix::fs::MetadataExt as _;
     let Ok(entries) = std::fs::read_dir(std::env::temp_dir()) else {
         return Vec::new();
@@ -613,7 +596,7 @@ fn live_scratch_dirs() -> Vec<(PathBuf, u32)> {
     entries
         .flatten()
         .filter_map(|e| {
-            let pid = pid_in_name(&e.file_name().to_string_lossy(), crate::record::LIVE_PREFIX)?;
+            let pid = pid_in_name(&e.file_name().to_string_lossy(), prefix)?;
             // Not followed: a symlink is not a directory here.
             let m = e.metadata().ok()?;
             (m.is_dir() && m.uid() == euid).then(|| (e.path(), pid))
@@ -631,11 +614,6 @@ fn process_gone(pid: u32) -> bool {
         Ok(st) => st.is_some_and(|st| st == "Z" || st == "X"),
         Err(e) => e.kind() == std::io::ErrorKind::NotFound,
     }
-}
-
-/// Whether any process (not a zombie) has `pid`.
-fn process_alive(pid: u32) -> bool {
-    proc_state(pid).is_ok_and(|st| st.is_some_and(|st| st != "Z"))
 }
 
 /// The state field of `/proc/PID/stat` (`R`, `S`, `Z` …; `None` if the
