@@ -143,9 +143,7 @@ pub fn point_costs(dir: &Path, c: &Classifier, native: Option<&PointCosts>) -> R
         .unwrap_or_default();
     let hz = meta.sample_hz.unwrap_or(crate::paths::cpu::DEFAULT_HZ) as f64;
     let conns = point.connections.max(1) as f64;
-    let summary = std::fs::read(dir.join(rundir::SUMMARY))
-        .ok()
-        .and_then(|b| serde_json::from_slice::<serde_json::Value>(&b).ok());
+    let summary = rundir::summary(dir);
     let taken = summary
         .as_ref()
         .and_then(|s| s["samples"].as_u64())

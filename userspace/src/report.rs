@@ -277,10 +277,7 @@ fn analyse(dir: &Path, index: usize, out: &Path, classifier: &Classifier) -> Res
             cpu_idle_pct = Some(pct(idle as f64 / 1e9, span_s * s.cpu_idle_ns.len() as f64));
         }
     }
-    let cpu_steal_pct = std::fs::read(dir.join(rundir::SUMMARY))
-        .ok()
-        .and_then(|b| serde_json::from_slice::<serde_json::Value>(&b).ok())
-        .and_then(|s| s["steal"]["pct"].as_f64());
+    let cpu_steal_pct = rundir::summary(dir).and_then(|s| s["steal"]["pct"].as_f64());
     let bottleneck = bottleneck(&threads, cpu_idle_pct, cpu_steal_pct);
 
     // Connection latency.
@@ -443,9 +440,7 @@ fn explain(
         let n = native.get(&probe.size);
         let t = attribution::point_costs(d, c, n.map(|(p, _)| p))?;
         let a = n.map(|(np, _)| attribution::attribute(&t, np));
-        let summary: Option<serde_json::Value> = std::fs::read(d.join(rundir::SUMMARY))
-            .ok()
-            .and_then(|b| serde_json::from_slice(&b).ok());
+        let summary = rundir::summary(d);
         let one_way = |p: &serde_json::Value| {
             Some((p["one_way_us_p50"].as_f64()?, p["one_way_us_p99"].as_f64()?))
         };

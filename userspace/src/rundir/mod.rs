@@ -54,6 +54,13 @@ pub fn create(dir: &Path) -> Result<PathBuf> {
     Ok(dir.to_path_buf())
 }
 
+/// `dir`'s `summary.json` as loose JSON, for the fields a reader wants
+/// (`None` if it is missing or unreadable: a cut run directory, a run
+/// recorded before a field existed).
+pub fn summary(dir: &Path) -> Option<serde_json::Value> {
+    serde_json::from_slice(&std::fs::read(dir.join(SUMMARY)).ok()?).ok()
+}
+
 /// Writes `value` as pretty JSON to `path` atomically (temp file + rename),
 /// so a crash leaves either the old or the new file.
 pub fn write_json<T: serde::Serialize>(path: &Path, value: &T) -> Result<()> {
