@@ -54,6 +54,11 @@ impl OriginProc {
         }
     }
 
+    /// The origin's process id.
+    pub fn pid(&self) -> u32 {
+        self.child.as_ref().map_or(0, Child::id)
+    }
+
     /// `http://ADDR/?s=SIZE`.
     pub fn url(&self, size: &str) -> String {
         format!("http://{}/?s={size}", self.addr)

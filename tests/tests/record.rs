@@ -6,6 +6,7 @@ use std::{
     time::{Duration, Instant},
 };
 
+use hvprof_tests::loadgen_support::OriginProc;
 use hvprof_tests::topology_support::Netns;
 use hvprof_tests::{
     Owned, assert_ok, bpf_lock, bpf_unavailable, dump_events, helper_bin, hvprof, hvprof_bin,
@@ -259,6 +260,93 @@ fn pid_and_comm_filters_keep_only_those_tasks_in_the_kernel() {
         "events of other tasks: {:?}",
         others.first()
     );
+    assert!(our_bpf_programs().is_empty(), "programs left attached");
+}
+
+/// The first state change of a socket life, as `OLD>NEW`.
+fn first_change(life: &Value) -> String {
+    let t = &life["transitions"][0];
+    format!(
+        "{}>{}",
+        t["old"].as_str().unwrap_or("?"),
+        t["new"].as_str().unwrap_or("?")
+    )
+}
+
+#[test]
+fn accepted_sockets_are_their_listeners_and_filters_keep_whole_lives() {
+    require_bpf!("record_socket_owners");
+    let _g = bpf_lock();
+    let tmp = tempfile::tempdir().expect("tempdir");
+    // The origin listens before any recording starts, so its listener is
+    // found in /proc; the load is another process. Over loopback, each
+    // accepted socket's handshake runs on the client's time.
+    let origin = OriginProc::start(1);
+    let (pid, port) = (origin.pid(), origin.addr.port());
+    let conns = 300;
+    let lives = |name: &str, filter: &[&str]| -> Vec<Value> {
+        let run = tmp.path().join(name);
+        let out = Command::new(hvprof_bin())
+            .args(["record", "-q", "-o"])
+            .arg(&run)
+            .args(filter)
+            .arg("--")
+            .arg(hvprof_bin())
+            .args(["load", &origin.url("0"), "-q", "-t", "1", "-c", "4"])
+            .args(["-n", &conns.to_string()])
+            .output()
+            .expect("hvprof runs");
+        assert_ok(&out, "hvprof record");
+        dump_events(&run)
+            .into_iter()
+            .filter(|e| e["kind"] == "sock_life")
+            .collect()
+    };
+    let server = |l: &&Value| l["sport"] == port && first_change(l) == "LISTEN>SYN_RECV";
+    let client = |l: &&Value| l["dport"] == port && first_change(l) == "CLOSE>SYN_SENT";
+
+    // No filter: the origin's accepted sockets are the origin's, the
+    // load's connecting ones the load's.
+    let all = lives("all", &[]);
+    let servers: Vec<&Value> = all.iter().filter(server).collect();
+    let clients: Vec<&Value> = all.iter().filter(client).collect();
+    assert_eq!(servers.len(), conns, "accepted sockets");
+    assert_eq!(clients.len(), conns, "connecting sockets");
+    let wrong = servers.iter().find(|l| l["pid"] != pid);
+    assert!(
+        wrong.is_none(),
+        "an accepted socket not the origin's ({pid}): {wrong:?}"
+    );
+    let wrong = clients
+        .iter()
+        .find(|l| l["pid"] == pid || l["comm"] != "load-0");
+    assert!(
+        wrong.is_none(),
+        "a connecting socket not the load's: {wrong:?}"
+    );
+
+    // The origin's thread: its accepted sockets, whole, under the name
+    // the filter picked; none of the load's, even though the load's
+    // sockets change state on the origin's time too (the origin closes
+    // first, and its FIN reaches the client there).
+    let only = lives("origin", &["--comm", "origin-0"]);
+    let kept: Vec<&Value> = only.iter().filter(server).collect();
+    assert_eq!(kept.len(), conns, "accepted sockets kept");
+    let other = only
+        .iter()
+        .find(|l| l["pid"] != pid || l["comm"] != "origin-0" || l["sport"] != port);
+    assert!(other.is_none(), "a life not the origin's: {other:?}");
+
+    // The load's thread: its connecting sockets only.
+    let only = lives("load", &["--comm", "load-0"]);
+    assert_eq!(
+        only.iter().filter(client).count(),
+        conns,
+        "connecting sockets kept"
+    );
+    let other = only.iter().find(|l| !client(l) || l["comm"] != "load-0");
+    assert!(other.is_none(), "a life not the load's: {other:?}");
+    drop(origin);
     assert!(our_bpf_programs().is_empty(), "programs left attached");
 }
 

@@ -16,7 +16,7 @@ use aya::{
     maps::{MapData, PerCpuArray, RingBuf},
     programs::{FEntry, KProbe, PerfEvent, RawTracePoint, TracePoint},
 };
-use hvprof_common::{COMM_LEN, MAX_PROBES, task_filter};
+use hvprof_common::{COMM_LEN, ListenKey, MAX_PROBES, SockOwner, task_filter};
 
 use crate::{
     batch,
@@ -286,7 +286,9 @@ pub struct LoadOptions<'a> {
 /// `--pid` / `--comm` / `--cgroup`: the tasks whose CPU samples, function-entry and
 /// socket events are kept, decided in the kernel by the current task
 /// (so packet events handled in softirq on another task's time stay
-/// with the device filter). Empty: every task.
+/// with the device filter) — for a socket, once, by its owner: the task
+/// that connects or listens, for an accepted socket its listener's
+/// owner. Empty: every task.
 #[derive(Debug, Clone, Default)]
 pub struct TaskFilter {
     /// Thread-group ids (the pids `ps` shows).
@@ -341,6 +343,45 @@ impl TaskFilter {
         Ok(())
     }
 
+    /// The owner of the sockets that process `pid` listens on: the
+    /// thread the filter's names picked (else the process itself), and
+    /// whether the filter keeps it.
+    fn owner(&self, pid: u32) -> SockOwner {
+        let comm_of = |path: String| {
+            let name = std::fs::read_to_string(path).unwrap_or_default();
+            let name = name.trim_end_matches('\n').as_bytes();
+            let mut comm = [0u8; COMM_LEN];
+            let n = name.len().min(COMM_LEN - 1);
+            comm[..n].copy_from_slice(&name[..n]);
+            comm
+        };
+        let mut owner = SockOwner {
+            pid,
+            tid: pid,
+            comm: comm_of(format!("/proc/{pid}/comm")),
+            wanted: u32::from(self.bits() == 0 || self.pids.contains(&pid)),
+            _pad: 0,
+        };
+        if owner.wanted == 0 && !self.comms.is_empty() {
+            let threads = std::fs::read_dir(format!("/proc/{pid}/task"));
+            for tid in threads.into_iter().flatten().flatten() {
+                let Some(tid) = tid.file_name().to_str().and_then(|t| t.parse().ok()) else {
+                    continue;
+                };
+                let comm = comm_of(format!("/proc/{pid}/task/{tid}/comm"));
+                let name = comm.split(|b| *b == 0).next().unwrap_or_default();
+                if self.comms.iter().any(|c| c.as_bytes() == name) {
+                    (owner.tid, owner.comm, owner.wanted) = (tid, comm, 1);
+                    break;
+                }
+            }
+        }
+        if owner.wanted == 0 && !self.cgroups.is_empty() {
+            owner.wanted = u32::from(cgroup_id(pid).is_some_and(|id| self.cgroups.contains(&id)));
+        }
+        owner
+    }
+
     fn install(&self, ebpf: &mut Ebpf) -> Result<()> {
         let map = |name: &str| anyhow!("map {name} missing from the object");
         let mut pids: aya::maps::HashMap<_, u32, u8> =
@@ -363,6 +404,45 @@ impl TaskFilter {
         }
         Ok(())
     }
+}
+
+/// The cgroup v2 id of process `pid` (its directory's inode number), from
+/// `/proc/PID/cgroup` and where cgroup2 is mounted.
+fn cgroup_id(pid: u32) -> Option<u64> {
+    use std::os::unix::fs::MetadataExt as _;
+    let cgroups = std::fs::read_to_string(format!("/proc/{pid}/cgroup")).ok()?;
+    let path = cgroups.lines().find_map(|l| l.strip_prefix("0::"))?;
+    let mounts = std::fs::read_to_string("/proc/self/mountinfo").ok()?;
+    // `ID PARENT MAJ:MIN ROOT MOUNT_POINT OPTIONS... - FSTYPE SOURCE ...`
+    let root = mounts.lines().find_map(|l| {
+        let (fields, fs) = l.split_once(" - ")?;
+        fs.starts_with("cgroup2 ")
+            .then(|| fields.split(' ').nth(4))
+            .flatten()
+    })?;
+    let dir = std::path::Path::new(root).join(path.trim_start_matches('/'));
+    std::fs::metadata(dir).ok().map(|m| m.ino())
+}
+
+/// Notes the owners of the TCP sockets listening now (whose accepted
+/// sockets are theirs), for the listeners the kernel didn't see start.
+/// Beyond the map's room, accepted sockets fall back to the task their
+/// handshake ran on.
+fn install_listeners(ebpf: &mut Ebpf, tasks: &TaskFilter) -> Result<()> {
+    let name = tcp::LISTENERS_MAP;
+    let mut map: aya::maps::HashMap<_, ListenKey, SockOwner> = aya::maps::HashMap::try_from(
+        ebpf.map_mut(name)
+            .ok_or_else(|| anyhow!("map {name} missing from the object"))?,
+    )?;
+    let mut owners = std::collections::HashMap::new();
+    for (key, pid) in tcp::listeners() {
+        let owner = *owners.entry(pid).or_insert_with(|| tasks.owner(pid));
+        if let Err(e) = map.insert(key, owner, 0) {
+            log::debug!("listener owners: {e}; the rest are left out");
+            break;
+        }
+    }
+    Ok(())
 }
 
 const PIDS_MAP: &str = "HVP_PIDS";
@@ -408,6 +488,7 @@ pub fn load(opts: &LoadOptions) -> Result<Ebpf> {
     opts.tasks
         .install(&mut ebpf)
         .context("filling the task filter")?;
+    install_listeners(&mut ebpf, opts.tasks).context("noting the listening sockets' owners")?;
     Ok(ebpf)
 }
 

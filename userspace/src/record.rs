@@ -83,6 +83,8 @@ pub struct RecordArgs {
     pub cgroup: Vec<PathBuf>,
     /// Keep only this process's CPU samples, function-entry and socket
     /// events (decided in the kernel; packets keep to --dev); repeatable.
+    /// A socket is its owner's: the task that connects or listens, and for
+    /// an accepted socket its listener's owner.
     #[arg(long, value_name = "PID")]
     pub pid: Vec<u32>,
     /// Keep only the events of threads with this name (`comm`, as `ps -L

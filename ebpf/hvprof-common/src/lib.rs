@@ -272,9 +272,11 @@ pub mod sock_life {
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct SockLifeEvent {
-    /// `ts_ns`: the last state change; `pid`/`tid`/`comm`: the first task
-    /// (with a pid) seen changing the socket's state — the connecting task
-    /// for a client socket.
+    /// `ts_ns`: the last state change; `pid`/`tid`/`comm`: the socket's
+    /// owner — the task that connected or listened, for an accepted
+    /// socket its listener's owner ([`SockOwner`]) — or, where that isn't
+    /// known (a life that began before the recording, a listener not
+    /// found), the first task with a pid seen changing its state.
     pub header: EventHeader,
     /// Kernel address of the `struct sock`: identifies one endpoint for its
     /// lifetime.
@@ -328,7 +330,7 @@ pub struct SockSlot {
     pub step_old: [u8; SOCK_STEPS],
     pub step_new: [u8; SOCK_STEPS],
     pub step_ns: [u64; SOCK_STEPS],
-    /// The first task with a pid seen changing the socket's state.
+    /// The socket's owner (see [`SockLifeEvent::header`]).
     pub pid: u32,
     pub tid: u32,
     pub comm: [u8; COMM_LEN],
@@ -340,6 +342,10 @@ pub struct SockSlot {
 impl SockSlot {
     /// `flags` bit: `pid`, `tid` and `comm` are set (kept in the kernel).
     pub const TASK_SEEN: u8 = 0x80;
+    /// `flags` bit: a socket the task filter left out when its life began,
+    /// held so that its later changes are left out too (they often run on
+    /// another task's time: the peer's, over loopback). Never sent.
+    pub const IGNORED: u8 = 0x40;
 
     /// Writes this life into `life` as the event log stores it, but for
     /// the header's time and CPU and the byte counts, which the caller
@@ -367,6 +373,36 @@ impl SockSlot {
             copy_words(&mut life.step_new, &self.step_new);
         }
     }
+}
+
+/// A listening TCP socket's local end, the key of its [`SockOwner`]: a
+/// socket it accepts starts as a copy of it, so the accepted socket's
+/// first state change (LISTEN to SYN_RECV) finds its owner by the same
+/// key.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct ListenKey {
+    /// AF_INET (2) or AF_INET6 (10).
+    pub family: u16,
+    /// Local port, host byte order.
+    pub port: u16,
+    pub _pad: u32,
+    /// Local address as bound (zeros: any): IPv4 in the first 4 bytes.
+    pub addr: [u8; 16],
+}
+
+/// The process that listens on a [`ListenKey`], and so owns the sockets
+/// it accepts: the handshake that makes one runs on whatever task its
+/// packet came in on (the client, over loopback), not on the owner.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct SockOwner {
+    pub pid: u32,
+    pub tid: u32,
+    pub comm: [u8; COMM_LEN],
+    /// Non-zero: the task filter keeps its sockets (always, without one).
+    pub wanted: u32,
+    pub _pad: u32,
 }
 
 /// Copies `*src` to `*dst` 8 bytes at a time. For the eBPF programs: the
@@ -505,6 +541,8 @@ mod pod {
     unsafe impl aya::Pod for super::SockLifeEvent {}
     unsafe impl<T: aya::Pod, const N: usize> aya::Pod for super::Batch<T, N> {}
     unsafe impl aya::Pod for super::SockSlot {}
+    unsafe impl aya::Pod for super::ListenKey {}
+    unsafe impl aya::Pod for super::SockOwner {}
     unsafe impl aya::Pod for super::SockOffsets {}
     unsafe impl aya::Pod for super::ThreadStats {}
     unsafe impl aya::Pod for super::CpuIdle {}
@@ -694,6 +732,11 @@ mod tests {
         assert_eq!(core::mem::align_of::<SockSlot>(), 8);
         assert_eq!(core::mem::offset_of!(SockSlot, step_ns), 32);
         assert_eq!(core::mem::offset_of!(SockSlot, pid), 96);
+        // Hash keys without holes; the owner's comm, copied by words into
+        // a slot, at a multiple of 8.
+        assert_eq!(core::mem::size_of::<ListenKey>(), 24);
+        assert_eq!(core::mem::size_of::<SockOwner>(), 32);
+        assert_eq!(core::mem::offset_of!(SockOwner, comm), 8);
         assert_eq!(
             core::mem::size_of::<SampleEvent>(),
             40 + 8 + 2 * 8 * MAX_FRAMES

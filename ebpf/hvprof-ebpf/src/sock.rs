@@ -11,6 +11,11 @@
 //! raw tracepoint (arguments in registers, `struct sock` offsets from BTF)
 //! and, where that can't be used, the classic tracepoint (its record's
 //! offsets from tracefs). Nothing is compiled in for one kernel.
+//!
+//! A life's task is its owner's: the task that connects or listens, and
+//! for an accepted socket the listener's owner (`HVP_LISTENERS`), since
+//! the handshake that makes it runs on whatever task its packet came in
+//! on. The task filter decides once, when a life begins.
 
 use aya_ebpf::{
     Global,
@@ -22,12 +27,12 @@ use aya_ebpf::{
     programs::{RawTracePointContext, TracePointContext},
 };
 use hvprof_common::{
-    KernelOffsets, SOCK_STEPS, SockLifeEvent, SockLivesEvent, SockOffsets, SockSlot,
-    SockStateTpOffsets, probe, sock_life,
+    KernelOffsets, ListenKey, SOCK_STEPS, SockLifeEvent, SockLivesEvent, SockOffsets, SockOwner,
+    SockSlot, SockStateTpOffsets, copy_words, probe, sock_life,
 };
 
 use crate::filter::task_wanted;
-use crate::maps::{count_lost, current_comm_into};
+use crate::maps::{count_lost, current_comm_into, write_current_comm};
 
 #[unsafe(no_mangle)]
 static HVP_SOCK_STATE_TP: Global<SockStateTpOffsets> = Global::new(SockStateTpOffsets {
@@ -82,6 +87,12 @@ static HVP_SOCK_SLOT_COUNT: Global<u32> = Global::new(4096);
 #[map(name = "HVP_SOCKS")]
 static SOCKS: HashMap<u64, SockSlot> = HashMap::with_max_entries(61440, 0);
 
+/// The owners of listening sockets, by local end: noted here when a
+/// socket starts listening, and filled by user space with the listeners
+/// open when the recording starts.
+#[map(name = "HVP_LISTENERS")]
+static LISTENERS: HashMap<ListenKey, SockOwner> = HashMap::with_max_entries(4096, 0);
+
 /// Closed lives waiting to cross together, per CPU.
 #[map(name = "HVP_SOCK_BATCH")]
 static BATCH: PerCpuArray<SockLivesEvent> = PerCpuArray::with_max_entries(1, 0);
@@ -115,6 +126,9 @@ trait Source {
     fn is_tcp(&self) -> bool;
     /// Family, ports and addresses.
     fn endpoints(&self, life: &mut SockSlot);
+    /// The local end: a listener's, or an accepted socket's while it is
+    /// still a copy of its listener (at LISTEN to SYN_RECV).
+    fn local(&self) -> ListenKey;
 }
 
 #[raw_tracepoint(tracepoint = "inet_sock_set_state")]
@@ -148,28 +162,38 @@ fn on_change(sk: u64, old: u8, new: u8, src: &impl Source) {
     {
         return;
     }
+    if new == TCP_LISTEN || (old == TCP_LISTEN && new == TCP_CLOSE) {
+        listener(src, new == TCP_LISTEN);
+    }
     // A life starts from TCP_CLOSE (connect, listen) or, for a connection
     // a listener accepts, from LISTEN to SYN_RECV (the child is a copy of
     // the listener): no entry to look for, since every life's entry goes
     // at TCP_CLOSE. Any other change of a socket not followed yet is one
     // whose life began before the recording.
-    let fresh = old == TCP_CLOSE || (old == TCP_LISTEN && new == TCP_SYN_RECV);
+    let accepted = old == TCP_LISTEN && new == TCP_SYN_RECV;
+    let fresh = old == TCP_CLOSE || accepted;
     let slot = slot_of(sk);
     let found = if fresh { None } else { find(sk, slot) };
     let ptr = match found {
         Some(p) => p,
-        None => match begin(sk, slot, src) {
+        None => match begin(sk, slot, src, fresh, accepted) {
             Some(p) => p,
             None => return,
         },
     };
+    // SAFETY: a map value; a socket's state changes are serialised by the
+    // socket's lock, so no other CPU writes this entry meanwhile.
+    let life = unsafe { &mut *ptr };
+    if life.flags & SockSlot::IGNORED != 0 {
+        if new == TCP_CLOSE {
+            free(sk, slot, ptr);
+        }
+        return;
+    }
     // Read once the socket is known to be followed (not for sockets the
     // task filter leaves out).
     // SAFETY: plain helper call.
     let now = unsafe { bpf_ktime_get_ns() };
-    // SAFETY: a map value; a socket's state changes are serialised by the
-    // socket's lock, so no other CPU writes this entry meanwhile.
-    let life = unsafe { &mut *ptr };
     let mut i = life.steps as usize;
     if i < SOCK_STEPS {
         life.steps += 1;
@@ -203,14 +227,56 @@ fn on_change(sk: u64, old: u8, new: u8, src: &impl Source) {
     if new == TCP_CLOSE {
         life.flags |= sock_life::CLOSED;
         send(life, sk, now);
-        if slot == Some(ptr) {
-            // Freed once the life is out (the helper call comes first).
-            // SAFETY: this socket's slot, an aligned u64 (stored whole).
-            unsafe { core::ptr::write_volatile(&raw mut (*ptr).skaddr, 0) };
-        } else {
-            let _ = SOCKS.remove(sk);
-        }
+        free(sk, slot, ptr);
     }
+}
+
+/// Frees `sk`'s entry `ptr` (its life is out, or was never followed).
+#[inline(always)]
+fn free(sk: u64, slot: Option<*mut SockSlot>, ptr: *mut SockSlot) {
+    if slot == Some(ptr) {
+        // After the life's last read (the helper calls come first).
+        // SAFETY: this socket's slot, an aligned u64 (stored whole).
+        unsafe { core::ptr::write_volatile(&raw mut (*ptr).skaddr, 0) };
+    } else {
+        let _ = SOCKS.remove(sk);
+    }
+}
+
+/// A socket starts listening (`on`, in the `listen` call: the current
+/// task owns it) or stops: notes or forgets its owner.
+#[inline(always)]
+fn listener(src: &impl Source, on: bool) {
+    if !src.is_tcp() {
+        return;
+    }
+    let key = src.local();
+    if key.port == 0 {
+        return;
+    }
+    let pid_tgid = bpf_get_current_pid_tgid();
+    let pid = (pid_tgid >> 32) as u32;
+    if !on {
+        // Only its owner's closing forgets it (another process may have
+        // taken the port over since).
+        // SAFETY: read-only lookup.
+        if unsafe { LISTENERS.get(&key) }.is_some_and(|o| o.pid == pid) {
+            let _ = LISTENERS.remove(&key);
+        }
+        return;
+    }
+    let mut owner = core::mem::MaybeUninit::<SockOwner>::uninit();
+    let p = owner.as_mut_ptr();
+    // SAFETY: every field written before the value is read.
+    let owner = unsafe {
+        (*p).pid = pid;
+        (*p).tid = pid_tgid as u32;
+        write_current_comm(&raw mut (*p).comm);
+        (*p).wanted = u32::from(task_wanted());
+        (*p)._pad = 0;
+        owner.assume_init()
+    };
+    let _ = LISTENERS.insert(&key, &owner, 0);
 }
 
 /// Sends the closed life of `sk`: through this CPU's batch, or alone.
@@ -280,11 +346,31 @@ fn claim(sk: u64, slot: *mut SockSlot) -> bool {
     owner == 0 || owner == sk
 }
 
-/// A new entry for `sk`, if it is a TCP socket of a wanted task: its
-/// slot, or an entry of the hash map if another socket holds the slot.
+/// A new entry for TCP socket `sk`: its slot, or an entry of the hash
+/// map if another socket holds the slot. For a wanted socket (its owner's
+/// task passes the filter), a life to follow; for one the filter leaves
+/// out at the start of its life (`fresh`), an entry marked
+/// [`SockSlot::IGNORED`]; else none. An `accepted` socket's owner is its
+/// listener's, when known.
 #[inline(always)]
-fn begin(sk: u64, slot: Option<*mut SockSlot>, src: &impl Source) -> Option<*mut SockSlot> {
-    if !src.is_tcp() || !task_wanted() {
+fn begin(
+    sk: u64,
+    slot: Option<*mut SockSlot>,
+    src: &impl Source,
+    fresh: bool,
+    accepted: bool,
+) -> Option<*mut SockSlot> {
+    if !src.is_tcp() {
+        return None;
+    }
+    let owner = if accepted {
+        // SAFETY: read-only lookup.
+        unsafe { LISTENERS.get(&src.local()) }
+    } else {
+        None
+    };
+    let wanted = owner.map_or_else(task_wanted, |o| o.wanted != 0);
+    if !wanted && !(fresh && crate::filter::active()) {
         return None;
     }
     let p = match slot {
@@ -293,8 +379,10 @@ fn begin(sk: u64, slot: Option<*mut SockSlot>, src: &impl Source) -> Option<*mut
             let zero = ZERO.get(0)?;
             let _ = SOCKS.insert(sk, zero, u64::from(BPF_NOEXIST));
             let Some(p) = SOCKS.get_ptr_mut(sk) else {
-                // The map is full.
-                count_lost(probe::SOCK_STATE);
+                // The map is full (a loss only for a life to follow).
+                if wanted {
+                    count_lost(probe::SOCK_STATE);
+                }
                 return None;
             };
             p
@@ -306,8 +394,14 @@ fn begin(sk: u64, slot: Option<*mut SockSlot>, src: &impl Source) -> Option<*mut
     unsafe {
         (*p).skaddr = sk;
         (*p).steps = 0;
-        (*p).flags = 0;
+        (*p).flags = if wanted { 0 } else { SockSlot::IGNORED };
         (*p).family = 0;
+        if let Some(o) = owner.filter(|_| wanted) {
+            (*p).pid = o.pid;
+            (*p).tid = o.tid;
+            copy_words(&raw mut (*p).comm, &raw const o.comm);
+            (*p).flags |= SockSlot::TASK_SEEN;
+        }
     }
     Some(p)
 }
@@ -346,6 +440,37 @@ impl Sock {
     }
 }
 
+impl Sock {
+    /// The head of `sock_common` in one read: IPv4 addresses, ports and
+    /// family lie within its first 24 bytes (user space checks this
+    /// kernel's offsets before choosing this program).
+    #[inline(always)]
+    fn head(&self) -> [u8; COMMON_HEAD] {
+        // Read as words: the default of a byte array would be zeroed one
+        // byte at a time in a loop on this target.
+        let words: [u64; COMMON_HEAD / 8] = self.read(0);
+        // SAFETY: same size, any bit pattern is valid.
+        unsafe { core::mem::transmute(words) }
+    }
+}
+
+/// An IPv4 address in the first 4 bytes of 16, made of words (a byte
+/// array would be zeroed a byte at a time on this target).
+#[inline(always)]
+fn v4_in_16(a: [u8; 4]) -> [u8; 16] {
+    let words = [u64::from_ne_bytes([a[0], a[1], a[2], a[3], 0, 0, 0, 0]), 0];
+    // SAFETY: same size, any bit pattern is valid.
+    unsafe { core::mem::transmute(words) }
+}
+
+/// Byte `o` of a `sock_common` head and the next, as one `u16` (`o`
+/// wrapped into the head: the verifier sees the bound).
+#[inline(always)]
+fn u16_at(head: &[u8; COMMON_HEAD], o: u32) -> u16 {
+    let at = o as usize % COMMON_HEAD;
+    u16::from_ne_bytes([head[at], head[(at + 1) % COMMON_HEAD]])
+}
+
 impl Source for Sock {
     #[inline(always)]
     fn is_tcp(&self) -> bool {
@@ -354,18 +479,30 @@ impl Source for Sock {
     }
 
     #[inline(always)]
+    fn local(&self) -> ListenKey {
+        let off = HVP_SOCK_OFFSETS.load();
+        let head = self.head();
+        let family = u16_at(&head, off.family);
+        let addr = if family == AF_INET6 {
+            self.read(off.v6_rcv_saddr)
+        } else {
+            let b = |i: usize| head[(off.rcv_saddr as usize % COMMON_HEAD + i) % COMMON_HEAD];
+            v4_in_16([b(0), b(1), b(2), b(3)])
+        };
+        ListenKey {
+            family,
+            port: u16_at(&head, off.num),
+            _pad: 0,
+            addr,
+        }
+    }
+
+    #[inline(always)]
     fn endpoints(&self, life: &mut SockSlot) {
         let off = HVP_SOCK_OFFSETS.load();
-        // The head of `sock_common` in one read: IPv4 addresses, remote
-        // port and family lie within its first 24 bytes (user space checks
-        // this kernel's offsets before choosing this program).
-        // Read as words: the default of a byte array would be zeroed one
-        // byte at a time in a loop on this target.
-        let words: [u64; COMMON_HEAD / 8] = self.read(0);
-        // SAFETY: same size, any bit pattern is valid.
-        let head: [u8; COMMON_HEAD] = unsafe { core::mem::transmute(words) };
+        let head = self.head();
         let at = |o: u32| o as usize % COMMON_HEAD;
-        let u16_at = |o: u32| u16::from_ne_bytes([head[at(o)], head[(at(o) + 1) % COMMON_HEAD]]);
+        let u16_at = |o: u32| u16_at(&head, o);
         life.family = u16_at(off.family);
         life.dport = u16::from_be(u16_at(off.dport));
         // The local port in host order, unless the socket let go of it
@@ -401,6 +538,23 @@ impl Source for Record<'_> {
     #[inline(always)]
     fn is_tcp(&self) -> bool {
         self.get::<u16>(self.1.protocol) == IPPROTO_TCP
+    }
+
+    #[inline(always)]
+    fn local(&self) -> ListenKey {
+        let off = &self.1;
+        let family: u16 = self.get(off.family);
+        let addr = if family == AF_INET6 {
+            self.get(off.saddr_v6)
+        } else {
+            v4_in_16(self.get::<u32>(off.saddr).to_ne_bytes())
+        };
+        ListenKey {
+            family,
+            port: self.get(off.sport),
+            _pad: 0,
+            addr,
+        }
     }
 
     #[inline(always)]

@@ -1,15 +1,17 @@
 //! TCP/IP stack (socket layer): connection lifecycle from
 //! `sock:inet_sock_set_state` — its catalog row, the offsets its programs
 //! need from this kernel, the programs that send its batched lives, the
-//! open and unsent lives read back at the end, and its event decoder (one
-//! event per socket life, aggregated in the kernel).
+//! open and unsent lives read back at the end, the listening sockets open
+//! when a recording starts (whose owners own the sockets they accept),
+//! and its event decoder (one event per socket life, aggregated in the
+//! kernel).
 
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 
 use anyhow::{Context as _, Result};
 use hvprof_common::{
-    KernelOffsets, SOCK_COMMON_HEAD, SockLifeEvent, SockOffsets, SockSlot, SockStateTpOffsets,
-    probe, sock_life,
+    KernelOffsets, ListenKey, SOCK_COMMON_HEAD, SockLifeEvent, SockOffsets, SockSlot,
+    SockStateTpOffsets, probe, sock_life,
 };
 use serde::Serialize;
 
@@ -117,6 +119,8 @@ pub const SLOT_COUNT_GLOBAL: &str = "HVP_SOCK_SLOT_COUNT";
 pub const SOCKS_MAP: &str = "HVP_SOCKS";
 /// Closed lives waiting to cross together, per CPU.
 const BATCH_MAP: &str = "HVP_SOCK_BATCH";
+/// The owners of listening sockets, by local end.
+pub const LISTENERS_MAP: &str = "HVP_LISTENERS";
 /// Non-zero: follow every state change (`record --all-tcp-states`).
 pub const ALL_STATES_GLOBAL: &str = "HVP_SOCK_ALL_STATES";
 /// Sockets followed at once at most by default (`record --max-sockets`):
@@ -301,6 +305,94 @@ pub fn sock_offsets(btf: Option<&btf_rs::Btf>) -> (SockOffsets, Option<String>) 
     })
 }
 
+/// The listening TCP sockets open now, with the pid of a process that
+/// holds each: every network namespace's `/proc/PID/net/tcp` and `tcp6`
+/// (read once per namespace), matched by inode to the processes' open
+/// files. Unreadable entries (processes that exit meanwhile) are passed
+/// over.
+pub fn listeners() -> Vec<(ListenKey, u32)> {
+    use std::collections::{HashMap, HashSet};
+    let pids: Vec<u32> = std::fs::read_dir("/proc")
+        .into_iter()
+        .flatten()
+        .flatten()
+        .filter_map(|e| e.file_name().to_str()?.parse().ok())
+        .collect();
+    let mut namespaces = HashSet::new();
+    let mut by_inode: HashMap<u64, ListenKey> = HashMap::new();
+    for pid in &pids {
+        let Ok(ns) = std::fs::read_link(format!("/proc/{pid}/ns/net")) else {
+            continue;
+        };
+        if !namespaces.insert(ns) {
+            continue;
+        }
+        for (file, family) in [("tcp", AF_INET), ("tcp6", AF_INET6)] {
+            if let Ok(text) = std::fs::read_to_string(format!("/proc/{pid}/net/{file}")) {
+                by_inode.extend(parse_listeners(&text, family));
+            }
+        }
+    }
+    let mut out = Vec::new();
+    for pid in pids {
+        let Ok(fds) = std::fs::read_dir(format!("/proc/{pid}/fd")) else {
+            continue;
+        };
+        for fd in fds.flatten() {
+            let Ok(target) = std::fs::read_link(fd.path()) else {
+                continue;
+            };
+            let inode = target
+                .to_str()
+                .and_then(|t| t.strip_prefix("socket:["))
+                .and_then(|t| t.strip_suffix(']'))
+                .and_then(|t| t.parse::<u64>().ok());
+            if let Some(key) = inode.and_then(|i| by_inode.remove(&i)) {
+                out.push((key, pid));
+            }
+        }
+    }
+    out
+}
+
+const AF_INET: u16 = 2;
+const AF_INET6: u16 = 10;
+/// `/proc/net/tcp`'s state column for LISTEN.
+const LISTEN_STATE: &str = "0A";
+
+/// The LISTEN rows of a `/proc/net/tcp` (or `tcp6`, `family`) text: each
+/// socket's inode and local end. The address is printed as 32-bit words
+/// in this machine's byte order, the port in hex.
+fn parse_listeners(text: &str, family: u16) -> Vec<(u64, ListenKey)> {
+    text.lines()
+        .skip(1)
+        .filter_map(|line| {
+            let f: Vec<&str> = line.split_whitespace().collect();
+            if f.get(3) != Some(&LISTEN_STATE) {
+                return None;
+            }
+            let (addr_hex, port_hex) = f.get(1)?.split_once(':')?;
+            let inode = f.get(9)?.parse().ok()?;
+            let words = addr_hex.len() / 8;
+            if addr_hex.len() % 8 != 0 || !matches!(words, 1 | 4) {
+                return None;
+            }
+            let mut addr = [0u8; 16];
+            for (i, chunk) in addr.chunks_mut(4).take(words).enumerate() {
+                let w = u32::from_str_radix(addr_hex.get(i * 8..i * 8 + 8)?, 16).ok()?;
+                chunk.copy_from_slice(&w.to_ne_bytes());
+            }
+            let key = ListenKey {
+                family,
+                port: u16::from_str_radix(port_hex, 16).ok()?,
+                _pad: 0,
+                addr,
+            };
+            Some((inode, key))
+        })
+        .collect()
+}
+
 /// Closed lives still waiting in the CPUs' batches when the programs were
 /// detached.
 pub fn unsent_lives(ebpf: &aya::Ebpf) -> Result<Vec<Vec<u8>>> {
@@ -343,6 +435,38 @@ pub fn open_lives(ebpf: &aya::Ebpf) -> Result<Vec<Vec<u8>>> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    // The rows are written as this machine's words: these are a
+    // little-endian one's.
+    #[cfg(target_endian = "little")]
+    #[test]
+    fn listeners_parse_from_proc_net_tcp() {
+        let v4 = "  sl  local_address rem_address   st tx_queue rx_queue tr tm->when retrnsmt   uid  timeout inode
+   0: 0100007F:1F90 00000000:0000 0A 00000000:00000000 00:00000000 00000000     0        0 4242 1 0000000000000000 100 0 0 10 0
+   1: 0100007F:A2C4 0100007F:1F90 01 00000000:00000000 00:00000000 00000000     0        0 4243 1 0000000000000000 20 4 30 10 -1
+   2: 00000000:0016 00000000:0000 0A 00000000:00000000 00:00000000 00000000     0        0 17 1 0000000000000000 100 0 0 10 0
+";
+        let got = parse_listeners(v4, AF_INET);
+        assert_eq!(got.len(), 2, "{got:?}");
+        let (inode, key) = got[0];
+        assert_eq!(inode, 4242);
+        assert_eq!((key.family, key.port), (AF_INET, 8080));
+        assert_eq!(key.addr[..4], [127, 0, 0, 1]);
+        assert!(key.addr[4..].iter().all(|b| *b == 0));
+        assert_eq!((got[1].0, got[1].1.port, got[1].1.addr), (17, 22, [0; 16]));
+        // ::1 port 80; a row cut short is passed over.
+        let v6 = "  sl  local_address remote_address st tx_queue rx_queue tr tm->when retrnsmt   uid  timeout inode
+   0: 00000000000000000000000001000000:0050 00000000000000000000000000000000:0000 0A 00000000:00000000 00:00000000 00000000     0        0 99 1 0000000000000000 100 0 0 10 0
+   1: 0000000000000000000000000100000
+";
+        let got = parse_listeners(v6, AF_INET6);
+        assert_eq!(got.len(), 1, "{got:?}");
+        assert_eq!((got[0].0, got[0].1.port), (99, 80));
+        assert_eq!(
+            std::net::Ipv6Addr::from(got[0].1.addr),
+            std::net::Ipv6Addr::LOCALHOST
+        );
+    }
 
     #[test]
     fn slots_and_hash_entries_add_up_to_max_sockets() {
