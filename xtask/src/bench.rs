@@ -469,6 +469,12 @@ pub struct OverheadArgs {
     /// probe available here. For the cost of one probe alone.
     #[arg(short, long = "probe", value_name = "NAME")]
     pub probes: Vec<String>,
+    /// Record only the threads with this name (`hvprof record --comm`,
+    /// e.g. `haproxy`); repeatable. For the cost of profiling one program
+    /// on a busy machine: the others' sockets and samples are left out in
+    /// the kernel.
+    #[arg(long, value_name = "NAME")]
+    pub comm: Vec<String>,
 }
 
 /// Probe overhead, A/B: the 0-byte close-mode benchmark through HAProxy
@@ -525,6 +531,9 @@ pub fn bench_overhead(o: &OverheadArgs) -> Result<()> {
         }
         for p in &o.probes {
             extra.extend(["--probe", p]);
+        }
+        for c in &o.comm {
+            extra.extend(["--comm", c]);
         }
         let mut child = recorded_load(&bin, &extra, &dir, &load, &json)
             .spawn()
@@ -593,11 +602,14 @@ pub fn bench_overhead(o: &OverheadArgs) -> Result<()> {
     // time per run alone.
     let stats_cps = b_run("stats".into(), true)?.rate;
     stand.stop();
-    let with = if o.probes.is_empty() {
+    let mut with = if o.probes.is_empty() {
         "with every probe".to_string()
     } else {
         format!("with {}", o.probes.join(", "))
     };
+    if !o.comm.is_empty() {
+        with += &format!(" (--comm {})", o.comm.join(", "));
+    }
     let rate = paired(&plain, &probed);
     let calm = calm_rounds(&plain, &probed, &round_steal);
     let (pa, pb) = (median(&mut plain), median(&mut probed));
