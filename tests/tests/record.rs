@@ -350,6 +350,78 @@ fn accepted_sockets_are_their_listeners_and_filters_keep_whole_lives() {
     assert!(our_bpf_programs().is_empty(), "programs left attached");
 }
 
+#[test]
+fn the_same_listening_address_in_two_namespaces_keeps_two_owners() {
+    require_bpf!("record_listeners_per_namespace");
+    let ns = match Netns::try_new("owners") {
+        Ok(ns) => ns,
+        Err(why) => return skip("record_listeners_per_namespace", &why),
+    };
+    let _g = bpf_lock();
+    let tmp = tempfile::tempdir().expect("tempdir");
+    // One origin on the host's loopback, another on the same address and
+    // port in the namespace: both listening before the recording starts.
+    let host = OriginProc::start(1);
+    let addr = host.addr.to_string();
+    let mut inside = Command::new("ip")
+        .args(["netns", "exec", &ns.0])
+        .arg(hvprof_bin())
+        .args(["origin", "--listen", &addr, "--threads", "1"])
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("ip netns exec runs");
+    let mut line = String::new();
+    let stderr = inside.stderr.take().expect("piped stderr");
+    std::io::BufRead::read_line(&mut std::io::BufReader::new(stderr), &mut line)
+        .expect("the namespace's origin prints its address");
+    let inside = Owned(inside);
+    assert!(line.contains(&addr), "namespace origin: {line}");
+    let out = Command::new("ip")
+        .args(["netns", "pids", &ns.0])
+        .output()
+        .expect("ip netns pids");
+    let inside_pids: Vec<u64> = String::from_utf8_lossy(&out.stdout)
+        .split_whitespace()
+        .filter_map(|p| p.parse().ok())
+        .collect();
+    let conns = 200;
+    let load = format!(
+        "{bin} load http://{addr}/?s=0 -q -t 1 -c 4 -n {conns}",
+        bin = hvprof_bin().display()
+    );
+    let run = tmp.path().join("run");
+    let out = Command::new(hvprof_bin())
+        .args(["record", "-q", "-p", "tcp", "-o"])
+        .arg(&run)
+        .args(["--", "sh", "-c"])
+        .arg(format!("{load} && ip netns exec {} {load}", ns.0))
+        .output()
+        .expect("hvprof runs");
+    assert_ok(&out, "hvprof record");
+    drop(inside);
+    let port = host.addr.port();
+    let mut owners: std::collections::BTreeMap<u64, usize> = Default::default();
+    for l in dump_events(&run).iter().filter(|e| {
+        e["kind"] == "sock_life" && e["sport"] == port && first_change(e) == "LISTEN>SYN_RECV"
+    }) {
+        *owners.entry(l["pid"].as_u64().unwrap_or(0)).or_default() += 1;
+    }
+    let host_pid = u64::from(host.pid());
+    assert_eq!(
+        owners.get(&host_pid),
+        Some(&conns),
+        "host origin's lives: {owners:?}"
+    );
+    let inside_lives: usize = inside_pids.iter().filter_map(|p| owners.get(p)).sum();
+    assert_eq!(
+        inside_lives, conns,
+        "namespace origin's lives (its pids {inside_pids:?}): {owners:?}"
+    );
+    assert!(our_bpf_programs().is_empty(), "programs left attached");
+}
+
 /// Lives of connections to `port`, from `dump --connections`.
 fn connections_to(run: &std::path::Path, port: &str) -> Vec<Value> {
     let out = hvprof(&["dump", "--connections", run.to_str().expect("utf8 path")]);

@@ -428,14 +428,14 @@ fn cgroup_id(pid: u32) -> Option<u64> {
 /// sockets are theirs), for the listeners the kernel didn't see start.
 /// Beyond the map's room, accepted sockets fall back to the task their
 /// handshake ran on.
-fn install_listeners(ebpf: &mut Ebpf, tasks: &TaskFilter) -> Result<()> {
+fn install_listeners(ebpf: &mut Ebpf, tasks: &TaskFilter, with_netns: bool) -> Result<()> {
     let name = tcp::LISTENERS_MAP;
     let mut map: aya::maps::HashMap<_, ListenKey, SockOwner> = aya::maps::HashMap::try_from(
         ebpf.map_mut(name)
             .ok_or_else(|| anyhow!("map {name} missing from the object"))?,
     )?;
     let mut owners = std::collections::HashMap::new();
-    for (key, pid) in tcp::listeners() {
+    for (key, pid) in tcp::listeners(with_netns) {
         let owner = *owners.entry(pid).or_insert_with(|| tasks.owner(pid));
         if let Err(e) = map.insert(key, owner, 0) {
             log::debug!("listener owners: {e}; the rest are left out");
@@ -488,7 +488,8 @@ pub fn load(opts: &LoadOptions) -> Result<Ebpf> {
     opts.tasks
         .install(&mut ebpf)
         .context("filling the task filter")?;
-    install_listeners(&mut ebpf, opts.tasks).context("noting the listening sockets' owners")?;
+    install_listeners(&mut ebpf, opts.tasks, sock_off.net_valid != 0)
+        .context("noting the listening sockets' owners")?;
     Ok(ebpf)
 }
 

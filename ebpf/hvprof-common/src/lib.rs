@@ -386,7 +386,10 @@ pub struct ListenKey {
     pub family: u16,
     /// Local port, host byte order.
     pub port: u16,
-    pub _pad: u32,
+    /// The network namespace (its inode number; 0 where the kernel's
+    /// offsets for it are unknown): the same address and port may listen
+    /// in several.
+    pub netns: u32,
     /// Local address as bound (zeros: any): IPv4 in the first 4 bytes.
     pub addr: [u8; 16],
 }
@@ -497,6 +500,15 @@ pub struct SockOffsets {
     /// `sock_common.skc_num`: the local port in host order, while the
     /// socket holds one.
     pub num: u32,
+    /// `sock_common.skc_net` (a `struct net *`) and, in `struct net`,
+    /// `ns.inum`: the socket's network namespace, as `/proc/PID/ns/net`
+    /// numbers it. Read for [`ListenKey::netns`] by both socket programs
+    /// when `net_valid` is non-zero (kernels without network namespaces
+    /// have no such fields).
+    pub net: u32,
+    pub net_inum: u32,
+    pub net_valid: u32,
+    pub _pad: u32,
 }
 
 /// Byte offsets inside the `sock:inet_sock_set_state` tracepoint record, read

@@ -61,6 +61,10 @@ static HVP_SOCK_OFFSETS: Global<SockOffsets> = Global::new(SockOffsets {
     protocol: 0,
     valid: 0,
     num: 0,
+    net: 0,
+    net_inum: 0,
+    net_valid: 0,
+    _pad: 0,
 });
 
 #[unsafe(no_mangle)]
@@ -126,8 +130,9 @@ trait Source {
     fn is_tcp(&self) -> bool;
     /// Family, ports and addresses.
     fn endpoints(&self, life: &mut SockSlot);
-    /// The local end: a listener's, or an accepted socket's while it is
-    /// still a copy of its listener (at LISTEN to SYN_RECV).
+    /// The local end (but its namespace, see [`listen_key`]): a
+    /// listener's, or an accepted socket's while it is still a copy of
+    /// its listener (at LISTEN to SYN_RECV).
     fn local(&self) -> ListenKey;
 }
 
@@ -163,7 +168,7 @@ fn on_change(sk: u64, old: u8, new: u8, src: &impl Source) {
         return;
     }
     if new == TCP_LISTEN || (old == TCP_LISTEN && new == TCP_CLOSE) {
-        listener(src, new == TCP_LISTEN);
+        listener(sk, src, new == TCP_LISTEN);
     }
     // A life starts from TCP_CLOSE (connect, listen) or, for a connection
     // a listener accepts, from LISTEN to SYN_RECV (the child is a copy of
@@ -246,11 +251,11 @@ fn free(sk: u64, slot: Option<*mut SockSlot>, ptr: *mut SockSlot) {
 /// A socket starts listening (`on`, in the `listen` call: the current
 /// task owns it) or stops: notes or forgets its owner.
 #[inline(always)]
-fn listener(src: &impl Source, on: bool) {
+fn listener(sk: u64, src: &impl Source, on: bool) {
     if !src.is_tcp() {
         return;
     }
-    let key = src.local();
+    let key = listen_key(sk, src);
     if key.port == 0 {
         return;
     }
@@ -346,6 +351,21 @@ fn claim(sk: u64, slot: *mut SockSlot) -> bool {
     owner == 0 || owner == sk
 }
 
+/// Socket `sk`'s local end with its network namespace, when this
+/// kernel's offsets for it are known (else namespace 0, as user space then
+/// fills in too).
+#[inline(always)]
+fn listen_key(sk: u64, src: &impl Source) -> ListenKey {
+    let mut key = src.local();
+    let off = HVP_SOCK_OFFSETS.load();
+    if off.net_valid != 0 {
+        let sock = Sock(sk);
+        let net: u64 = sock.read(off.net);
+        key.netns = Sock(net).read(off.net_inum);
+    }
+    key
+}
+
 /// A new entry for TCP socket `sk`: its slot, or an entry of the hash
 /// map if another socket holds the slot. For a wanted socket (its owner's
 /// task passes the filter), a life to follow; for one the filter leaves
@@ -365,7 +385,7 @@ fn begin(
     }
     let owner = if accepted {
         // SAFETY: read-only lookup.
-        unsafe { LISTENERS.get(&src.local()) }
+        unsafe { LISTENERS.get(&listen_key(sk, src)) }
     } else {
         None
     };
@@ -492,7 +512,7 @@ impl Source for Sock {
         ListenKey {
             family,
             port: u16_at(&head, off.num),
-            _pad: 0,
+            netns: 0,
             addr,
         }
     }
@@ -552,7 +572,7 @@ impl Source for Record<'_> {
         ListenKey {
             family,
             port: self.get(off.sport),
-            _pad: 0,
+            netns: 0,
             addr,
         }
     }

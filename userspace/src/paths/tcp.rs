@@ -288,6 +288,7 @@ pub fn sock_offsets(btf: Option<&btf_rs::Btf>) -> (SockOffsets, Option<String>) 
             protocol: btf::member_offset(btf, "sock", "sk_protocol")?,
             valid: 1,
             num: common("skc_num")?,
+            ..SockOffsets::default()
         };
         let head = [
             (o.daddr, 4),
@@ -301,6 +302,16 @@ pub fn sock_offsets(btf: Option<&btf_rs::Btf>) -> (SockOffsets, Option<String>) 
                 "sock_common's addresses, ports and family lie beyond its first {SOCK_COMMON_HEAD} bytes"
             );
         }
+        // The network namespace, where the kernel has them.
+        let net = (|| -> Result<(u32, u32)> {
+            let inum = btf::member_offset(btf, "net", "ns")?
+                + btf::member_offset(btf, "ns_common", "inum")?;
+            Ok((common("skc_net")?, inum))
+        })();
+        let mut o = o;
+        if let Ok((net, inum)) = net {
+            (o.net, o.net_inum, o.net_valid) = (net, inum, 1);
+        }
         Ok(o)
     })
 }
@@ -308,9 +319,10 @@ pub fn sock_offsets(btf: Option<&btf_rs::Btf>) -> (SockOffsets, Option<String>) 
 /// The listening TCP sockets open now, with the pid of a process that
 /// holds each: every network namespace's `/proc/PID/net/tcp` and `tcp6`
 /// (read once per namespace), matched by inode to the processes' open
-/// files. Unreadable entries (processes that exit meanwhile) are passed
-/// over.
-pub fn listeners() -> Vec<(ListenKey, u32)> {
+/// files. Their keys carry the namespace's inode number `with_netns`
+/// (when the programs read it too: [`SockOffsets::net_valid`]), else 0.
+/// Unreadable entries (processes that exit meanwhile) are passed over.
+pub fn listeners(with_netns: bool) -> Vec<(ListenKey, u32)> {
     use std::collections::{HashMap, HashSet};
     let pids: Vec<u32> = std::fs::read_dir("/proc")
         .into_iter()
@@ -324,12 +336,21 @@ pub fn listeners() -> Vec<(ListenKey, u32)> {
         let Ok(ns) = std::fs::read_link(format!("/proc/{pid}/ns/net")) else {
             continue;
         };
-        if !namespaces.insert(ns) {
+        if !namespaces.insert(ns.clone()) {
             continue;
         }
+        // `net:[4026531840]`
+        let netns = ns
+            .to_str()
+            .and_then(|l| l.strip_prefix("net:["))
+            .and_then(|l| l.strip_suffix(']'))
+            .and_then(|n| n.parse().ok())
+            .filter(|_| with_netns)
+            .unwrap_or(0);
         for (file, family) in [("tcp", AF_INET), ("tcp6", AF_INET6)] {
             if let Ok(text) = std::fs::read_to_string(format!("/proc/{pid}/net/{file}")) {
-                by_inode.extend(parse_listeners(&text, family));
+                let rows = parse_listeners(&text, family).into_iter();
+                by_inode.extend(rows.map(|(inode, key)| (inode, ListenKey { netns, ..key })));
             }
         }
     }
@@ -385,7 +406,7 @@ fn parse_listeners(text: &str, family: u16) -> Vec<(u64, ListenKey)> {
             let key = ListenKey {
                 family,
                 port: u16::from_str_radix(port_hex, 16).ok()?,
-                _pad: 0,
+                netns: 0,
                 addr,
             };
             Some((inode, key))
