@@ -351,6 +351,80 @@ fn accepted_sockets_are_their_listeners_and_filters_keep_whole_lives() {
 }
 
 #[test]
+fn a_listener_a_master_shares_with_its_worker_follows_the_filter_to_the_worker() {
+    require_bpf!("record_shared_listener");
+    let _g = bpf_lock();
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let (portfile, pidfile) = (tmp.path().join("port"), tmp.path().join("pid"));
+    let conns = 50;
+    // Listening before the recording starts: found in /proc, held by
+    // both the master (the lower pid) and the worker that accepts.
+    let _master = Owned(
+        Command::new(helper_bin("fork-server"))
+            .arg(conns.to_string())
+            .arg(&portfile)
+            .arg(&pidfile)
+            .spawn()
+            .expect("fork-server runs"),
+    );
+    let start = Instant::now();
+    while !portfile.exists() && start.elapsed() < Duration::from_secs(10) {
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let read = |p: &std::path::Path| -> u32 {
+        let text = std::fs::read_to_string(p).expect("fork-server wrote it");
+        text.trim().parse().expect("a number")
+    };
+    let (port, worker) = (read(&portfile), read(&pidfile));
+    /// The worker, killed by pid if the test ends before it does.
+    struct Worker(u32);
+    impl Drop for Worker {
+        fn drop(&mut self) {
+            // SAFETY: a plain signal to a process this test started.
+            unsafe { libc::kill(self.0 as i32, libc::SIGKILL) };
+        }
+    }
+    let _worker = Worker(worker);
+    let run = tmp.path().join("run");
+    let out = Command::new(hvprof_bin())
+        .args([
+            "record",
+            "-q",
+            "-p",
+            "tcp",
+            "--pid",
+            &worker.to_string(),
+            "-o",
+        ])
+        .arg(&run)
+        .arg("--")
+        .arg(hvprof_bin())
+        .args([
+            "load",
+            &format!("http://127.0.0.1:{port}/"),
+            "-q",
+            "-t",
+            "1",
+        ])
+        .args(["-c", "1", "-n", &conns.to_string()])
+        .output()
+        .expect("hvprof runs");
+    assert_ok(&out, "hvprof record");
+    let lives: Vec<Value> = dump_events(&run)
+        .into_iter()
+        .filter(|e| e["kind"] == "sock_life")
+        .collect();
+    let accepted = lives
+        .iter()
+        .filter(|l| l["sport"] == port && first_change(l) == "LISTEN>SYN_RECV")
+        .count();
+    assert_eq!(accepted, conns, "the worker's accepted sockets");
+    let other = lives.iter().find(|l| l["pid"] != worker);
+    assert!(other.is_none(), "a life not the worker's: {other:?}");
+    assert!(our_bpf_programs().is_empty(), "programs left attached");
+}
+
+#[test]
 fn the_same_listening_address_in_two_namespaces_keeps_two_owners() {
     require_bpf!("record_listeners_per_namespace");
     let ns = match Netns::try_new("owners") {
@@ -771,7 +845,7 @@ fn live_view_and_metrics_follow_a_running_system_and_quit_on_ctrl_c() {
         .stderr(std::process::Stdio::piped())
         .spawn()
         .unwrap_or_else(|e| panic!("{}: {e}", hvprof_bin().display()));
-    let live = Owned(child);
+    let mut live = Owned(child);
     // Attached once the endpoint answers.
     let t0 = std::time::Instant::now();
     while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
@@ -780,11 +854,18 @@ fn live_view_and_metrics_follow_a_running_system_and_quit_on_ctrl_c() {
     }
     // Without -o it records into a scratch directory named after it.
     let pid = live.0.id();
-    assert_eq!(
-        live_scratch_dirs(pid).len(),
-        1,
-        "one hvprof-live-{pid}-… directory"
-    );
+    let dirs = live_scratch_dirs(pid);
+    if dirs.len() != 1 {
+        // Say whether hvprof is still there, and what it said if not.
+        let status = live.0.try_wait();
+        let mut err = String::new();
+        if matches!(status, Ok(Some(_)))
+            && let Some(mut e) = live.0.stderr.take()
+        {
+            let _ = std::io::Read::read_to_string(&mut e, &mut err);
+        }
+        panic!("one hvprof-live-{pid}-… directory, found {dirs:?}; hvprof: {status:?} {err}");
+    }
     std::thread::sleep(std::time::Duration::from_millis(1500));
     let out = Command::new(helper_bin("tcp-burst"))
         .arg("300")

@@ -425,18 +425,28 @@ fn cgroup_id(pid: u32) -> Option<u64> {
 }
 
 /// Notes the owners of the TCP sockets listening now (whose accepted
-/// sockets are theirs), for the listeners the kernel didn't see start.
-/// Beyond the map's room, accepted sockets fall back to the task their
-/// handshake ran on.
+/// sockets are theirs), for the listeners the kernel didn't see start. A
+/// listener several processes hold (a server's master and workers) goes
+/// to one the filter keeps, if any: which of them accepts a connection is
+/// only known later. Beyond the map's room, accepted sockets fall back to
+/// the task their handshake ran on.
 fn install_listeners(ebpf: &mut Ebpf, tasks: &TaskFilter, with_netns: bool) -> Result<()> {
+    use std::collections::HashMap;
     let name = tcp::LISTENERS_MAP;
     let mut map: aya::maps::HashMap<_, ListenKey, SockOwner> = aya::maps::HashMap::try_from(
         ebpf.map_mut(name)
             .ok_or_else(|| anyhow!("map {name} missing from the object"))?,
     )?;
-    let mut owners = std::collections::HashMap::new();
+    let mut owners = HashMap::new();
+    let mut chosen: HashMap<ListenKey, SockOwner> = HashMap::new();
     for (key, pid) in tcp::listeners(with_netns) {
         let owner = *owners.entry(pid).or_insert_with(|| tasks.owner(pid));
+        let o = chosen.entry(key).or_insert(owner);
+        if o.wanted == 0 && owner.wanted != 0 {
+            *o = owner;
+        }
+    }
+    for (key, owner) in chosen {
         if let Err(e) = map.insert(key, owner, 0) {
             log::debug!("listener owners: {e}; the rest are left out");
             break;

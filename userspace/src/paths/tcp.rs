@@ -316,8 +316,9 @@ pub fn sock_offsets(btf: Option<&btf_rs::Btf>) -> (SockOffsets, Option<String>) 
     })
 }
 
-/// The listening TCP sockets open now, with the pid of a process that
-/// holds each: every network namespace's `/proc/PID/net/tcp` and `tcp6`
+/// The listening TCP sockets open now, with the pid of each process that
+/// holds one (a listener a server's workers share comes once per
+/// process): every network namespace's `/proc/PID/net/tcp` and `tcp6`
 /// (read once per namespace), matched by inode to the processes' open
 /// files. Their keys carry the namespace's inode number `with_netns`
 /// (when the programs read it too: [`SockOffsets::net_valid`]), else 0.
@@ -368,8 +369,8 @@ pub fn listeners(with_netns: bool) -> Vec<(ListenKey, u32)> {
                 .and_then(|t| t.strip_prefix("socket:["))
                 .and_then(|t| t.strip_suffix(']'))
                 .and_then(|t| t.parse::<u64>().ok());
-            if let Some(key) = inode.and_then(|i| by_inode.remove(&i)) {
-                out.push((key, pid));
+            if let Some(key) = inode.and_then(|i| by_inode.get(&i)) {
+                out.push((*key, pid));
             }
         }
     }
