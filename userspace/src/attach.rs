@@ -349,11 +349,7 @@ impl TaskFilter {
     fn owner(&self, pid: u32) -> SockOwner {
         let comm_of = |path: String| {
             let name = std::fs::read_to_string(path).unwrap_or_default();
-            let name = name.trim_end_matches('\n').as_bytes();
-            let mut comm = [0u8; COMM_LEN];
-            let n = name.len().min(COMM_LEN - 1);
-            comm[..n].copy_from_slice(&name[..n]);
-            comm
+            comm_key(name.trim_end_matches('\n'))
         };
         let mut owner = SockOwner {
             pid,
@@ -369,8 +365,7 @@ impl TaskFilter {
                     continue;
                 };
                 let comm = comm_of(format!("/proc/{pid}/task/{tid}/comm"));
-                let name = comm.split(|b| *b == 0).next().unwrap_or_default();
-                if self.comms.iter().any(|c| c.as_bytes() == name) {
+                if self.comms.iter().any(|c| comm_key(c) == comm) {
                     (owner.tid, owner.comm, owner.wanted) = (tid, comm, 1);
                     break;
                 }
@@ -392,9 +387,7 @@ impl TaskFilter {
         let mut comms: aya::maps::HashMap<_, [u8; COMM_LEN], u8> =
             aya::maps::HashMap::try_from(ebpf.map_mut(COMMS_MAP).ok_or_else(|| map(COMMS_MAP))?)?;
         for c in &self.comms {
-            let mut key = [0u8; COMM_LEN];
-            key[..c.len()].copy_from_slice(c.as_bytes());
-            comms.insert(key, 1, 0)?;
+            comms.insert(comm_key(c), 1, 0)?;
         }
         let mut cgroups: aya::maps::HashMap<_, u64, u8> = aya::maps::HashMap::try_from(
             ebpf.map_mut(CGROUPS_MAP).ok_or_else(|| map(CGROUPS_MAP))?,
@@ -404,6 +397,16 @@ impl TaskFilter {
         }
         Ok(())
     }
+}
+
+/// A thread name as the kernel keeps it: at most `COMM_LEN - 1` bytes,
+/// NUL padded (`--comm` names are checked to fit; `/proc` shows them cut
+/// already).
+fn comm_key(name: &str) -> [u8; COMM_LEN] {
+    let mut key = [0u8; COMM_LEN];
+    let n = name.len().min(COMM_LEN - 1);
+    key[..n].copy_from_slice(&name.as_bytes()[..n]);
+    key
 }
 
 /// The cgroup v2 id of process `pid` (its directory's inode number), from

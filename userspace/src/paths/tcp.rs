@@ -340,12 +340,8 @@ pub fn listeners(with_netns: bool) -> Vec<(ListenKey, u32)> {
         if !namespaces.insert(ns.clone()) {
             continue;
         }
-        // `net:[4026531840]`
-        let netns = ns
-            .to_str()
-            .and_then(|l| l.strip_prefix("net:["))
-            .and_then(|l| l.strip_suffix(']'))
-            .and_then(|n| n.parse().ok())
+        let netns = link_number(&ns, "net")
+            .and_then(|n| u32::try_from(n).ok())
             .filter(|_| with_netns)
             .unwrap_or(0);
         for (file, family) in [("tcp", AF_INET), ("tcp6", AF_INET6)] {
@@ -364,17 +360,19 @@ pub fn listeners(with_netns: bool) -> Vec<(ListenKey, u32)> {
             let Ok(target) = std::fs::read_link(fd.path()) else {
                 continue;
             };
-            let inode = target
-                .to_str()
-                .and_then(|t| t.strip_prefix("socket:["))
-                .and_then(|t| t.strip_suffix(']'))
-                .and_then(|t| t.parse::<u64>().ok());
-            if let Some(key) = inode.and_then(|i| by_inode.get(&i)) {
+            if let Some(key) = link_number(&target, "socket").and_then(|i| by_inode.get(&i)) {
                 out.push((*key, pid));
             }
         }
     }
     out
+}
+
+/// The inode number in a `/proc` link to a namespace or socket,
+/// `KIND:[NUMBER]` (`net:[4026531840]`, `socket:[4242]`).
+fn link_number(link: &std::path::Path, kind: &str) -> Option<u64> {
+    let rest = link.to_str()?.strip_prefix(kind)?;
+    rest.strip_prefix(":[")?.strip_suffix(']')?.parse().ok()
 }
 
 const AF_INET: u16 = 2;
@@ -481,6 +479,18 @@ mod tests {
    0: 00000000000000000000000001000000:0050 00000000000000000000000000000000:0000 0A 00000000:00000000 00:00000000 00000000     0        0 99 1 0000000000000000 100 0 0 10 0
    1: 0000000000000000000000000100000
 ";
+        // The links that tie the rows to namespaces and processes.
+        let link = |l: &str| std::path::PathBuf::from(l);
+        assert_eq!(
+            link_number(&link("net:[4026531840]"), "net"),
+            Some(4026531840)
+        );
+        assert_eq!(link_number(&link("socket:[4242]"), "socket"), Some(4242));
+        assert_eq!(link_number(&link("socket:[4242]"), "net"), None);
+        assert_eq!(
+            link_number(&link("anon_inode:[eventfd]"), "anon_inode"),
+            None
+        );
         let got = parse_listeners(v6, AF_INET6);
         assert_eq!(got.len(), 1, "{got:?}");
         assert_eq!((got[0].0, got[0].1.port), (99, 80));
