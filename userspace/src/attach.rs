@@ -428,11 +428,14 @@ fn cgroup_id(pid: u32) -> Option<u64> {
 }
 
 /// Notes the owners of the TCP sockets listening now (whose accepted
-/// sockets are theirs), for the listeners the kernel didn't see start. A
-/// listener several processes hold (a server's master and workers) goes
-/// to one the filter keeps, if any: which of them accepts a connection is
-/// only known later. Beyond the map's room, accepted sockets fall back to
-/// the task their handshake ran on.
+/// sockets are theirs), for the listeners the kernel didn't see start:
+/// run once the socket program is attached, so that a listener opened
+/// meanwhile is one or the other, and never overwriting what the kernel
+/// noted (its owner is the fresher). A listener several processes hold
+/// (a server's master and workers) goes to one the filter keeps, if any:
+/// which of them accepts a connection is only known later. Beyond the
+/// map's room, accepted sockets fall back to the task their handshake ran
+/// on.
 fn install_listeners(ebpf: &mut Ebpf, tasks: &TaskFilter, with_netns: bool) -> Result<()> {
     use std::collections::HashMap;
     let name = tcp::LISTENERS_MAP;
@@ -450,14 +453,21 @@ fn install_listeners(ebpf: &mut Ebpf, tasks: &TaskFilter, with_netns: bool) -> R
         }
     }
     for (key, owner) in chosen {
-        if let Err(e) = map.insert(key, owner, 0) {
-            log::debug!("listener owners: {e}; the rest are left out");
-            break;
+        match map.insert(key, owner, BPF_NOEXIST) {
+            Err(aya::maps::MapError::SyscallError(e))
+                if e.io_error.raw_os_error() == Some(libc::EEXIST) => {}
+            Err(e) => {
+                log::debug!("listener owners: {e}; the rest are left out");
+                break;
+            }
+            Ok(()) => {}
         }
     }
     Ok(())
 }
 
+/// `bpf_map_update_elem`'s flag: only if the key is not there yet.
+const BPF_NOEXIST: u64 = 1;
 const PIDS_MAP: &str = "HVP_PIDS";
 const COMMS_MAP: &str = "HVP_COMMS";
 const CGROUPS_MAP: &str = "HVP_CGROUPS";
@@ -465,9 +475,19 @@ const TASK_FILTER_GLOBAL: &str = "HVP_TASK_FILTER";
 /// Bytes waiting in the ring at which a program wakes the reader.
 const WAKEUP_GLOBAL: &str = "HVP_WAKEUP_BYTES";
 
+/// The object loaded by [`load`], with what [`attach`] needs of the load's
+/// options.
+pub struct Loaded {
+    pub ebpf: Ebpf,
+    tasks: TaskFilter,
+    /// Listeners are known by network namespace (this kernel's BTF has
+    /// the offsets the socket program reads it at).
+    listen_netns: bool,
+}
+
 /// Loads the object with this kernel's offsets as globals. Nothing is
 /// attached yet.
-pub fn load(opts: &LoadOptions) -> Result<Ebpf> {
+pub fn load(opts: &LoadOptions) -> Result<Loaded> {
     let tp = tcp::tp_offsets()?;
     let btf = kbtf::running().ok();
     let koff = tcp::kernel_offsets(btf.as_ref());
@@ -501,9 +521,11 @@ pub fn load(opts: &LoadOptions) -> Result<Ebpf> {
     opts.tasks
         .install(&mut ebpf)
         .context("filling the task filter")?;
-    install_listeners(&mut ebpf, opts.tasks, sock_off.net_valid != 0)
-        .context("noting the listening sockets' owners")?;
-    Ok(ebpf)
+    Ok(Loaded {
+        ebpf,
+        tasks: opts.tasks.clone(),
+        listen_netns: sock_off.net_valid != 0,
+    })
 }
 
 /// Attached probes. Dropping it detaches them.
@@ -537,7 +559,7 @@ pub struct FunctionAddr {
 /// Attaches the resolved probes that obtained a method. `required` probes
 /// (asked for by name) must attach; others are skipped with their reason.
 pub fn attach(
-    mut ebpf: Ebpf,
+    loaded: Loaded,
     resolved: Vec<Resolution>,
     required: &[&str],
     sample_hz: u64,
@@ -549,6 +571,11 @@ pub fn attach(
     } else {
         None
     };
+    let Loaded {
+        mut ebpf,
+        tasks,
+        listen_netns,
+    } = loaded;
     let mut statuses = Vec::new();
     let mut programs = BTreeMap::new();
     let mut functions = Vec::new();
@@ -589,6 +616,10 @@ pub fn attach(
                 r.obtained = None;
             } else if let Some(p) = program_for(r.spec, method) {
                 programs.insert(r.spec.name, p);
+                if r.spec.name == tcp::PROBE {
+                    install_listeners(&mut ebpf, &tasks, listen_netns)
+                        .context("noting the listening sockets' owners")?;
+                }
                 // Socket lives and packets cross in per-CPU batches; the
                 // programs that send them serve the first of these probes.
                 if batch::batched(r.spec) && !batching_tried && features.sampling.is_ok() {

@@ -227,15 +227,15 @@ impl ListArgs {
             }
             None => catalog::all(),
         };
-        let mut ebpf = attach::load(&LoadOptions {
+        let mut loaded = attach::load(&LoadOptions {
             ringbuf_bytes: 4096 * 16,
             max_sockets: 1,
             dev_filter: true,
             tasks: &attach::TaskFilter::default(),
             all_tcp_states: false,
         })?;
-        let probe = Probe::detect(&mut ebpf);
-        drop(ebpf);
+        let probe = Probe::detect(&mut loaded.ebpf);
+        drop(loaded);
         let statuses: Vec<_> = probe.resolve(&specs).iter().map(|r| r.status()).collect();
         if self.json {
             println!("{}", serde_json::to_string_pretty(&statuses)?);

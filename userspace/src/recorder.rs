@@ -191,15 +191,15 @@ impl Recorder {
             .filter(|d| *d != "all")
             .map(|d| dev::resolve(d))
             .collect::<Result<Vec<_>>>()?;
-        let mut ebpf = attach::load(&LoadOptions {
+        let mut loaded = attach::load(&LoadOptions {
             ringbuf_bytes: opts.ringbuf_mib * 1024 * 1024,
             max_sockets: opts.max_sockets,
             dev_filter: !all_devices,
             tasks: &opts.tasks,
             all_tcp_states: opts.all_tcp_states,
         })?;
-        dev::install(&mut ebpf, &devices)?;
-        let probe = Probe::detect(&mut ebpf);
+        dev::install(&mut loaded.ebpf, &devices)?;
+        let probe = Probe::detect(&mut loaded.ebpf);
         let mut resolved = probe.resolve(&specs);
         // Device probes only run for devices the user named.
         if devices.is_empty() && !all_devices {
@@ -225,7 +225,7 @@ impl Recorder {
             resolved.extend(probe.resolve(&catalog::select("cpu:samples")));
         }
         let mut session = attach::attach(
-            ebpf,
+            loaded,
             resolved,
             &required,
             opts.freq,
