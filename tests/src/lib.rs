@@ -155,6 +155,64 @@ pub fn live_scratch_dirs(pid: u32) -> Vec<PathBuf> {
         .collect()
 }
 
+/// A child's stderr, read line by line on a thread of its own, so that a
+/// child that says nothing can't hang a test.
+pub struct StderrLines {
+    rx: std::sync::mpsc::Receiver<String>,
+    /// The lines read so far.
+    pub said: Vec<String>,
+}
+
+impl StderrLines {
+    /// Takes `child`'s stderr (piped).
+    pub fn of(child: &mut std::process::Child) -> Self {
+        let stderr = child.stderr.take().expect("stderr piped");
+        let (tx, rx) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            let lines = std::io::BufRead::lines(std::io::BufReader::new(stderr));
+            for line in lines.map_while(Result::ok) {
+                let _ = tx.send(line);
+            }
+        });
+        Self {
+            rx,
+            said: Vec::new(),
+        }
+    }
+
+    /// The address a line names right after `marker` (up to a space or a
+    /// `/`), waiting up to `timeout` for it: how a test learns the port
+    /// hvprof bound for `127.0.0.1:0` (a port picked by the test and let go
+    /// could be taken by another test's server meanwhile).
+    pub fn addr_after(
+        &mut self,
+        marker: &str,
+        timeout: std::time::Duration,
+    ) -> Option<std::net::SocketAddr> {
+        let end = std::time::Instant::now() + timeout;
+        loop {
+            let left = end.saturating_duration_since(std::time::Instant::now());
+            let line = self.rx.recv_timeout(left).ok()?;
+            let addr = line.split_once(marker).and_then(|(_, rest)| {
+                rest.split(|c: char| c.is_whitespace() || c == '/')
+                    .next()?
+                    .parse()
+                    .ok()
+            });
+            self.said.push(line);
+            if addr.is_some() {
+                return addr;
+            }
+        }
+    }
+
+    /// Everything said, once the child has ended (its stderr closed).
+    pub fn all(mut self) -> String {
+        self.said.extend(self.rx.iter());
+        self.said.join("\n")
+    }
+}
+
 /// Parses JSON lines.
 pub fn json_lines(bytes: &[u8]) -> Vec<serde_json::Value> {
     String::from_utf8_lossy(bytes)

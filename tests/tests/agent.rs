@@ -4,20 +4,15 @@
 
 use std::{
     io::{Read, Write},
-    net::{TcpListener, TcpStream},
+    net::TcpStream,
     process::{Command, Stdio},
-    time::{Duration, Instant},
+    time::Duration,
 };
 
-use hvprof_tests::{bpf_lock, bpf_unavailable, hvprof, hvprof_bin, our_bpf_programs, skip};
+use hvprof_tests::{
+    StderrLines, bpf_lock, bpf_unavailable, hvprof, hvprof_bin, our_bpf_programs, skip,
+};
 use serde_json::Value;
-
-fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .map(|a| a.port())
-        .expect("a free port")
-}
 
 #[test]
 fn agent_rejects_bad_tokens_hostile_frames_and_foreign_networks() {
@@ -55,35 +50,32 @@ fn agent_rejects_bad_tokens_hostile_frames_and_foreign_networks() {
     assert!(!out.status.success());
     assert!(String::from_utf8_lossy(&out.stderr).contains("shorter than 16 bytes"));
 
-    let port = free_port();
-    let addr = format!("127.0.0.1:{port}");
+    // Port 0: hvprof binds a free port and says which.
     let run = tmp.path().join("run");
     let mut rec = Command::new(hvprof_bin())
         .args([
             "record",
-            "-q",
             "--probe",
             "tcp",
             "-d",
             "8s",
             "--collect",
-            &addr,
+            "127.0.0.1:0",
             "--token",
             &t(&token),
             "-o",
         ])
         .arg(&run)
+        .stdout(Stdio::null())
         .stderr(Stdio::piped())
         .spawn()
         .expect("hvprof record runs");
-    let t0 = Instant::now();
-    while TcpStream::connect(&addr).is_err() {
-        assert!(
-            t0.elapsed() < Duration::from_secs(20),
-            "collector never listened"
-        );
-        std::thread::sleep(Duration::from_millis(100));
-    }
+    let mut stderr = StderrLines::of(&mut rec);
+    let Some(addr) = stderr.addr_after("collecting guest agents on ", Duration::from_secs(20))
+    else {
+        panic!("collector never listened; hvprof said {:?}", stderr.said);
+    };
+    let addr = addr.to_string();
 
     // Wrong token: refused, and the agent says so.
     let out = hvprof(&[
@@ -137,10 +129,7 @@ fn agent_rejects_bad_tokens_hostile_frames_and_foreign_networks() {
         String::from_utf8_lossy(&out.stderr)
     );
     let status = rec.wait().expect("record exits");
-    let mut err = String::new();
-    if let Some(mut e) = rec.stderr.take() {
-        let _ = e.read_to_string(&mut err);
-    }
+    let err = stderr.all();
     assert!(status.success(), "record: {err}");
     assert!(err.contains("wrong token"), "refusal reported: {err}");
     assert!(err.contains("exceeds"), "oversized frame reported: {err}");

@@ -9,8 +9,8 @@ use std::{
 use hvprof_tests::loadgen_support::OriginProc;
 use hvprof_tests::topology_support::Netns;
 use hvprof_tests::{
-    Owned, assert_ok, bpf_lock, bpf_unavailable, dump_events, helper_bin, hvprof, hvprof_bin,
-    json_lines, live_scratch_dirs, machine_steal_s, our_bpf_programs, read_json, skip,
+    Owned, StderrLines, assert_ok, bpf_lock, bpf_unavailable, dump_events, helper_bin, hvprof,
+    hvprof_bin, json_lines, live_scratch_dirs, machine_steal_s, our_bpf_programs, read_json, skip,
 };
 use serde_json::Value;
 
@@ -829,44 +829,43 @@ fn live_view_and_metrics_follow_a_running_system_and_quit_on_ctrl_c() {
     require_bpf!("record_live_metrics");
     let _g = bpf_lock();
     let tmp = tempfile::tempdir().expect("tempdir");
-    let port = std::net::TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .expect("a free port")
-        .port();
+    // Port 0: hvprof binds a free port and says which.
     let child = Command::new(hvprof_bin())
-        .args([
-            "record",
-            "--live",
-            "--metrics",
-            &format!("127.0.0.1:{port}"),
-        ])
+        .args(["record", "--live", "--metrics", "127.0.0.1:0"])
         .stdin(std::process::Stdio::null())
         .stdout(std::process::Stdio::piped())
         .stderr(std::process::Stdio::piped())
         .spawn()
         .unwrap_or_else(|e| panic!("{}: {e}", hvprof_bin().display()));
     let mut live = Owned(child);
-    // Attached once the endpoint answers.
-    let t0 = std::time::Instant::now();
-    while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
-        assert!(t0.elapsed().as_secs() < 30, "no metrics endpoint");
-        std::thread::sleep(std::time::Duration::from_millis(100));
-    }
-    // Without -o it records into a scratch directory named after it.
     let pid = live.0.id();
+    let mut stderr = StderrLines::of(&mut live.0);
+    let Some(port) = stderr
+        .addr_after("metrics at http://", Duration::from_secs(30))
+        .map(|a| a.port())
+    else {
+        panic!(
+            "no metrics endpoint named; hvprof: {:?}, said {:?}",
+            live.0.try_wait(),
+            stderr.said
+        );
+    };
+    // Without -o it records into a scratch directory named after it; the
+    // probes are attached once its event log exists.
     let dirs = live_scratch_dirs(pid);
-    if dirs.len() != 1 {
-        // Say whether hvprof is still there, and what it said if not.
-        let status = live.0.try_wait();
-        let mut err = String::new();
-        if matches!(status, Ok(Some(_)))
-            && let Some(mut e) = live.0.stderr.take()
-        {
-            let _ = std::io::Read::read_to_string(&mut e, &mut err);
+    assert_eq!(
+        dirs.len(),
+        1,
+        "one hvprof-live-{pid}-… directory, found {dirs:?}"
+    );
+    let t0 = Instant::now();
+    while !dirs[0].join("events.log").exists() {
+        if let Some(st) = live.0.try_wait().expect("try_wait") {
+            panic!("hvprof ended early ({st}): {}", stderr.all());
         }
-        panic!("one hvprof-live-{pid}-… directory, found {dirs:?}; hvprof: {status:?} {err}");
+        assert!(t0.elapsed() < Duration::from_secs(30), "never attached");
+        std::thread::sleep(Duration::from_millis(50));
     }
-    std::thread::sleep(std::time::Duration::from_millis(1500));
     let out = Command::new(helper_bin("tcp-burst"))
         .arg("300")
         .arg(tmp.path().join("port"))
