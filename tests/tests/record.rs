@@ -355,36 +355,11 @@ fn a_listener_a_master_shares_with_its_worker_follows_the_filter_to_the_worker()
     require_bpf!("record_shared_listener");
     let _g = bpf_lock();
     let tmp = tempfile::tempdir().expect("tempdir");
-    let (portfile, pidfile) = (tmp.path().join("port"), tmp.path().join("pid"));
     let conns = 50;
     // Listening before the recording starts: found in /proc, held by
     // both the master (the lower pid) and the worker that accepts.
-    let _master = Owned(
-        Command::new(helper_bin("fork-server"))
-            .arg(conns.to_string())
-            .arg(&portfile)
-            .arg(&pidfile)
-            .spawn()
-            .expect("fork-server runs"),
-    );
-    let start = Instant::now();
-    while !portfile.exists() && start.elapsed() < Duration::from_secs(10) {
-        std::thread::sleep(Duration::from_millis(20));
-    }
-    let read = |p: &std::path::Path| -> u32 {
-        let text = std::fs::read_to_string(p).expect("fork-server wrote it");
-        text.trim().parse().expect("a number")
-    };
-    let (port, worker) = (read(&portfile), read(&pidfile));
-    /// The worker, killed by pid if the test ends before it does.
-    struct Worker(u32);
-    impl Drop for Worker {
-        fn drop(&mut self) {
-            // SAFETY: a plain signal to a process this test started.
-            unsafe { libc::kill(self.0 as i32, libc::SIGKILL) };
-        }
-    }
-    let _worker = Worker(worker);
+    let (_master, port, server) = ForkServer::start(tmp.path(), conns);
+    let worker = server.0;
     let run = tmp.path().join("run");
     let out = Command::new(hvprof_bin())
         .args([
@@ -422,6 +397,104 @@ fn a_listener_a_master_shares_with_its_worker_follows_the_filter_to_the_worker()
     let other = lives.iter().find(|l| l["pid"] != worker);
     assert!(other.is_none(), "a life not the worker's: {other:?}");
     assert!(our_bpf_programs().is_empty(), "programs left attached");
+}
+
+/// `fork-server`: a master listening on loopback and its worker, which
+/// answers `conns` connections and exits; killed by pid if the test ends
+/// first.
+struct ForkServer(u32);
+
+impl ForkServer {
+    /// The master, the port, the worker.
+    fn start(dir: &std::path::Path, conns: usize) -> (Owned, u32, ForkServer) {
+        let (portfile, pidfile) = (dir.join("port"), dir.join("pid"));
+        let master = Owned(
+            Command::new(helper_bin("fork-server"))
+                .arg(conns.to_string())
+                .arg(&portfile)
+                .arg(&pidfile)
+                .spawn()
+                .expect("fork-server runs"),
+        );
+        let start = Instant::now();
+        while !portfile.exists() && start.elapsed() < Duration::from_secs(10) {
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        let read = |p: &std::path::Path| -> u32 {
+            let text = std::fs::read_to_string(p).expect("fork-server wrote it");
+            text.trim().parse().expect("a number")
+        };
+        let (port, worker) = (read(&portfile), read(&pidfile));
+        (master, port, ForkServer(worker))
+    }
+}
+
+impl Drop for ForkServer {
+    fn drop(&mut self) {
+        // SAFETY: a plain signal to a process this test started.
+        unsafe { libc::kill(self.0 as i32, libc::SIGKILL) };
+    }
+}
+
+#[test]
+fn a_connection_open_before_the_recording_stays_its_servers() {
+    require_bpf!("record_socket_owners_before");
+    let _g = bpf_lock();
+    // Through the raw tracepoint, and the classic one.
+    for avoid in [None, Some("raw_tracepoint")] {
+        let tmp = tempfile::tempdir().expect("tempdir");
+        let (_master, port, worker) = ForkServer::start(tmp.path(), 1);
+        // Connected before the recording; the worker waits for a request.
+        let client = std::net::TcpStream::connect(("127.0.0.1", port as u16)).expect("connect");
+        let run = tmp.path().join("run");
+        let mut cmd = Command::new(hvprof_bin());
+        cmd.args(["record", "-q", "-p", "tcp", "-d", "4s"])
+            .args(["--pid", &worker.0.to_string(), "-o"])
+            .arg(&run)
+            .stdout(Stdio::null())
+            .stderr(Stdio::null());
+        if let Some(m) = avoid {
+            cmd.env("HVPROF_AVOID_METHODS", m);
+        }
+        let mut rec = Owned(cmd.spawn().expect("hvprof runs"));
+        let t0 = Instant::now();
+        while !run.join("events.log").exists() {
+            if let Some(st) = rec.0.try_wait().expect("try_wait") {
+                panic!("hvprof ended early ({st})");
+            }
+            assert!(t0.elapsed() < Duration::from_secs(20), "never attached");
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        // The client closes first: the server's socket first changes
+        // state here (to CLOSE_WAIT) on this test's time, as the FIN comes
+        // in over loopback. Its life is still the worker's.
+        drop(client);
+        let status = rec.0.wait().expect("hvprof ends");
+        assert!(status.success(), "hvprof record: {status}");
+        let lives: Vec<Value> = dump_events(&run)
+            .into_iter()
+            .filter(|e| e["kind"] == "sock_life")
+            .collect();
+        // (The listener's own close may be there too, as its owner's.)
+        let server: Vec<&Value> = lives
+            .iter()
+            .filter(|l| l["sport"] == port && first_change(l) != "LISTEN>CLOSE")
+            .collect();
+        assert_eq!(server.len(), 1, "{avoid:?}: the worker's socket: {lives:?}");
+        assert_eq!(
+            first_change(server[0]),
+            "ESTABLISHED>CLOSE_WAIT",
+            "{avoid:?}"
+        );
+        let other = lives
+            .iter()
+            .find(|l| l["pid"] != worker.0 || l["dport"] == port);
+        assert!(
+            other.is_none(),
+            "{avoid:?}: a life not the worker's: {other:?}"
+        );
+        assert!(our_bpf_programs().is_empty(), "programs left attached");
+    }
 }
 
 #[test]

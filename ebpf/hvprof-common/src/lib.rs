@@ -342,9 +342,10 @@ pub struct SockSlot {
 impl SockSlot {
     /// `flags` bit: `pid`, `tid` and `comm` are set (kept in the kernel).
     pub const TASK_SEEN: u8 = 0x80;
-    /// `flags` bit: a socket the task filter left out when its life began,
-    /// held so that its later changes are left out too (they often run on
-    /// another task's time: the peer's, over loopback). Never sent.
+    /// `flags` bit: a socket the task filter left out at the first change
+    /// seen (when its life began, unless before the recording), held so
+    /// that its later changes are left out too (they often run on another
+    /// task's time: the peer's, over loopback). Never sent.
     pub const IGNORED: u8 = 0x40;
 
     /// Writes this life into `life` as the event log stores it, but for

@@ -25,12 +25,6 @@ static COMMS: HashMap<[u8; COMM_LEN], u8> = HashMap::with_max_entries(task_filte
 #[map(name = "HVP_CGROUPS")]
 static CGROUPS: HashMap<u64, u8> = HashMap::with_max_entries(task_filter::MAX_COMMS, 0);
 
-/// Whether a task filter is in force (else every task is wanted).
-#[inline(always)]
-pub fn active() -> bool {
-    HVP_TASK_FILTER.load() != 0
-}
-
 /// Whether the current task's events are wanted.
 #[inline(always)]
 pub fn task_wanted() -> bool {

@@ -15,7 +15,8 @@
 //! A life's task is its owner's: the task that connects or listens, and
 //! for an accepted socket the listener's owner (`HVP_LISTENERS`), since
 //! the handshake that makes it runs on whatever task its packet came in
-//! on. The task filter decides once, when a life begins.
+//! on (for a socket open before the recording, the owner of a listener
+//! with its local end). The task filter decides once, when a life begins.
 
 use aya_ebpf::{
     Global,
@@ -366,12 +367,34 @@ fn listen_key(sk: u64, src: &impl Source) -> ListenKey {
     key
 }
 
+/// The owner of the listener that accepted `sk`, a socket whose life began
+/// before the recording, if a listener has its local end: bound to its
+/// address, or to the wildcard one. (Its first change seen here may run
+/// on another task's time: the peer's FIN, say, arriving over loopback.)
+/// No client socket shares a local end with a listener.
+#[inline(always)]
+fn accepted_before(sk: u64, src: &impl Source) -> Option<&'static SockOwner> {
+    let mut key = listen_key(sk, src);
+    if key.port == 0 {
+        return None;
+    }
+    // SAFETY: read-only lookups.
+    unsafe {
+        LISTENERS.get(&key).or_else(|| {
+            key.addr = [0; 16];
+            LISTENERS.get(&key)
+        })
+    }
+}
+
 /// A new entry for TCP socket `sk`: its slot, or an entry of the hash
 /// map if another socket holds the slot. For a wanted socket (its owner's
 /// task passes the filter), a life to follow; for one the filter leaves
-/// out at the start of its life (`fresh`), an entry marked
-/// [`SockSlot::IGNORED`]; else none. An `accepted` socket's owner is its
-/// listener's, when known.
+/// out, an entry marked [`SockSlot::IGNORED`], so that the filter decides
+/// once, at the first change seen (the start of its life unless that was
+/// before the recording). An `accepted` socket's owner is its listener's,
+/// when known; so is, for a socket not `fresh`, a listener's with its
+/// local end.
 #[inline(always)]
 fn begin(
     sk: u64,
@@ -386,13 +409,12 @@ fn begin(
     let owner = if accepted {
         // SAFETY: read-only lookup.
         unsafe { LISTENERS.get(&listen_key(sk, src)) }
+    } else if !fresh {
+        accepted_before(sk, src)
     } else {
         None
     };
     let wanted = owner.map_or_else(task_wanted, |o| o.wanted != 0);
-    if !wanted && !(fresh && crate::filter::active()) {
-        return None;
-    }
     let p = match slot {
         Some(p) if claim(sk, p) => p,
         _ => {
