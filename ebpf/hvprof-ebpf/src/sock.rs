@@ -378,10 +378,17 @@ fn accepted_before(sk: u64, src: &impl Source) -> Option<&'static SockOwner> {
     if key.port == 0 {
         return None;
     }
-    // SAFETY: read-only lookups.
+    // SAFETY: read-only lookups; an aligned write within the key.
     unsafe {
         LISTENERS.get(&key).or_else(|| {
-            key.addr = [0; 16];
+            // As words, each written on its own: the compiler makes a
+            // memset of a zeroed array (even of words), which this target
+            // runs a byte at a time. `addr` lies at offset 8 of the
+            // 4-aligned `#[repr(C)]` key.
+            let words = key.addr.as_mut_ptr().cast::<u32>();
+            for i in 0..4 {
+                words.add(i).write_volatile(0);
+            }
             LISTENERS.get(&key)
         })
     }
