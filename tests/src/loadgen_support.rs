@@ -1,7 +1,7 @@
 //! Helpers for the load-generation tests (`tests/loadgen.rs`): a running
 //! `hvprof origin` on a free loopback port that is stopped by pid when
-//! dropped, bounded runs of `hvprof` subcommands, and a tiny raw HTTP/1
-//! client for byte-exact checks.
+//! dropped, a loopback port held closed, bounded runs of `hvprof`
+//! subcommands, and a tiny raw HTTP/1 client for byte-exact checks.
 
 use std::io::{BufRead as _, BufReader, Read as _, Write as _};
 use std::net::{SocketAddr, TcpStream};
@@ -12,6 +12,39 @@ use crate::hvprof_bin;
 
 /// The byte pattern the origin's bodies repeat (`loadgen::origin::PATTERN`).
 pub const PATTERN: &[u8; 64] = b"0123456789abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ.\n";
+
+/// A loopback port nothing listens on, held for as long as this lives:
+/// bound without listening, so a connection to it is refused and no other
+/// server can take it meanwhile (as one could a port bound and let go).
+pub struct ClosedPort {
+    _socket: socket2::Socket,
+    pub port: u16,
+}
+
+impl ClosedPort {
+    pub fn new() -> Self {
+        use socket2::{Domain, Socket, Type};
+        let socket = Socket::new(Domain::IPV4, Type::STREAM, None).expect("a socket");
+        let loopback = SocketAddr::from(([127, 0, 0, 1], 0));
+        socket.bind(&loopback.into()).expect("bind 127.0.0.1:0");
+        let port = socket
+            .local_addr()
+            .ok()
+            .and_then(|a| a.as_socket())
+            .map(|a| a.port())
+            .expect("the bound port");
+        Self {
+            _socket: socket,
+            port,
+        }
+    }
+}
+
+impl Default for ClosedPort {
+    fn default() -> Self {
+        Self::new()
+    }
+}
 
 /// A running `hvprof origin`, stopped (SIGTERM, then SIGKILL) on drop.
 pub struct OriginProc {

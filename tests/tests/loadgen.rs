@@ -6,8 +6,8 @@
 use std::time::{Duration, Instant};
 
 use hvprof_tests::loadgen_support::{
-    OriginProc, closed_by_peer, error_line, expected_body, haproxy_available, haproxy_pids_with,
-    http_exchange, http_on, hvprof_bounded, hvprof_bounded_env, load_json,
+    ClosedPort, OriginProc, closed_by_peer, error_line, expected_body, haproxy_available,
+    haproxy_pids_with, http_exchange, http_on, hvprof_bounded, hvprof_bounded_env, load_json,
 };
 use hvprof_tests::skip;
 use hvprof_tests::topology_support::Netns;
@@ -306,12 +306,9 @@ fn load_refuses_targets_beyond_this_host() {
 
 #[test]
 fn closed_port_fails_fast() {
-    // Find a port nothing listens on: bind, note, release.
-    let port = std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port();
+    // A port nothing listens on, held so that nothing can meanwhile.
+    let closed = ClosedPort::new();
+    let port = closed.port;
     let t0 = Instant::now();
     let out = hvprof_bounded(
         &[
