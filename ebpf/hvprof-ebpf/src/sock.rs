@@ -16,7 +16,8 @@
 //! for an accepted socket the listener's owner (`HVP_LISTENERS`), since
 //! the handshake that makes it runs on whatever task its packet came in
 //! on (for a socket open before the recording, the owner of a listener
-//! with its local end). The task filter decides once, when a life begins.
+//! with its local end). The task filter decides once, when a life begins
+//! (or at its first change seen).
 
 use aya_ebpf::{
     Global,
