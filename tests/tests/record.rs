@@ -358,8 +358,8 @@ fn a_listener_a_master_shares_with_its_worker_follows_the_filter_to_the_worker()
     let conns = 50;
     // Listening before the recording starts: found in /proc, held by
     // both the master (the lower pid) and the worker that accepts.
-    let (_master, port, server) = ForkServer::start(tmp.path(), conns);
-    let worker = server.0;
+    let server = ForkServer::start(tmp.path(), conns);
+    let (port, worker) = (server.port, server.worker);
     let run = tmp.path().join("run");
     let out = Command::new(hvprof_bin())
         .args([
@@ -400,13 +400,17 @@ fn a_listener_a_master_shares_with_its_worker_follows_the_filter_to_the_worker()
 }
 
 /// `fork-server`: a master listening on loopback and its worker, which
-/// answers `conns` connections and exits; killed by pid if the test ends
-/// first.
-struct ForkServer(u32);
+/// answers `conns` connections and exits; both killed by pid if the test
+/// ends first.
+struct ForkServer {
+    /// Dropped after the worker is killed.
+    _master: Owned,
+    worker: u32,
+    port: u16,
+}
 
 impl ForkServer {
-    /// The master, the port, the worker.
-    fn start(dir: &std::path::Path, conns: usize) -> (Owned, u32, ForkServer) {
+    fn start(dir: &std::path::Path, conns: usize) -> Self {
         let (portfile, pidfile) = (dir.join("port"), dir.join("pid"));
         let master = Owned(
             Command::new(helper_bin("fork-server"))
@@ -420,19 +424,22 @@ impl ForkServer {
         while !portfile.exists() && start.elapsed() < Duration::from_secs(10) {
             std::thread::sleep(Duration::from_millis(20));
         }
-        let read = |p: &std::path::Path| -> u32 {
+        let read = |p: &std::path::Path| -> String {
             let text = std::fs::read_to_string(p).expect("fork-server wrote it");
-            text.trim().parse().expect("a number")
+            text.trim().to_string()
         };
-        let (port, worker) = (read(&portfile), read(&pidfile));
-        (master, port, ForkServer(worker))
+        Self {
+            _master: master,
+            worker: read(&pidfile).parse().expect("a pid"),
+            port: read(&portfile).parse().expect("a port"),
+        }
     }
 }
 
 impl Drop for ForkServer {
     fn drop(&mut self) {
         // SAFETY: a plain signal to a process this test started.
-        unsafe { libc::kill(self.0 as i32, libc::SIGKILL) };
+        unsafe { libc::kill(self.worker as i32, libc::SIGKILL) };
     }
 }
 
@@ -443,13 +450,14 @@ fn a_connection_open_before_the_recording_stays_its_servers() {
     // Through the raw tracepoint, and the classic one.
     for avoid in [None, Some("raw_tracepoint")] {
         let tmp = tempfile::tempdir().expect("tempdir");
-        let (_master, port, worker) = ForkServer::start(tmp.path(), 1);
+        let server = ForkServer::start(tmp.path(), 1);
+        let (port, worker) = (server.port, server.worker);
         // Connected before the recording; the worker waits for a request.
-        let client = std::net::TcpStream::connect(("127.0.0.1", port as u16)).expect("connect");
+        let client = std::net::TcpStream::connect(("127.0.0.1", port)).expect("connect");
         let run = tmp.path().join("run");
         let mut cmd = Command::new(hvprof_bin());
         cmd.args(["record", "-q", "-p", "tcp", "-d", "4s"])
-            .args(["--pid", &worker.0.to_string(), "-o"])
+            .args(["--pid", &worker.to_string(), "-o"])
             .arg(&run)
             .stdout(Stdio::null())
             .stderr(Stdio::null());
@@ -457,14 +465,7 @@ fn a_connection_open_before_the_recording_stays_its_servers() {
             cmd.env("HVPROF_AVOID_METHODS", m);
         }
         let mut rec = Owned(cmd.spawn().expect("hvprof runs"));
-        let t0 = Instant::now();
-        while !run.join("events.log").exists() {
-            if let Some(st) = rec.0.try_wait().expect("try_wait") {
-                panic!("hvprof ended early ({st})");
-            }
-            assert!(t0.elapsed() < Duration::from_secs(20), "never attached");
-            std::thread::sleep(Duration::from_millis(50));
-        }
+        wait_attached(&mut rec.0, &run, Duration::from_secs(20));
         // The client closes first: the server's socket first changes
         // state here (to CLOSE_WAIT) on this test's time, as the FIN comes
         // in over loopback. Its life is still the worker's.
@@ -488,7 +489,7 @@ fn a_connection_open_before_the_recording_stays_its_servers() {
         );
         let other = lives
             .iter()
-            .find(|l| l["pid"] != worker.0 || l["dport"] == port);
+            .find(|l| l["pid"] != worker || l["dport"] == port);
         assert!(
             other.is_none(),
             "{avoid:?}: a life not the worker's: {other:?}"
@@ -722,13 +723,22 @@ fn recording(args: &[&str], run: &std::path::Path, stdout: Stdio) -> Owned {
         .stdout(stdout)
         .spawn()
         .expect("hvprof runs");
-    let rec = Owned(child);
+    let mut rec = Owned(child);
+    wait_attached(&mut rec.0, run, Duration::from_secs(20));
+    rec
+}
+
+/// Waits until `child`, recording into `run`, has its event log (the
+/// probes are attached); fails if it ends first or takes over `limit`.
+fn wait_attached(child: &mut std::process::Child, run: &std::path::Path, limit: Duration) {
     let t0 = Instant::now();
     while !run.join("events.log").exists() {
-        assert!(t0.elapsed() < Duration::from_secs(20), "never started");
+        if let Some(st) = child.try_wait().expect("try_wait") {
+            panic!("hvprof ended before attaching ({st})");
+        }
+        assert!(t0.elapsed() < limit, "never attached");
         std::thread::sleep(Duration::from_millis(50));
     }
-    rec
 }
 
 #[test]
@@ -931,14 +941,7 @@ fn live_view_and_metrics_follow_a_running_system_and_quit_on_ctrl_c() {
         1,
         "one hvprof-live-{pid}-… directory, found {dirs:?}"
     );
-    let t0 = Instant::now();
-    while !dirs[0].join("events.log").exists() {
-        if let Some(st) = live.0.try_wait().expect("try_wait") {
-            panic!("hvprof ended early ({st}): {}", stderr.all());
-        }
-        assert!(t0.elapsed() < Duration::from_secs(30), "never attached");
-        std::thread::sleep(Duration::from_millis(50));
-    }
+    wait_attached(&mut live.0, &dirs[0], Duration::from_secs(30));
     let out = Command::new(helper_bin("tcp-burst"))
         .arg("300")
         .arg(tmp.path().join("port"))
@@ -1296,15 +1299,7 @@ fn probes_are_attached_while_recording_and_gone_after_sigint_and_sigterm() {
             .stderr(Stdio::piped())
             .spawn()
             .expect("hvprof runs");
-        // Wait until recording started (meta.json is written after attach).
-        let t0 = Instant::now();
-        while !run.join("events.log").exists() {
-            assert!(
-                t0.elapsed() < Duration::from_secs(20),
-                "recording never started"
-            );
-            std::thread::sleep(Duration::from_millis(50));
-        }
+        wait_attached(&mut child, &run, Duration::from_secs(20));
         assert!(
             our_bpf_programs().iter().any(|p| p.starts_with("hvp_sock")),
             "the socket program attached while recording"
