@@ -233,6 +233,28 @@ impl Netns {
             args.join(" ")
         );
     }
+
+    /// A TCP connection to `addr` made inside the namespace (from a thread
+    /// that enters it: a socket belongs to the namespace it was made in).
+    pub fn connect(&self, addr: std::net::SocketAddr) -> std::net::TcpStream {
+        use std::os::fd::AsRawFd;
+        let path = format!("/run/netns/{}", self.0);
+        std::thread::spawn(move || {
+            let file = std::fs::File::open(&path).expect("the namespace's file");
+            // SAFETY: setns on a namespace file we opened; it affects only
+            // this thread, which ends here.
+            let entered = unsafe { libc::setns(file.as_raw_fd(), libc::CLONE_NEWNET) };
+            assert_eq!(
+                entered,
+                0,
+                "setns {path}: {}",
+                std::io::Error::last_os_error()
+            );
+            std::net::TcpStream::connect(addr).expect("connect in the namespace")
+        })
+        .join()
+        .expect("the connecting thread")
+    }
 }
 
 impl Drop for Netns {

@@ -399,9 +399,9 @@ fn a_listener_a_master_shares_with_its_worker_follows_the_filter_to_the_worker()
     assert!(our_bpf_programs().is_empty(), "programs left attached");
 }
 
-/// `fork-server`: a master listening on loopback and its worker, which
-/// answers `conns` connections and exits; both killed by pid if the test
-/// ends first.
+/// `fork-server`: a master listening on loopback (its own, or a wildcard
+/// address in a namespace) and its worker, which answers `conns`
+/// connections and exits; both killed by pid if the test ends first.
 struct ForkServer {
     /// Dropped after the worker is killed.
     _master: Owned,
@@ -411,15 +411,27 @@ struct ForkServer {
 
 impl ForkServer {
     fn start(dir: &std::path::Path, conns: usize) -> Self {
+        Self::start_in(dir, conns, None)
+    }
+
+    /// In namespace `ns`, listening on 0.0.0.0; else on 127.0.0.1.
+    fn start_in(dir: &std::path::Path, conns: usize, ns: Option<&Netns>) -> Self {
         let (portfile, pidfile) = (dir.join("port"), dir.join("pid"));
-        let master = Owned(
-            Command::new(helper_bin("fork-server"))
-                .arg(conns.to_string())
-                .arg(&portfile)
-                .arg(&pidfile)
-                .spawn()
-                .expect("fork-server runs"),
-        );
+        let mut cmd = match ns {
+            // `ip netns exec` runs it in place: its pid is the master's.
+            Some(ns) => {
+                let mut c = Command::new("ip");
+                c.args(["netns", "exec", &ns.0])
+                    .arg(helper_bin("fork-server"));
+                c
+            }
+            None => Command::new(helper_bin("fork-server")),
+        };
+        cmd.arg(conns.to_string()).arg(&portfile).arg(&pidfile);
+        if ns.is_some() {
+            cmd.arg("0.0.0.0");
+        }
+        let master = Owned(cmd.spawn().expect("fork-server runs"));
         let start = Instant::now();
         while !portfile.exists() && start.elapsed() < Duration::from_secs(10) {
             std::thread::sleep(Duration::from_millis(20));
@@ -449,53 +461,80 @@ fn a_connection_open_before_the_recording_stays_its_servers() {
     let _g = bpf_lock();
     // Through the raw tracepoint, and the classic one.
     for avoid in [None, Some("raw_tracepoint")] {
-        let tmp = tempfile::tempdir().expect("tempdir");
-        let server = ForkServer::start(tmp.path(), 1);
-        let (port, worker) = (server.port, server.worker);
-        // Connected before the recording; the worker waits for a request.
-        let client = std::net::TcpStream::connect(("127.0.0.1", port)).expect("connect");
-        let run = tmp.path().join("run");
-        let mut cmd = Command::new(hvprof_bin());
-        cmd.args(["record", "-q", "-p", "tcp", "-d", "4s"])
-            .args(["--pid", &worker.to_string(), "-o"])
-            .arg(&run)
-            .stdout(Stdio::null())
-            .stderr(Stdio::null());
-        if let Some(m) = avoid {
-            cmd.env("HVPROF_AVOID_METHODS", m);
-        }
-        let mut rec = Owned(cmd.spawn().expect("hvprof runs"));
-        wait_attached(&mut rec.0, &run, Duration::from_secs(20));
-        // The client closes first: the server's socket first changes
-        // state here (to CLOSE_WAIT) on this test's time, as the FIN comes
-        // in over loopback. Its life is still the worker's.
-        drop(client);
-        let status = rec.0.wait().expect("hvprof ends");
-        assert!(status.success(), "hvprof record: {status}");
-        let lives: Vec<Value> = dump_events(&run)
-            .into_iter()
-            .filter(|e| e["kind"] == "sock_life")
-            .collect();
-        // (The listener's own close may be there too, as its owner's.)
-        let server: Vec<&Value> = lives
-            .iter()
-            .filter(|l| l["sport"] == port && first_change(l) != "LISTEN>CLOSE")
-            .collect();
-        assert_eq!(server.len(), 1, "{avoid:?}: the worker's socket: {lives:?}");
-        assert_eq!(
-            first_change(server[0]),
-            "ESTABLISHED>CLOSE_WAIT",
-            "{avoid:?}"
-        );
-        let other = lives
-            .iter()
-            .find(|l| l["pid"] != worker || l["dport"] == port);
-        assert!(
-            other.is_none(),
-            "{avoid:?}: a life not the worker's: {other:?}"
-        );
-        assert!(our_bpf_programs().is_empty(), "programs left attached");
+        held_connection_stays_the_workers(avoid, None);
     }
+}
+
+#[test]
+fn a_connection_open_before_the_recording_to_a_wildcard_listener_stays_its_servers() {
+    require_bpf!("record_socket_owners_before_wildcard");
+    // On 0.0.0.0 only inside a namespace of the test's own: nothing from
+    // the host's networks can reach it there.
+    let ns = match Netns::try_new("wildcard") {
+        Ok(ns) => ns,
+        Err(why) => return skip("record_socket_owners_before_wildcard", &why),
+    };
+    let _g = bpf_lock();
+    for avoid in [None, Some("raw_tracepoint")] {
+        held_connection_stays_the_workers(avoid, Some(&ns));
+    }
+}
+
+/// A connection to a `fork-server` worker made before `record -p tcp
+/// --pid WORKER` and closed by the client during it (through the classic
+/// tracepoint when `avoid` is `raw_tracepoint`): the server's socket
+/// first changes state on the client's time, as the FIN comes in over
+/// loopback, and must still be the worker's, found through its listener
+/// (on 127.0.0.1, or in `ns` on 0.0.0.0); no life may be anyone else's.
+fn held_connection_stays_the_workers(avoid: Option<&str>, ns: Option<&Netns>) {
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let server = ForkServer::start_in(tmp.path(), 1, ns);
+    let (port, worker) = (server.port, server.worker);
+    // Connected before the recording; the worker waits for a request.
+    let to = std::net::SocketAddr::from(([127, 0, 0, 1], port));
+    let client = match ns {
+        Some(ns) => ns.connect(to),
+        None => std::net::TcpStream::connect(to).expect("connect"),
+    };
+    let run = tmp.path().join("run");
+    let mut cmd = Command::new(hvprof_bin());
+    cmd.args(["record", "-q", "-p", "tcp", "-d", "4s"])
+        .args(["--pid", &worker.to_string(), "-o"])
+        .arg(&run)
+        .stdout(Stdio::null())
+        .stderr(Stdio::null());
+    if let Some(m) = avoid {
+        cmd.env("HVPROF_AVOID_METHODS", m);
+    }
+    let mut rec = Owned(cmd.spawn().expect("hvprof runs"));
+    wait_attached(&mut rec.0, &run, Duration::from_secs(20));
+    drop(client);
+    let status = rec.0.wait().expect("hvprof ends");
+    assert!(status.success(), "hvprof record: {status}");
+    let lives: Vec<Value> = dump_events(&run)
+        .into_iter()
+        .filter(|e| e["kind"] == "sock_life")
+        .collect();
+    // (The listener's own close may be there too, as its owner's.)
+    let server: Vec<&Value> = lives
+        .iter()
+        .filter(|l| l["sport"] == port && first_change(l) != "LISTEN>CLOSE")
+        .collect();
+    let case = (avoid, ns.map(|n| &n.0));
+    assert_eq!(server.len(), 1, "{case:?}: the worker's socket: {lives:?}");
+    assert_eq!(
+        first_change(server[0]),
+        "ESTABLISHED>CLOSE_WAIT",
+        "{case:?}"
+    );
+    let other = lives
+        .iter()
+        .find(|l| l["pid"] != worker || l["dport"] == port);
+    assert!(
+        other.is_none(),
+        "{case:?}: a life not the worker's: {other:?}"
+    );
+    assert!(our_bpf_programs().is_empty(), "programs left attached");
 }
 
 #[test]

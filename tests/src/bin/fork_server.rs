@@ -1,5 +1,6 @@
-//! `fork-server N PORTFILE PIDFILE`: listens on 127.0.0.1, then forks, the
-//! way a server's master hands its listener to a worker. The worker
+//! `fork-server N PORTFILE PIDFILE [ADDR]`: listens on ADDR (an IP address,
+//! 127.0.0.1 unless given; any port), then forks, the way a server's
+//! master hands its listener to a worker. The worker
 //! answers N HTTP requests, one per connection, with an empty 200 and
 //! exits; the master holds the listener too and waits for it. PORTFILE
 //! gets the port and PIDFILE the worker's pid, once it accepts.
@@ -11,22 +12,30 @@ use std::{
 
 fn main() {
     let args: Vec<String> = std::env::args().skip(1).collect();
-    let [n, portfile, pidfile] = args.as_slice() else {
-        eprintln!("usage: fork-server N PORTFILE PIDFILE");
+    let (n, portfile, pidfile, addr) = match args.as_slice() {
+        [n, portfile, pidfile] => (n, portfile, pidfile, "127.0.0.1"),
+        [n, portfile, pidfile, addr] => (n, portfile, pidfile, addr.as_str()),
+        _ => {
+            eprintln!("usage: fork-server N PORTFILE PIDFILE [ADDR]");
+            std::process::exit(2);
+        }
+    };
+    let Ok(addr) = addr.parse::<std::net::IpAddr>() else {
+        eprintln!("fork-server: ADDR must be an IP address");
         std::process::exit(2);
     };
     let Ok(n) = n.parse::<usize>() else {
         eprintln!("fork-server: N must be a number");
         std::process::exit(2);
     };
-    if let Err(e) = run(n, portfile, pidfile) {
+    if let Err(e) = run(n, portfile, pidfile, addr) {
         eprintln!("fork-server: {e}");
         std::process::exit(1);
     }
 }
 
-fn run(n: usize, portfile: &str, pidfile: &str) -> std::io::Result<()> {
-    let listener = TcpListener::bind("127.0.0.1:0")?;
+fn run(n: usize, portfile: &str, pidfile: &str, addr: std::net::IpAddr) -> std::io::Result<()> {
+    let listener = TcpListener::bind((addr, 0))?;
     let port = listener.local_addr()?.port();
     // SAFETY: no other thread runs yet.
     match unsafe { libc::fork() } {
