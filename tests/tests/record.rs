@@ -485,7 +485,8 @@ fn a_connection_open_before_the_recording_to_a_wildcard_listener_stays_its_serve
 /// tracepoint when `avoid` is `raw_tracepoint`): the server's socket
 /// first changes state on the client's time, as the FIN comes in over
 /// loopback, and must still be the worker's, found through its listener
-/// (on 127.0.0.1, or in `ns` on 0.0.0.0); no life may be anyone else's.
+/// (on 127.0.0.1, or in `ns` on 0.0.0.0); so must the listener's close;
+/// no life may be anyone else's.
 fn held_connection_stays_the_workers(avoid: Option<&str>, ns: Option<&Netns>) {
     let tmp = tempfile::tempdir().expect("tempdir");
     let server = ForkServer::start_in(tmp.path(), 1, ns);
@@ -515,7 +516,6 @@ fn held_connection_stays_the_workers(avoid: Option<&str>, ns: Option<&Netns>) {
         .into_iter()
         .filter(|e| e["kind"] == "sock_life")
         .collect();
-    // (The listener's own close may be there too, as its owner's.)
     let server: Vec<&Value> = lives
         .iter()
         .filter(|l| l["sport"] == port && first_change(l) != "LISTEN>CLOSE")
@@ -527,6 +527,14 @@ fn held_connection_stays_the_workers(avoid: Option<&str>, ns: Option<&Netns>) {
         "ESTABLISHED>CLOSE_WAIT",
         "{case:?}"
     );
+    // The worker ends after its one connection, and the master then
+    // closes the listener, on its own time: the listener's life is its
+    // owner's too (its port, bound to 0, already let go by then).
+    let listener = lives
+        .iter()
+        .filter(|l| l["sport"] == port && first_change(l) == "LISTEN>CLOSE")
+        .count();
+    assert_eq!(listener, 1, "{case:?}: the listener's close: {lives:?}");
     let other = lives
         .iter()
         .find(|l| l["pid"] != worker || l["dport"] == port);

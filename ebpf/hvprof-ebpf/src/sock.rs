@@ -502,6 +502,19 @@ impl Sock {
         // SAFETY: same size, any bit pattern is valid.
         unsafe { core::mem::transmute(words) }
     }
+
+    /// The local port in host order: `inet_num`, or `inet_sport` once the
+    /// kernel has let go of the port, as it has at the change to TCP_CLOSE
+    /// (before the tracepoint runs) for a port not bound explicitly: a
+    /// connecting socket's, a listener's bound to port 0.
+    #[inline(always)]
+    fn local_port(&self, head: &[u8; COMMON_HEAD]) -> u16 {
+        let off = HVP_SOCK_OFFSETS.load();
+        match u16_at(head, off.num) {
+            0 => u16::from_be(self.read(off.sport)),
+            port => port,
+        }
+    }
 }
 
 /// An IPv4 address in the first 4 bytes of 16, made of words (a byte
@@ -541,7 +554,7 @@ impl Source for Sock {
         };
         ListenKey {
             family,
-            port: u16_at(&head, off.num),
+            port: self.local_port(&head),
             netns: 0,
             addr,
         }
@@ -555,12 +568,7 @@ impl Source for Sock {
         let u16_at = |o: u32| u16_at(&head, o);
         life.family = u16_at(off.family);
         life.dport = u16::from_be(u16_at(off.dport));
-        // The local port in host order, unless the socket let go of it
-        // already (closing without ever being established).
-        life.sport = u16_at(off.num);
-        if life.sport == 0 {
-            life.sport = u16::from_be(self.read(off.sport));
-        }
+        life.sport = self.local_port(&head);
         if life.family == AF_INET6 {
             life.saddr = self.read(off.v6_rcv_saddr);
             life.daddr = self.read(off.v6_daddr);
