@@ -996,7 +996,16 @@ fn live_view_and_metrics_follow_a_running_system_and_quit_on_ctrl_c() {
         .expect("tcp-burst runs");
     assert!(out.status.success());
     std::thread::sleep(std::time::Duration::from_millis(1500));
+    let steal_before = machine_steal_s();
     let text = scrape(port);
+    let steal_after = machine_steal_s();
+    // The machine's steal since boot, as /proc/stat has it around the
+    // scrape (one tick of slack each way).
+    let steal = metric(&text, "hvprof_machine_steal_seconds_total");
+    assert!(
+        steal >= steal_before - 0.011 && steal <= steal_after + 0.011,
+        "steal {steal} s, /proc/stat {steal_before} .. {steal_after} s"
+    );
     assert!(
         metric(&text, "hvprof_tcp_connections_total") >= 300.0,
         "{text}"

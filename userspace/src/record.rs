@@ -71,9 +71,9 @@ pub struct RecordArgs {
     #[arg(long, conflicts_with = "topology")]
     pub live: bool,
     /// Serve Prometheus counters (events and lost events per probe, CPU
-    /// samples per layer, connections, and hvprof's own
-    /// process_cpu_seconds_total and process_resident_memory_bytes) at
-    /// http://ADDR/metrics while recording [ADDR: 127.0.0.1:9477].
+    /// samples per layer, connections, the machine's steal, and hvprof's
+    /// own process_cpu_seconds_total and process_resident_memory_bytes)
+    /// at http://ADDR/metrics while recording [ADDR: 127.0.0.1:9477].
     #[arg(long, value_name = "ADDR", num_args = 0..=1, default_missing_value = "127.0.0.1:9477")]
     pub metrics: Option<std::net::SocketAddr>,
     /// Keep only the events of tasks in this cgroup (a cgroup v2

@@ -280,6 +280,12 @@ pub fn prometheus(c: &Counters) -> String {
         "# HELP hvprof_tcp_connections_total TCP connections established (each once).\n# TYPE hvprof_tcp_connections_total counter\nhvprof_tcp_connections_total {}",
         c.connections()
     );
+    // As node_exporter's steal mode: since boot, all CPUs.
+    let _ = writeln!(
+        o,
+        "# HELP hvprof_machine_steal_seconds_total CPU time the hypervisor under this machine took from it (steal), all CPUs, since boot.\n# TYPE hvprof_machine_steal_seconds_total counter\nhvprof_machine_steal_seconds_total {}",
+        c.stolen_s
+    );
     // The usual process metrics, of hvprof itself.
     let _ = writeln!(
         o,
@@ -396,6 +402,7 @@ mod tests {
         c.opened = 3;
         c.self_cpu_s = 1.5;
         c.self_rss_bytes = 4096;
+        c.stolen_s = 0.25;
         let text = prometheus(&c);
         assert!(text.contains("hvprof_events_total{probe=\"tcp:inet_sock_set_state\"} 12"));
         assert!(text.contains("hvprof_cpu_samples_total{layer=\"socket\"} 5"));
@@ -405,6 +412,8 @@ mod tests {
         assert!(text.contains("process_cpu_seconds_total 1.5\n"));
         assert!(text.contains("# TYPE process_resident_memory_bytes gauge\n"));
         assert!(text.contains("process_resident_memory_bytes 4096\n"));
+        assert!(text.contains("# TYPE hvprof_machine_steal_seconds_total counter\n"));
+        assert!(text.contains("hvprof_machine_steal_seconds_total 0.25\n"));
     }
 
     #[test]
