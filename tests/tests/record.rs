@@ -498,17 +498,9 @@ fn held_connection_stays_the_workers(avoid: Option<&str>, ns: Option<&Netns>) {
         None => std::net::TcpStream::connect(to).expect("connect"),
     };
     let run = tmp.path().join("run");
-    let mut cmd = Command::new(hvprof_bin());
-    cmd.args(["record", "-q", "-p", "tcp", "-d", "4s"])
-        .args(["--pid", &worker.to_string(), "-o"])
-        .arg(&run)
-        .stdout(Stdio::null())
-        .stderr(Stdio::null());
-    if let Some(m) = avoid {
-        cmd.env("HVPROF_AVOID_METHODS", m);
-    }
-    let mut rec = Owned(cmd.spawn().expect("hvprof runs"));
-    wait_attached(&mut rec.0, &run, Duration::from_secs(20));
+    let worker_pid = worker.to_string();
+    let args = ["-q", "-p", "tcp", "-d", "4s", "--pid", &worker_pid];
+    let mut rec = recording(&args, &run, Stdio::null(), avoid);
     drop(client);
     let status = rec.0.wait().expect("hvprof ends");
     assert!(status.success(), "hvprof record: {status}");
@@ -760,17 +752,19 @@ fn the_classic_scheduler_tracepoints_see_two_hogs_share_a_cpu() {
 }
 
 /// `hvprof record ARGS -o RUN` in the background, once its event log
-/// exists (the probes are attached).
-fn recording(args: &[&str], run: &std::path::Path, stdout: Stdio) -> Owned {
-    let child = Command::new(hvprof_bin())
-        .arg("record")
+/// exists (the probes are attached); with `avoid`, as
+/// `HVPROF_AVOID_METHODS` (`raw_tracepoint`: through the classic one).
+fn recording(args: &[&str], run: &std::path::Path, stdout: Stdio, avoid: Option<&str>) -> Owned {
+    let mut cmd = Command::new(hvprof_bin());
+    cmd.arg("record")
         .args(args)
         .arg("-o")
         .arg(run)
-        .stdout(stdout)
-        .spawn()
-        .expect("hvprof runs");
-    let mut rec = Owned(child);
+        .stdout(stdout);
+    if let Some(m) = avoid {
+        cmd.env("HVPROF_AVOID_METHODS", m);
+    }
+    let mut rec = Owned(cmd.spawn().expect("hvprof runs"));
     wait_attached(&mut rec.0, run, Duration::from_secs(20));
     rec
 }
@@ -796,7 +790,7 @@ fn sockets_still_open_when_recording_stops_keep_their_lives() {
     let run = tmp.path().join("run");
     let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("listen");
     let port = listener.local_addr().expect("addr").port().to_string();
-    let mut rec = recording(&["-q", "-p", "tcp", "-d", "3s"], &run, Stdio::null());
+    let mut rec = recording(&["-q", "-p", "tcp", "-d", "3s"], &run, Stdio::null(), None);
     // Opened during the recording, still open when it stops.
     let client =
         std::net::TcpStream::connect(("127.0.0.1", port.parse().expect("port"))).expect("connect");
@@ -825,6 +819,7 @@ fn more_open_sockets_than_max_sockets_are_counted_lost_and_flagged() {
         &["-p", "tcp", "--max-sockets", "8", "-d", "3s"],
         &run,
         Stdio::piped(),
+        None,
     );
     // 20 connections (40 sockets) open at once, more than the map holds.
     let mut held = Vec::new();
