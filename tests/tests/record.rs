@@ -677,6 +677,47 @@ fn the_classic_tracepoint_records_the_same_lives_where_raw_ones_are_avoided() {
     }
     let meta: Value = read_json(&run.join("meta.json"));
     assert_eq!(meta["all_tcp_states"], false, "{meta}");
+    assert!(meta.get("hooks_only").is_none(), "{meta}");
+}
+
+/// `HVPROF_HOOKS_ONLY=1` (what `bench overhead --floor` measures): the
+/// socket probe attaches and its program runs at every state change, but
+/// returns at once — nothing is recorded, and the run says why.
+#[test]
+fn with_hooks_only_the_programs_run_and_record_nothing() {
+    require_bpf!("record_hooks_only");
+    let _g = bpf_lock();
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let run = tmp.path().join("run");
+    let out = Command::new(hvprof_bin())
+        .env("HVPROF_HOOKS_ONLY", "1")
+        .args(["record", "-p", "tcp", "--bpf-stats", "-o"])
+        .arg(&run)
+        .arg("--")
+        .arg(helper_bin("tcp-burst"))
+        .arg("200")
+        .arg(run.with_extension("port"))
+        .output()
+        .expect("hvprof runs");
+    assert_ok(&out, "hvprof record");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        stderr.contains("HVPROF_HOOKS_ONLY") && stderr.contains("nothing is recorded"),
+        "{stderr}"
+    );
+    let summary: Value = read_json(&run.join("summary.json"));
+    let sock = &summary["probes"][0];
+    assert_eq!(sock["name"], "tcp:inet_sock_set_state", "{summary}");
+    let runs = sock["run_count"].as_u64().expect("run_count");
+    assert!(
+        runs >= 200 * 8,
+        "the program ran at each state change of both ends: {runs}"
+    );
+    assert_eq!(summary["events"], 0, "{summary}");
+    assert_eq!(summary["connections"], 0, "{summary}");
+    let port = std::fs::read_to_string(run.with_extension("port")).expect("port");
+    assert!(connections_to(&run, port.trim()).is_empty());
+    assert_eq!(read_json(&run.join("meta.json"))["hooks_only"], true);
 }
 
 /// Two busy loops sharing one CPU for a 3-second recording of the

@@ -36,6 +36,15 @@ pub const LOST_MAP: &str = "HVP_LOST";
 
 /// Methods to treat as unavailable, comma-separated.
 pub const AVOID_METHODS_ENV: &str = "HVPROF_AVOID_METHODS";
+/// Set (and not `0`): every program returns at once, so the probes attach
+/// and cost what their attachment points alone cost, and nothing is
+/// recorded (`cargo xtask bench overhead --floor`).
+pub const HOOKS_ONLY_ENV: &str = "HVPROF_HOOKS_ONLY";
+
+/// Whether [`HOOKS_ONLY_ENV`] asks for programs that return at once.
+pub fn hooks_only() -> bool {
+    std::env::var_os(HOOKS_ONLY_ENV).is_some_and(|v| !v.is_empty() && v != "0")
+}
 
 /// A catalog row with the method it gets here.
 #[derive(Debug, Clone)]
@@ -474,6 +483,7 @@ const CGROUPS_MAP: &str = "HVP_CGROUPS";
 const TASK_FILTER_GLOBAL: &str = "HVP_TASK_FILTER";
 /// Bytes waiting in the ring at which a program wakes the reader.
 const WAKEUP_GLOBAL: &str = "HVP_WAKEUP_BYTES";
+const HOOKS_ONLY_GLOBAL: &str = "HVP_HOOKS_ONLY";
 
 /// The object loaded by [`load`], with what [`attach`] needs of the load's
 /// options.
@@ -497,6 +507,13 @@ pub fn load(opts: &LoadOptions) -> Result<Loaded> {
     let dev_off = dev::offsets(btf.as_ref(), opts.dev_filter);
     let wakeup_bytes = u64::from(opts.ringbuf_bytes) / 4;
     let (slots, overflow) = tcp::map_sizes(opts.max_sockets);
+    let hooks_only = hooks_only();
+    if hooks_only {
+        log::warn!(
+            "${HOOKS_ONLY_ENV} is set: every program returns at once, so the probes cost only \
+             their attachment and nothing is recorded"
+        );
+    }
     let mut ebpf = EbpfLoader::new()
         .override_global(dev::OFFSETS_GLOBAL, &dev_off, true)
         .override_global(tcp::TP_GLOBAL, &tp, true)
@@ -507,6 +524,7 @@ pub fn load(opts: &LoadOptions) -> Result<Loaded> {
         .override_global(vmexit::TP_GLOBAL, &vmexit::tp_offsets(), true)
         .override_global(TASK_FILTER_GLOBAL, &opts.tasks.bits(), true)
         .override_global(WAKEUP_GLOBAL, &wakeup_bytes, true)
+        .override_global(HOOKS_ONLY_GLOBAL, &u32::from(hooks_only), true)
         .override_global(tcp::SLOT_COUNT_GLOBAL, &slots, true)
         .override_global(
             tcp::ALL_STATES_GLOBAL,

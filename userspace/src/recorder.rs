@@ -261,6 +261,7 @@ impl Recorder {
                 .programs
                 .contains_key(tcp::PROBE)
                 .then_some(opts.all_tcp_states),
+            hooks_only: attach::hooks_only(),
             probes: session.statuses.clone(),
             functions: session.functions.clone(),
             lost: BTreeMap::new(),

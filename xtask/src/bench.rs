@@ -475,6 +475,23 @@ pub struct OverheadArgs {
     /// the kernel.
     #[arg(long, value_name = "NAME")]
     pub comm: Vec<String>,
+    /// Also run, in each round, the same probes attached with every
+    /// program returning at once (`HVPROF_HOOKS_ONLY=1`): what the
+    /// attachment points alone cost, the floor under any program, and
+    /// what the programs' work adds on top of it.
+    #[arg(long)]
+    pub floor: bool,
+}
+
+/// The loads of an overhead round.
+#[derive(Debug, Clone, Copy)]
+enum ArmKind {
+    /// Nothing attached.
+    Plain,
+    /// The probes attached, their programs returning at once.
+    Hooks,
+    /// The probes attached, as `hvprof record` runs them.
+    Probed,
 }
 
 /// Probe overhead, A/B: the 0-byte close-mode benchmark through HAProxy
@@ -501,14 +518,16 @@ pub fn bench_overhead(o: &OverheadArgs) -> Result<()> {
     let url = format!("{proxy}/?s=0");
     let tmp = std::env::temp_dir().join(format!("hvprof-overhead-{}", std::process::id()));
     let _cleanup = DirGuard(tmp.clone());
-    let (mut plain, mut probed) = (Vec::new(), Vec::new());
+    let (mut plain, mut probed, mut hooks) = (Vec::new(), Vec::new(), Vec::new());
     let mut programs: std::collections::BTreeMap<String, (f64, f64)> = Default::default();
     let mut lost = 0.0;
     // The recorder's own CPU seconds while its load ran, and those seconds.
     let mut recorder = (0.0, 0.0);
     println!(
-        "probe overhead: 0-byte close mode through HAProxy on native, {} s per run, {} A/B rounds",
-        o.duration, o.rounds
+        "probe overhead: 0-byte close mode through HAProxy on native, {} s per run, {} {} rounds",
+        o.duration,
+        o.rounds,
+        if o.floor { "A/F/B" } else { "A/B" }
     );
     let load = ClosedLoad {
         url: &url,
@@ -516,9 +535,10 @@ pub fn bench_overhead(o: &OverheadArgs) -> Result<()> {
         concurrency: o.concurrency,
         duration_s: o.duration,
     };
-    // One recorded load (B); with the kernel's BPF statistics on, its
-    // programs' run time and count are added to `programs`.
-    let mut b_run = |run: String, bpf_stats: bool| -> Result<Arm> {
+    // One recorded load (B, or F with `hooks_only`); with the kernel's BPF
+    // statistics on, its programs' run time and count are added to
+    // `programs`.
+    let mut b_run = |run: String, bpf_stats: bool, hooks_only: bool| -> Result<Arm> {
         let dir = tmp.join(&run);
         let json = tmp.join(format!("{run}.json"));
         let mut extra: Vec<&str> = if o.no_packets {
@@ -535,9 +555,13 @@ pub fn bench_overhead(o: &OverheadArgs) -> Result<()> {
         for c in &o.comm {
             extra.extend(["--comm", c]);
         }
-        let mut child = recorded_load(&bin, &extra, &dir, &load, &json)
-            .spawn()
-            .context("running hvprof record")?;
+        let mut cmd = recorded_load(&bin, &extra, &dir, &load, &json);
+        if hooks_only {
+            // Its warning that nothing is recorded is this arm's point.
+            cmd.env("HVPROF_HOOKS_ONLY", "1")
+                .env("RUST_LOG", "warn,hvprof::attach=error");
+        }
+        let mut child = cmd.spawn().context("running hvprof record")?;
         let (status, cpu, busy) = recorder_cpu_during_load(&mut child, o.duration)?;
         if !status.success() {
             bail!("hvprof record failed: {status}");
@@ -548,7 +572,7 @@ pub fn bench_overhead(o: &OverheadArgs) -> Result<()> {
             serde_json::from_slice(&std::fs::read(dir.join("summary.json"))?)?;
         if bpf_stats {
             add_program_stats(&summary, &mut programs);
-        } else {
+        } else if !hooks_only {
             recorder.0 += cpu.0;
             recorder.1 += cpu.1;
         }
@@ -563,7 +587,7 @@ pub fn bench_overhead(o: &OverheadArgs) -> Result<()> {
     // Machine CPU per connection (µs) of each run, from the middle of its
     // load: what the rate alone can't show on a machine that isn't fully
     // busy, where the rate also follows how fast idle CPUs wake.
-    let (mut plain_cpu, mut probed_cpu) = (Vec::new(), Vec::new());
+    let (mut plain_cpu, mut probed_cpu, mut hooks_cpu) = (Vec::new(), Vec::new(), Vec::new());
     let mut steal = Vec::new();
     // The larger steal of each round's two loads (NaN: not measured).
     let mut round_steal = Vec::new();
@@ -572,23 +596,45 @@ pub fn bench_overhead(o: &OverheadArgs) -> Result<()> {
         let rate = hvprof_load(&bin, &url, &a)?.rate;
         Ok(Arm::new(rate, busy.join().ok().flatten()))
     };
+    let mut kinds = vec![ArmKind::Plain, ArmKind::Probed];
+    if o.floor {
+        kinds.insert(1, ArmKind::Hooks);
+    }
     for round in 0..o.rounds {
-        let run = format!("run{round}");
-        let (pa, pb) = if round % 2 == 0 {
-            let pa = a_run()?;
-            (pa, b_run(run, false)?)
-        } else {
-            let pb = b_run(run, false)?;
-            (a_run()?, pb)
+        // Each kind of load goes first in turn, against the machine's drift.
+        let mut order = kinds.clone();
+        order.rotate_left(round % kinds.len());
+        let (mut pa, mut pb, mut pf) = (None, None, None);
+        for kind in order {
+            match kind {
+                ArmKind::Plain => pa = Some(a_run()?),
+                ArmKind::Probed => pb = Some(b_run(format!("run{round}"), false, false)?),
+                ArmKind::Hooks => pf = Some(b_run(format!("hooks{round}"), false, true)?),
+            }
+        }
+        let (Some(pa), Some(pb)) = (pa, pb) else {
+            bail!("round {round} ran without its plain or probed load");
         };
         plain.push(pa.rate);
         plain_cpu.push(pa.cpu_us);
         probed.push(pb.rate);
         probed_cpu.push(pb.cpu_us);
+        let mut stolen = pa.steal_pct.max(pb.steal_pct);
         steal.extend([pa.steal_pct, pb.steal_pct]);
-        round_steal.push(pa.steal_pct.max(pb.steal_pct));
+        let mut floor_note = String::new();
+        if let Some(pf) = pf {
+            hooks.push(pf.rate);
+            hooks_cpu.push(pf.cpu_us);
+            stolen = stolen.max(pf.steal_pct);
+            steal.push(pf.steal_pct);
+            floor_note = format!(
+                ", hooks only {:.0} conn/s {:.1} CPU µs/conn",
+                pf.rate, pf.cpu_us
+            );
+        }
+        round_steal.push(stolen);
         println!(
-            "  round {}: plain {:.0} conn/s {:.1} CPU µs/conn, probed {:.0} conn/s {:.1} CPU µs/conn{}",
+            "  round {}: plain {:.0} conn/s {:.1} CPU µs/conn, probed {:.0} conn/s {:.1} CPU µs/conn{floor_note}{}",
             round + 1,
             pa.rate,
             pa.cpu_us,
@@ -600,7 +646,7 @@ pub fn bench_overhead(o: &OverheadArgs) -> Result<()> {
     // The statistics cost every program two clock reads per run: they are
     // off in the rounds above and on in one more recorded load, for the
     // time per run alone.
-    let stats_cps = b_run("stats".into(), true)?.rate;
+    let stats_cps = b_run("stats".into(), true, false)?.rate;
     stand.stop();
     let mut with = if o.probes.is_empty() {
         "with every probe".to_string()
@@ -612,6 +658,15 @@ pub fn bench_overhead(o: &OverheadArgs) -> Result<()> {
     }
     let rate = paired(&plain, &probed);
     let calm = calm_rounds(&plain, &probed, &round_steal);
+    // With --floor: the hooks against nothing, and the programs' work
+    // (every probe against the hooks alone), each paired within rounds.
+    let floor = o.floor.then(|| {
+        (
+            paired(&plain, &hooks),
+            paired(&hooks, &probed),
+            paired(&plain_cpu, &hooks_cpu),
+        )
+    });
     let (pa, pb) = (median(&mut plain), median(&mut probed));
     println!(
         "plain {pa:.0} conn/s, {with} {pb:.0} conn/s (medians); overhead {:.1}% \
@@ -639,6 +694,25 @@ pub fn bench_overhead(o: &OverheadArgs) -> Result<()> {
                 100.0 * (1.0 - calm.low),
             );
         }
+    }
+    if let Some((hooks_rate, work, hooks_cpu_ratio)) = floor {
+        println!(
+            "the hooks alone (the same probes, every program returning at once): {:.0} conn/s \
+             (median); overhead {:.1}% ({:.0}% confidence {:.1}% .. {:.1}%), machine CPU per \
+             connection {:+.1}% ({:+.1}% .. {:+.1}%); the programs' work on top of them: {:.1}% \
+             ({:.1}% .. {:.1}%)",
+            median(&mut hooks),
+            100.0 * (1.0 - hooks_rate.median),
+            100.0 * hooks_rate.confidence,
+            100.0 * (1.0 - hooks_rate.high),
+            100.0 * (1.0 - hooks_rate.low),
+            100.0 * (hooks_cpu_ratio.median - 1.0),
+            100.0 * (hooks_cpu_ratio.low - 1.0),
+            100.0 * (hooks_cpu_ratio.high - 1.0),
+            100.0 * (1.0 - work.median),
+            100.0 * (1.0 - work.high),
+            100.0 * (1.0 - work.low),
+        );
     }
     let cpu = paired(&plain_cpu, &probed_cpu);
     if cpu.median.is_finite() {

@@ -173,6 +173,9 @@ fn release<T, const N: usize>(batch: *mut Batch<T, N>) {
 /// that adds none.
 #[perf_event]
 pub fn hvp_batch_flush(_ctx: PerfEventContext) -> u32 {
+    if crate::maps::hooks_only() {
+        return 0;
+    }
     flush_all();
     0
 }
@@ -181,6 +184,9 @@ pub fn hvp_batch_flush(_ctx: PerfEventContext) -> u32 {
 /// going idle (the timer above doesn't fire on an idle CPU).
 #[raw_tracepoint(tracepoint = "cpu_idle")]
 pub fn hvp_batch_idle(ctx: RawTracePointContext) -> i32 {
+    if crate::maps::hooks_only() {
+        return 0;
+    }
     // TP_PROTO(unsigned int state, unsigned int cpu_id); leaving idle is
     // PWR_EVENT_EXIT, -1.
     let state: u64 = ctx.arg(0);

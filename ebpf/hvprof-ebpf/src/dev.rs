@@ -56,6 +56,9 @@ pub fn batch() -> Option<*mut DevPacketsEvent> {
 
 #[tracepoint(category = "net", name = "net_dev_start_xmit")]
 pub fn hvp_dev_xmit(ctx: TracePointContext) -> u32 {
+    if crate::maps::hooks_only() {
+        return 0;
+    }
     let o = HVP_DEV_OFFSETS.load();
     let _ = classic(&ctx, o.tp_xmit_skbaddr, o.tp_xmit_len, 0, probe::DEV_XMIT);
     0
@@ -63,6 +66,9 @@ pub fn hvp_dev_xmit(ctx: TracePointContext) -> u32 {
 
 #[tracepoint(category = "net", name = "netif_receive_skb")]
 pub fn hvp_dev_recv(ctx: TracePointContext) -> u32 {
+    if crate::maps::hooks_only() {
+        return 0;
+    }
     let o = HVP_DEV_OFFSETS.load();
     let _ = classic(&ctx, o.tp_recv_skbaddr, o.tp_recv_len, 1, probe::DEV_RECV);
     0
@@ -70,6 +76,9 @@ pub fn hvp_dev_recv(ctx: TracePointContext) -> u32 {
 
 #[raw_tracepoint(tracepoint = "net_dev_start_xmit")]
 pub fn hvp_dev_xmit_raw(ctx: RawTracePointContext) -> i32 {
+    if crate::maps::hooks_only() {
+        return 0;
+    }
     // TP_PROTO(const struct sk_buff *skb, const struct net_device *dev)
     let skb: u64 = ctx.arg(0);
     let dev: u64 = ctx.arg(1);
@@ -79,6 +88,9 @@ pub fn hvp_dev_xmit_raw(ctx: RawTracePointContext) -> i32 {
 
 #[raw_tracepoint(tracepoint = "netif_receive_skb")]
 pub fn hvp_dev_recv_raw(ctx: RawTracePointContext) -> i32 {
+    if crate::maps::hooks_only() {
+        return 0;
+    }
     // TP_PROTO(struct sk_buff *skb)
     let skb: u64 = ctx.arg(0);
     let _ = packet(skb, None, 1, probe::DEV_RECV, |o| read(skb, o.skb_len));

@@ -13,6 +13,9 @@ use crate::maps::{EVENTS, count_lost, header_into, submit_flags};
 
 #[kprobe]
 pub fn hvp_fn_entry(ctx: ProbeContext) -> u32 {
+    if crate::maps::hooks_only() {
+        return 0;
+    }
     if !task_wanted() {
         return 0;
     }

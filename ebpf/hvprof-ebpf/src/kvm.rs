@@ -27,6 +27,9 @@ static REASONS: HashMap<u32, u64> = HashMap::with_max_entries(1024, 0);
 
 #[tracepoint(category = "kvm", name = "kvm_exit")]
 pub fn hvp_kvm_exit(ctx: TracePointContext) -> u32 {
+    if crate::maps::hooks_only() {
+        return 0;
+    }
     let now = unsafe { bpf_ktime_get_ns() };
     let tid = ctx.pid();
     match VCPUS.get_ptr_mut(tid) {
@@ -62,6 +65,9 @@ pub fn hvp_kvm_exit(ctx: TracePointContext) -> u32 {
 
 #[tracepoint(category = "kvm", name = "kvm_entry")]
 pub fn hvp_kvm_entry(ctx: TracePointContext) -> u32 {
+    if crate::maps::hooks_only() {
+        return 0;
+    }
     let now = unsafe { bpf_ktime_get_ns() };
     if let Some(v) = VCPUS.get_ptr_mut(ctx.pid()) {
         // SAFETY: map value pointer.

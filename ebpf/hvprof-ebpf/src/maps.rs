@@ -1,5 +1,6 @@
-//! Maps shared by every program: the event ring buffer, the per-probe
-//! lost-event counters, and the common event header filler.
+//! What every program shares: the event ring buffer, the per-probe
+//! lost-event counters, the common event header filler, and the switch
+//! that makes every program return at once (`HVP_HOOKS_ONLY`).
 
 use aya_ebpf::{
     Global,
@@ -23,6 +24,19 @@ pub static LOST: PerCpuArray<u64> = PerCpuArray::with_max_entries(MAX_PROBES, 0)
 /// of the ring, set by user space with the ring's size.
 #[unsafe(no_mangle)]
 static HVP_WAKEUP_BYTES: Global<u64> = Global::new(2 * 1024 * 1024);
+
+/// Non-zero: every program returns at once, so a recording costs what its
+/// attachment points alone cost and records nothing — the floor under any
+/// program, for `cargo xtask bench overhead --floor`. Set at load time.
+#[unsafe(no_mangle)]
+static HVP_HOOKS_ONLY: Global<u32> = Global::new(0);
+
+/// Whether the programs are to return at once ([`HVP_HOOKS_ONLY`]): each
+/// program's first test.
+#[inline(always)]
+pub fn hooks_only() -> bool {
+    HVP_HOOKS_ONLY.load() != 0
+}
 
 /// Wake the reader only once a quarter of the ring is waiting; user space
 /// drains on a short timer anyway, so this is for bursts. A wakeup per

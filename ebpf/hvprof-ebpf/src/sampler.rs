@@ -13,6 +13,9 @@ use crate::maps::{EVENTS, count_lost, header_into, submit_flags};
 
 #[perf_event]
 pub fn hvp_cpu_sample(ctx: PerfEventContext) -> u32 {
+    if crate::maps::hooks_only() {
+        return 0;
+    }
     // The idle task is sampled too: softirq work (bridge, netfilter, the
     // stack's receive path) often runs on top of it. User space drops the
     // samples of the idle loop itself.

@@ -52,6 +52,9 @@ const SLEEP_STATES: i64 = 0xff;
 
 #[tracepoint(category = "sched", name = "sched_switch")]
 pub fn hvp_sched_switch(ctx: TracePointContext) -> u32 {
+    if crate::maps::hooks_only() {
+        return 0;
+    }
     let off = HVP_SCHED_TP.load();
     // SAFETY: offsets from this kernel's tracepoint format.
     let (prev, next, state) = unsafe {
@@ -78,6 +81,9 @@ pub fn hvp_sched_switch(ctx: TracePointContext) -> u32 {
 
 #[raw_tracepoint(tracepoint = "sched_switch")]
 pub fn hvp_sched_switch_raw(ctx: RawTracePointContext) -> i32 {
+    if crate::maps::hooks_only() {
+        return 0;
+    }
     // TP_PROTO(bool preempt, struct task_struct *prev, struct task_struct
     // *next, ...): `prev` is the current task.
     let off = HVP_TASK_OFFSETS.load();
@@ -168,6 +174,9 @@ fn on_switch(
 
 #[tracepoint(category = "sched", name = "sched_wakeup")]
 pub fn hvp_sched_wakeup(ctx: TracePointContext) -> u32 {
+    if crate::maps::hooks_only() {
+        return 0;
+    }
     let off = HVP_SCHED_TP.load();
     // SAFETY: offset from this kernel's tracepoint format.
     let pid = unsafe { ctx.read_at::<i32>(off.wakeup_pid as usize) }.unwrap_or(0) as u32;
@@ -177,6 +186,9 @@ pub fn hvp_sched_wakeup(ctx: TracePointContext) -> u32 {
 
 #[raw_tracepoint(tracepoint = "sched_wakeup")]
 pub fn hvp_sched_wakeup_raw(ctx: RawTracePointContext) -> i32 {
+    if crate::maps::hooks_only() {
+        return 0;
+    }
     // TP_PROTO(struct task_struct *p)
     let task: u64 = ctx.arg(0);
     on_wakeup(read_task::<i32>(task, HVP_TASK_OFFSETS.load().pid) as u32);

@@ -140,6 +140,9 @@ trait Source {
 
 #[raw_tracepoint(tracepoint = "inet_sock_set_state")]
 pub fn hvp_sock_raw(ctx: RawTracePointContext) -> i32 {
+    if crate::maps::hooks_only() {
+        return 0;
+    }
     // TP_PROTO(const struct sock *sk, const int oldstate, const int newstate)
     let sk: u64 = ctx.arg(0);
     let old: i32 = ctx.arg(1);
@@ -150,6 +153,9 @@ pub fn hvp_sock_raw(ctx: RawTracePointContext) -> i32 {
 
 #[tracepoint(category = "sock", name = "inet_sock_set_state")]
 pub fn hvp_sock_state(ctx: TracePointContext) -> u32 {
+    if crate::maps::hooks_only() {
+        return 0;
+    }
     let off = HVP_SOCK_STATE_TP.load();
     let rec = Record(&ctx, off);
     let sk: u64 = rec.get(off.skaddr);

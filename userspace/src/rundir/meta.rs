@@ -65,6 +65,10 @@ pub struct Meta {
     /// hold every change).
     #[serde(default)]
     pub all_tcp_states: Option<bool>,
+    /// The programs returned at once (`$HVPROF_HOOKS_ONLY`): the probes
+    /// were attached but recorded nothing. Written only when true.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub hooks_only: bool,
     /// Every probe considered, attached or not.
     pub probes: Vec<ProbeStatus>,
     /// Addresses of the functions probed on entry, to name their events.
