@@ -2,7 +2,7 @@
 //! real probes, real loopback connections, real signals.
 
 use std::{
-    process::{Command, Stdio},
+    process::{Command, Output, Stdio},
     time::{Duration, Instant},
 };
 
@@ -629,16 +629,15 @@ fn programs_of(summary: &Value) -> Vec<&str> {
         .collect()
 }
 
-#[test]
-fn the_classic_tracepoint_records_the_same_lives_where_raw_ones_are_avoided() {
-    require_bpf!("record_classic_tracepoint");
-    let _g = bpf_lock();
-    let tmp = tempfile::tempdir().expect("tempdir");
-    let run = tmp.path().join("run");
+/// `hvprof record -p tcp EXTRA -o RUN -- tcp-burst 200 RUN.port` with the
+/// environment variable `env` set, checked to succeed: its output.
+fn tcp_burst_200(env: (&str, &str), extra: &[&str], run: &std::path::Path) -> Output {
     let out = Command::new(hvprof_bin())
-        .env("HVPROF_AVOID_METHODS", "raw_tracepoint")
-        .args(["record", "-p", "tcp", "-o"])
-        .arg(&run)
+        .env(env.0, env.1)
+        .args(["record", "-p", "tcp"])
+        .args(extra)
+        .arg("-o")
+        .arg(run)
         .arg("--")
         .arg(helper_bin("tcp-burst"))
         .arg("200")
@@ -646,6 +645,16 @@ fn the_classic_tracepoint_records_the_same_lives_where_raw_ones_are_avoided() {
         .output()
         .expect("hvprof runs");
     assert_ok(&out, "hvprof record");
+    out
+}
+
+#[test]
+fn the_classic_tracepoint_records_the_same_lives_where_raw_ones_are_avoided() {
+    require_bpf!("record_classic_tracepoint");
+    let _g = bpf_lock();
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let run = tmp.path().join("run");
+    tcp_burst_200(("HVPROF_AVOID_METHODS", "raw_tracepoint"), &[], &run);
     let summary: Value = read_json(&run.join("summary.json"));
     assert_eq!(
         summary["probes"][0]["program"], "hvp_sock_state",
@@ -689,17 +698,7 @@ fn with_hooks_only_the_programs_run_and_record_nothing() {
     let _g = bpf_lock();
     let tmp = tempfile::tempdir().expect("tempdir");
     let run = tmp.path().join("run");
-    let out = Command::new(hvprof_bin())
-        .env("HVPROF_HOOKS_ONLY", "1")
-        .args(["record", "-p", "tcp", "--bpf-stats", "-o"])
-        .arg(&run)
-        .arg("--")
-        .arg(helper_bin("tcp-burst"))
-        .arg("200")
-        .arg(run.with_extension("port"))
-        .output()
-        .expect("hvprof runs");
-    assert_ok(&out, "hvprof record");
+    let out = tcp_burst_200(("HVPROF_HOOKS_ONLY", "1"), &["--bpf-stats"], &run);
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(
         stderr.contains("HVPROF_HOOKS_ONLY") && stderr.contains("nothing is recorded"),
