@@ -447,9 +447,9 @@ pub struct OverheadArgs {
     /// Seconds per measurement.
     #[arg(short, long, default_value_t = 3)]
     pub duration: u64,
-    /// A/B rounds (each round runs both once, alternating which first).
-    /// The machine's own speed drifts between rounds: the overhead is the
-    /// median of each round's paired ratio, printed with its
+    /// A/B rounds (each round runs each load once, taking turns going
+    /// first). The machine's own speed drifts between rounds: the overhead
+    /// is the median of each round's paired ratio, printed with its
     /// distribution-free 95 % confidence interval (the whole range up to
     /// 8 rounds; from 9, narrower).
     #[arg(short, long, default_value_t = 8)]
