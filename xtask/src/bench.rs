@@ -478,7 +478,9 @@ pub struct OverheadArgs {
     /// Also run, in each round, the same probes attached with every
     /// program returning at once (`HVPROF_HOOKS_ONLY=1`): what the
     /// attachment points alone cost, the floor under any program, and
-    /// what the programs' work adds on top of it.
+    /// what the programs' work adds on top of it. (`HVPROF_HOOKS_ONLY=1`
+    /// set for the whole benchmark makes every probed load a hooks-only
+    /// one instead: two loads a round, the floor alone, faster.)
     #[arg(long)]
     pub floor: bool,
 }
@@ -500,6 +502,15 @@ enum ArmKind {
 /// Prints conn/s of each, the overhead and per-program ns per run from the
 /// kernel's BPF statistics.
 pub fn bench_overhead(o: &OverheadArgs) -> Result<()> {
+    // Set in this environment, it reaches every recorded load: the probed
+    // loads are then the hooks alone, and say so.
+    let hooks_env = std::env::var_os(HOOKS_ONLY_ENV).is_some_and(|v| !v.is_empty() && v != "0");
+    if hooks_env && o.floor {
+        bail!(
+            "--floor runs its own hooks-only loads: unset {HOOKS_ONLY_ENV} to compare them with \
+             the probes as `hvprof record` runs them"
+        );
+    }
     let root = crate::root();
     if !o.no_build {
         crate::build_release()?;
@@ -556,9 +567,9 @@ pub fn bench_overhead(o: &OverheadArgs) -> Result<()> {
             extra.extend(["--comm", c]);
         }
         let mut cmd = recorded_load(&bin, &extra, &dir, &load, &json);
-        if hooks_only {
+        if hooks_only || hooks_env {
             // Its warning that nothing is recorded is this arm's point.
-            cmd.env("HVPROF_HOOKS_ONLY", "1")
+            cmd.env(HOOKS_ONLY_ENV, "1")
                 .env("RUST_LOG", "warn,hvprof::attach=error");
         }
         let mut child = cmd.spawn().context("running hvprof record")?;
@@ -622,7 +633,7 @@ pub fn bench_overhead(o: &OverheadArgs) -> Result<()> {
         let mut stolen = pa.steal_pct.max(pb.steal_pct);
         steal.extend([pa.steal_pct, pb.steal_pct]);
         let mut floor_note = String::new();
-        if let Some(pf) = pf {
+        if let Some(pf) = &pf {
             hooks.push(pf.rate);
             hooks_cpu.push(pf.cpu_us);
             stolen = stolen.max(pf.steal_pct);
@@ -640,7 +651,7 @@ pub fn bench_overhead(o: &OverheadArgs) -> Result<()> {
             pa.cpu_us,
             pb.rate,
             pb.cpu_us,
-            stolen_note(pa.steal_pct, pb.steal_pct),
+            stolen_note(&[Some(&pa), Some(&pb), pf.as_ref()]),
         );
     }
     // The statistics cost every program two clock reads per run: they are
@@ -655,6 +666,9 @@ pub fn bench_overhead(o: &OverheadArgs) -> Result<()> {
     };
     if !o.comm.is_empty() {
         with += &format!(" (--comm {})", o.comm.join(", "));
+    }
+    if hooks_env {
+        with += &format!(", every program returning at once ({HOOKS_ONLY_ENV}),");
     }
     let rate = paired(&plain, &probed);
     let calm = calm_rounds(&plain, &probed, &round_steal);
@@ -765,6 +779,10 @@ pub fn bench_overhead(o: &OverheadArgs) -> Result<()> {
 
 /// Steal (% of the CPUs' time) under which a round counts as calm.
 const CALM_STEAL_PCT: f64 = 1.0;
+
+/// `hvprof record`'s switch for programs that return at once (as
+/// `hvprof::attach::HOOKS_ONLY_ENV`; xtask doesn't link hvprof).
+const HOOKS_ONLY_ENV: &str = "HVPROF_HOOKS_ONLY";
 
 /// The paired ratios of the rounds whose loads both had less than
 /// [`CALM_STEAL_PCT`] steal (`steal`: each round's larger share), and how
@@ -976,10 +994,13 @@ impl Arm {
     }
 }
 
-/// ", steal a% / b%" when the hypervisor took any of a round's CPU time.
-fn stolen_note(plain: f64, probed: f64) -> String {
-    if plain.max(probed) >= 0.5 {
-        format!(", steal {plain:.1}% / {probed:.1}%")
+/// ", steal a% / b% / f%" when the hypervisor took any of a round's CPU
+/// time: each load's share, in the order the round line names them.
+fn stolen_note(loads: &[Option<&Arm>]) -> String {
+    let shares: Vec<f64> = loads.iter().flatten().map(|l| l.steal_pct).collect();
+    if shares.iter().any(|&s| s >= 0.5) {
+        let each: Vec<String> = shares.iter().map(|s| format!("{s:.1}%")).collect();
+        format!(", steal {}", each.join(" / "))
     } else {
         String::new()
     }
@@ -1205,6 +1226,26 @@ mod tests {
         assert!(calm_rounds(&plain, &probed, &[0.0; 5]).is_none());
         // Fewer than three calm: no figure.
         assert!(calm_rounds(&plain, &probed, &[0.0, 0.0, 2.0, 2.0, 2.0]).is_none());
+    }
+
+    #[test]
+    fn the_steal_note_names_every_load_of_the_round() {
+        let arm = |steal_pct| Arm {
+            rate: 1.0,
+            cpu_us: 1.0,
+            steal_pct,
+        };
+        let (a, b, f) = (arm(0.1), arm(0.2), arm(0.7));
+        // Only the hooks-only load was slowed: the note still appears.
+        assert_eq!(
+            stolen_note(&[Some(&a), Some(&b), Some(&f)]),
+            ", steal 0.1% / 0.2% / 0.7%"
+        );
+        assert_eq!(stolen_note(&[Some(&a), Some(&b), None]), "");
+        assert_eq!(
+            stolen_note(&[Some(&f), Some(&a), None]),
+            ", steal 0.7% / 0.1%"
+        );
     }
 
     #[test]
